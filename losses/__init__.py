@@ -1,0 +1,1 @@
+"""Unsupervised losses: Noise As Targets (`nat`) and Spatial Contrasting (`spatial_contrasting`)."""

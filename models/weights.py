@@ -1,0 +1,113 @@
+"""Model weights in checkpoints, keyed by stable layer names.
+
+Every checkpoint of the zoo stores the model as a flat mapping `{"<layer>.<variable>": var}`
+under the checkpoint key `model` (see `named_variables`). Keys depend only on layer names,
+which the builders keep stable, so weights move between models that share layers: a NAT or SC
+pretraining checkpoint loads into the same network with another head for transfer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+_PREFIX = "model/"
+_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _unescape(local_name: str) -> str:
+    """Undo the checkpoint's escaping of object names ("." -> "..", "/" -> "./")."""
+    return re.sub(r"\.([./])", r"\1", local_name)
+
+
+def variable_key(variable: keras.Variable) -> str:
+    """The stable key of a model variable: its path with "/" written as "."."""
+    return variable.path.replace("/", ".")
+
+
+def named_variables(model: keras.Model) -> dict[str, keras.Variable]:
+    """{key: variable} for every variable of `model`, for `tf.train.Checkpoint(model=...)`."""
+    named = {}
+    for variable in model.variables:
+        key = variable_key(variable)
+        if key in named:
+            raise ValueError(f"two variables of {model.name} share the key {key!r}")
+        named[key] = variable
+    return named
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint prefix from a prefix or a directory (its latest checkpoint).
+
+    Raises FileNotFoundError naming `path` when there is no checkpoint there.
+    """
+    if tf.io.gfile.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in directory {path}")
+        return latest
+    if not tf.io.gfile.exists(path + ".index"):
+        raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
+    return path
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What `load_weights` did: the keys it loaded, and the model keys it left untouched."""
+
+    checkpoint: str
+    loaded: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
+def load_weights(model: keras.Model, checkpoint: str, require: tuple[str, ...] = (),
+                 require_all: bool = False) -> LoadReport:
+    """Copy into `model` every variable the checkpoint holds under the same key.
+
+    Args:
+      model: the model to fill.
+      checkpoint: a checkpoint prefix, or a directory (its latest checkpoint).
+      require: layer names that must all be loaded (for example the backbone's convs).
+      require_all: every model variable must be loaded (a full resume).
+
+    Raises:
+      FileNotFoundError: no checkpoint at `checkpoint`.
+      ValueError: a shape differs, nothing matches, or a required layer is missing; the
+        message names the checkpoint and the first offending key.
+    """
+    path = resolve_checkpoint(checkpoint)
+    reader = tf.train.load_checkpoint(path)
+    stored = {  # key -> (name in the checkpoint, shape)
+        _unescape(name[len(_PREFIX):-len(_SUFFIX)]): (name, shape)
+        for name, shape in reader.get_variable_to_shape_map().items()
+        if name.startswith(_PREFIX) and name.endswith(_SUFFIX)
+    }
+    loaded, missing = [], []
+    for key, variable in named_variables(model).items():
+        if key not in stored:
+            missing.append(key)
+            continue
+        name, shape = stored[key]
+        if tuple(shape) != tuple(variable.shape):
+            raise ValueError(
+                f"checkpoint {path} is not compatible with {model.name}: {key} has shape "
+                f"{tuple(shape)} there, {tuple(variable.shape)} in the model"
+            )
+        variable.assign(np.asarray(reader.get_tensor(name)))
+        loaded.append(key)
+    if not loaded:
+        raise ValueError(f"checkpoint {path} holds no weights of {model.name}")
+    loaded_layers = {key.split(".")[0] for key in loaded}
+    absent = [layer for layer in require if layer not in loaded_layers]
+    if absent:
+        raise ValueError(f"checkpoint {path} is not compatible with {model.name}: "
+                         f"no weights for {', '.join(absent)}")
+    if require_all and missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} weights of {model.name}, "
+                         f"first {missing[0]}")
+    return LoadReport(os.fspath(path), tuple(loaded), tuple(missing))

@@ -1,0 +1,17 @@
+"""Test session setup.
+
+The CPU is split into two logical devices before TensorFlow initialises its runtime, so that
+distributed tests can build a two-replica MirroredStrategy on a CPU-only machine. Single-device
+code is unaffected: it runs on the first logical CPU.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
