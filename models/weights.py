@@ -25,19 +25,24 @@ def _unescape(local_name: str) -> str:
     return re.sub(r"\.([./])", r"\1", local_name)
 
 
-def variable_key(variable: keras.Variable) -> str:
-    """The stable key of a model variable: its path with "/" written as "."."""
-    return variable.path.replace("/", ".")
-
-
 def named_variables(model: keras.Model) -> dict[str, keras.Variable]:
-    """{key: variable} for every variable of `model`, for `tf.train.Checkpoint(model=...)`."""
+    """{"<layer>.<variable>": variable} for every variable of `model`, for
+    `tf.train.Checkpoint(model=...)`.
+
+    Keys use the owning layer's name, so they are the same in every process and every head:
+    a dropout layer's random-generator state is "fc6_dropout.seed_generator_state" whatever
+    else the process has built (Keras' own path for it carries a process-wide counter).
+    """
     named = {}
-    for variable in model.variables:
-        key = variable_key(variable)
-        if key in named:
-            raise ValueError(f"two variables of {model.name} share the key {key!r}")
-        named[key] = variable
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            sub = {f"{layer.name}.{k}": v for k, v in named_variables(layer).items()}
+        else:
+            sub = {f"{layer.name}.{v.name}": v for v in layer.variables}
+        for key, variable in sub.items():
+            if key in named:
+                raise ValueError(f"two variables of {model.name} share the key {key!r}")
+            named[key] = variable
     return named
 
 

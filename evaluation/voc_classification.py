@@ -1,0 +1,595 @@
+"""PASCAL VOC 2007 classification transfer (NAT Table 4, "Classification" columns).
+
+    python -m evaluation.voc_classification --model_dir=/tmp/voc_cls \
+        --init_checkpoint=/path/to/pretrain_model_dir --train_layers=fc6-8
+
+Protocol (the voc-classification code of Krahenbuhl et al. 2015, used by BiGAN and NAT):
+
+- Data: train on VOC 2007 trainval (tfds `train+validation`, 5011 images), test on `test`
+  (4952 images); see `evaluation.voc_data`.
+- Network: the pretrained AlexNet (`models.alexnet`, head "none", input crop_size^2, the
+  preprocessing of the pretraining run) with conv1..conv5 loaded from the checkpoint, fc6 and
+  fc7 loaded when it holds them (`--fc_init=checkpoint`) or re-drawn, and a new 20-way `fc8`
+  (float32 logits) after dropout 0.5 on fc7.
+- `--train_layers`: `fc8` (only fc8 moves), `fc6-8` (fc6, fc7, fc8 on frozen convs: NAT 56.7
+  mAP) or `all` (everything: NAT 65.3). Frozen BN layers run in inference mode, which is the
+  same as folding them into the frozen weights.
+- Optional data-dependent init (`--fc_init=kmeans`, Krahenbuhl et al. 2015): each of fc6,
+  fc7, fc8 in turn gets k-means centroids of its centred inputs (on `--kmeans_images` training
+  crops) as unit-norm weight columns, random Gaussian columns where there are more units than
+  images, each column scaled so that its pre-activation has unit variance on those crops; fc8's
+  bias (fc6/fc7: their BN's moving statistics) centres the pre-activations.
+- Training crops: a random square of side s * min(H, W), s ~ U[min_scale, max_scale], at a
+  uniformly random position, resized (bilinear) to crop_size, flipped with probability 1/2;
+  pixels enter the network as uint8 * pixel_scale.
+- Loss: sigmoid cross-entropy over the 20 classes, summed over the classes whose label is 1
+  or -1 (a difficult-only label 0 is ignored) and averaged over the batch.
+- Solver: SGD, momentum 0.9, batch 16; the gradient is clipped to global norm 10, then L2
+  weight decay 1e-6 * w is added for kernels (not biases or BN parameters); lr 1e-3, halved
+  every 10k iterations, 80k iterations.
+- Test: for each test image, the logits of `--test_crops` (10) random training-style crops
+  are summed; the sum is the class score.
+- Report: per-class devkit 11-point AP and its mean (the headline, `voc07_map`) and, under its
+  own name, the sklearn AP the reference code printed (`sklearn_map`); printed as a table and
+  written to `<model_dir>/results.json` and `results.md`.
+
+Checkpoints: `<model_dir>/ckpt-*` holds the network (`models.weights.named_variables`), the
+optimizer and the step; a rerun resumes from the latest one (the crop stream is re-seeded with
+the step, so a resumed run is deterministic but not bit-identical to an uninterrupted one).
+Otherwise the backbone comes from `--init_checkpoint` (or stays random when that is empty: the
+"random init" baseline). The flags are written to `<model_dir>/config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+
+from evaluation import voc_data, voc_metrics
+from models import build_model
+from models.layers import PREPROCESSINGS
+from models.weights import load_weights, named_variables
+
+TRAIN_LAYERS: dict[str, tuple[str, ...]] = {
+    "fc8": ("fc8",),
+    "fc6-8": ("fc6", "fc6_bn", "fc7", "fc7_bn", "fc8"),
+    "all": (),  # every layer (the empty tuple means "no restriction")
+}
+FC_INITS = ("checkpoint", "gaussian", "kmeans")
+BACKBONE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+
+@dataclasses.dataclass(frozen=True)
+class VocClassificationConfig:
+    """Every setting of a run (the flags, parsed once)."""
+
+    model_dir: str
+    init_checkpoint: str = ""
+    preprocessing: str = ""  # "" = the pretraining run's config.json, else "sobel"
+    train_layers: str = "fc6-8"
+    fc_init: str = "checkpoint"
+    kmeans_images: int = 256
+    crop_size: int = 227
+    min_scale: float = 0.5
+    max_scale: float = 1.0
+    pixel_scale: float = 1.0 / 255.0
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    lr_decay: float = 0.5
+    lr_decay_steps: int = 10000
+    num_steps: int = 80000
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    clip_norm: float = 10.0
+    dropout: float = 0.5
+    test_crops: int = 10
+    test_batch_images: int = 8
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 2
+    log_every: int = 100
+    seed: int = 0
+    data_dir: str = ""
+    manual_dir: str = ""
+    download: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError (one line, naming the setting) for an inconsistent config."""
+        if self.train_layers not in TRAIN_LAYERS:
+            raise ValueError(f"train_layers={self.train_layers!r}: choose one of "
+                             f"{', '.join(TRAIN_LAYERS)}")
+        if self.fc_init not in FC_INITS:
+            raise ValueError(f"fc_init={self.fc_init!r}: choose one of {', '.join(FC_INITS)}")
+        if self.preprocessing and self.preprocessing not in PREPROCESSINGS:
+            raise ValueError(f"preprocessing={self.preprocessing!r}: choose one of "
+                             f"{', '.join(PREPROCESSINGS)}")
+        if not 0 < self.min_scale <= self.max_scale <= 1:
+            raise ValueError(f"need 0 < min_scale <= max_scale <= 1; got {self.min_scale}, "
+                             f"{self.max_scale}")
+        if self.crop_size < 63:
+            raise ValueError(f"crop_size={self.crop_size}: AlexNet needs at least 63 pixels")
+        for name in ("batch_size", "num_steps", "lr_decay_steps", "test_crops",
+                     "test_batch_images", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "kmeans_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+
+# --- the network ------------------------------------------------------------------------
+
+
+def build_classifier(crop_size: int = 227, preprocessing: str = "sobel",
+                     dropout: float = 0.5) -> keras.Model:
+    """AlexNet (head "none") plus dropout and a new 20-way fc8.
+
+    Returns a keras.Model: float images [N, crop_size, crop_size, 3] -> the AlexNet endpoints
+    (conv1..conv5, pool5, fc6, fc7) plus "logits" [N, 20] float32 = fc8(dropout(fc7)). The
+    layers are those of `models.alexnet`, so pretraining checkpoints load by name.
+    """
+    backbone = build_model("alexnet", input_shape=(crop_size, crop_size, 3),
+                           preprocessing=preprocessing, head="none", dropout=dropout)
+    endpoints = dict(backbone.output)
+    # With head "none" the backbone graph ends at fc7, before its dropout.
+    x = keras.layers.Dropout(dropout, name="fc7_dropout")(endpoints["fc7"])
+    endpoints["logits"] = keras.layers.Dense(
+        voc_data.NUM_CLASSES, name="fc8", dtype="float32",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+        bias_initializer="zeros")(x)
+    return keras.Model(backbone.input, endpoints, name="alexnet_voc")
+
+
+def set_trainable(net: keras.Model, train_layers: str) -> list[keras.Variable]:
+    """Freeze every layer outside `TRAIN_LAYERS[train_layers]`; return the trained variables."""
+    chosen = TRAIN_LAYERS[train_layers]
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.InputLayer) or not layer.weights:
+            continue
+        # The fixed preprocessing front has no trainable weight and stays so.
+        if chosen and layer.name not in chosen:
+            layer.trainable = False
+    return list(net.trainable_variables)
+
+
+def read_pretraining_config(init_checkpoint: str) -> dict | None:
+    """The config.json of the pretraining run holding `init_checkpoint`, if there is one."""
+    if not init_checkpoint:
+        return None
+    directory = (init_checkpoint if tf.io.gfile.isdir(init_checkpoint)
+                 else os.path.dirname(init_checkpoint))
+    path = os.path.join(directory, "config.json")
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def resolve_preprocessing(config: VocClassificationConfig) -> str:
+    """The flag if set, else the pretraining run's, else "sobel" (the NAT input).
+
+    Raises ValueError if the pretraining run is not an AlexNet.
+    """
+    pretraining = read_pretraining_config(config.init_checkpoint)
+    if pretraining is not None and pretraining.get("model", "alexnet") != "alexnet":
+        raise ValueError(f"init_checkpoint {config.init_checkpoint} is a "
+                         f"{pretraining.get('model')!r} run, not an AlexNet")
+    if config.preprocessing:
+        return config.preprocessing
+    if pretraining is not None:
+        return pretraining.get("model_kwargs", {}).get("preprocessing", "sobel")
+    return "sobel"
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def random_crop(image: tf.Tensor, seed: tf.Tensor, crop_size: int, min_scale: float,
+                max_scale: float, pixel_scale: float) -> tf.Tensor:
+    """One training crop: uint8 [H, W, 3] -> float32 [crop_size, crop_size, 3].
+
+    A square of side floor(s * min(H, W)), s ~ U[min_scale, max_scale], at a uniform random
+    position, resized bilinearly, mirrored with probability 1/2, times pixel_scale. `seed` is
+    a stateless seed [2] int32.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    scale = tf.random.stateless_uniform([], seeds[0], min_scale, max_scale)
+    side = tf.cast(scale * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+    side = tf.clip_by_value(side, 1, tf.minimum(height, width))
+    top = tf.random.stateless_uniform([], seeds[1], 0, height - side + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[2], 0, width - side + 1, dtype=tf.int32)
+    crop = image[top:top + side, left:left + side]
+    crop = tf.image.resize(tf.cast(crop, tf.float32), (crop_size, crop_size), "bilinear")
+    flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
+    crop = tf.cond(flip, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+    return crop * pixel_scale
+
+
+def training_dataset(examples: tf.data.Dataset, config: VocClassificationConfig,
+                     start_step: int = 0) -> tf.data.Dataset:
+    """(images [B, S, S, 3] float32, labels [B, 20] int32) batches, endlessly.
+
+    Shuffled per epoch; each crop draws from a stateless seed (seed, start_step, k) for the
+    k-th element, so a run (and a resumed run) is reproducible.
+    """
+    def crop(index, example):
+        seed = tf.stack([tf.cast(config.seed, tf.int64) * 1_000_003 + start_step, index])
+        image = random_crop(example["image"], tf.cast(seed, tf.int32), config.crop_size,
+                            config.min_scale, config.max_scale, config.pixel_scale)
+        return image, example["labels"]
+
+    dataset = examples.shuffle(1024, seed=config.seed + start_step,
+                               reshuffle_each_iteration=True).repeat().enumerate()
+    dataset = dataset.map(crop, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def test_dataset(examples: tf.data.Dataset, config: VocClassificationConfig) -> tf.data.Dataset:
+    """(crops [B, test_crops, S, S, 3], labels [B, 20], image_id [B]) batches, in file order."""
+    def crops(index, example):
+        base = tf.cast(tf.stack([config.seed + 7919, index]), tf.int32)
+        seeds = tf.random.experimental.stateless_split(base, config.test_crops)
+        images = tf.map_fn(
+            lambda s: random_crop(example["image"], s, config.crop_size, config.min_scale,
+                                  config.max_scale, config.pixel_scale),
+            seeds, fn_output_signature=tf.float32)
+        return images, example["labels"], example["image_id"]
+
+    dataset = examples.enumerate().map(crops, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(config.test_batch_images).prefetch(tf.data.AUTOTUNE)
+
+
+# --- loss and data-dependent init -------------------------------------------------------
+
+
+def masked_sigmoid_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """Per-example loss [B]: sum over classes with label != 0 of the sigmoid cross-entropy.
+
+    Args:
+      logits: [B, 20] float.
+      labels: [B, 20] int, 1 / -1 / 0 (0: difficult only, ignored).
+    """
+    logits = tf.cast(logits, tf.float32)
+    targets = tf.cast(labels > 0, tf.float32)
+    mask = tf.cast(tf.not_equal(labels, 0), tf.float32)
+    per_class = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
+    return tf.reduce_sum(per_class * mask, axis=1)
+
+
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 20) -> np.ndarray:
+    """Lloyd's k-means on the rows of x [N, D] (k <= N): centroids [k, D].
+
+    Seeded by k-means++ (each new seed a row drawn with probability proportional to its
+    squared distance to the nearest seed so far); an empty cluster keeps its centroid.
+    """
+    sq = np.sum(x * x, axis=1)
+    centroids = [x[rng.integers(len(x))]]
+    nearest_sq = np.maximum(sq - 2.0 * x @ centroids[0] + centroids[0] @ centroids[0], 0.0)
+    for _ in range(1, k):
+        total = nearest_sq.sum()
+        pick = rng.choice(len(x), p=nearest_sq / total) if total > 0 else rng.integers(len(x))
+        centroids.append(x[pick])
+        nearest_sq = np.minimum(nearest_sq, np.maximum(
+            sq - 2.0 * x @ x[pick] + x[pick] @ x[pick], 0.0))
+    centroids = np.array(centroids)
+    for _ in range(iterations):
+        distances = sq[:, None] - 2.0 * x @ centroids.T + np.sum(centroids ** 2, axis=1)
+        nearest = np.argmin(distances, axis=1)
+        for j in range(k):
+            members = x[nearest == j]
+            if len(members):
+                centroids[j] = members.mean(axis=0)
+    return centroids
+
+
+def kmeans_dense_init(inputs: np.ndarray, units: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Data-dependent weights of a dense layer (Krahenbuhl et al. 2015, k-means variant).
+
+    Args:
+      inputs: [N, D] the layer's inputs on N training crops.
+      units: the layer's width.
+
+    Returns:
+      (kernel [D, units], mean [units], var [units]): columns are the unit-norm k-means
+      centroids of the centred inputs (min(N, units) of them; Gaussian directions for the
+      rest), scaled so that inputs @ kernel has unit variance per column; mean and var are
+      the statistics of inputs @ kernel (var is 1 up to rounding).
+    """
+    x = np.asarray(inputs, dtype=np.float64)
+    centred = x - x.mean(axis=0)
+    k = min(units, x.shape[0])
+    columns = kmeans(centred, k, rng)
+    if units > k:
+        columns = np.concatenate([columns, rng.normal(size=(units - k, x.shape[1]))], axis=0)
+    columns /= np.maximum(np.linalg.norm(columns, axis=1, keepdims=True), 1e-12)
+    kernel = columns.T
+    std = (x @ kernel).std(axis=0)
+    kernel = kernel / np.maximum(std, 1e-8)
+    out = x @ kernel
+    return kernel.astype(np.float32), out.mean(axis=0), out.var(axis=0)
+
+
+def apply_kmeans_init(net: keras.Model, images: np.ndarray, seed: int) -> None:
+    """Re-initialise fc6, fc7 and fc8 in turn with `kmeans_dense_init` on `images`.
+
+    fc6 and fc7 have no bias: their BN layers get the pre-activation statistics as moving
+    mean and variance (gamma 1, beta 0), so BN outputs are centred and unit-variance. fc8 gets
+    bias -mean. Each layer sees the outputs of the layers initialised before it.
+    """
+    rng = np.random.default_rng(seed)
+
+    def endpoint_inputs(name: str) -> np.ndarray:
+        outputs = net.predict(images, batch_size=32, verbose=0)
+        return np.asarray(outputs[name]).reshape(len(images), -1)
+
+    for layer_name, source in (("fc6", "pool5"), ("fc7", "fc6")):
+        layer, bn = net.get_layer(layer_name), net.get_layer(f"{layer_name}_bn")
+        kernel, mean, var = kmeans_dense_init(endpoint_inputs(source), layer.units, rng)
+        layer.kernel.assign(kernel)
+        bn.moving_mean.assign(mean.astype(np.float32))
+        bn.moving_variance.assign(var.astype(np.float32))
+        bn.gamma.assign(np.ones_like(mean, dtype=np.float32))
+        bn.beta.assign(np.zeros_like(mean, dtype=np.float32))
+    fc8 = net.get_layer("fc8")
+    kernel, mean, _ = kmeans_dense_init(endpoint_inputs("fc7"), fc8.units, rng)
+    fc8.kernel.assign(kernel)
+    fc8.bias.assign((-mean).astype(np.float32))
+
+
+def reinit_fc(net: keras.Model, seed: int) -> None:
+    """Redraw fc6 and fc7 (kernels He-normal, BN reset): the "classifier from scratch" init."""
+    for offset, name in enumerate(("fc6", "fc7")):
+        layer, bn = net.get_layer(name), net.get_layer(f"{name}_bn")
+        init = keras.initializers.HeNormal(seed=seed + offset)
+        layer.kernel.assign(init(layer.kernel.shape))
+        bn.gamma.assign(np.ones(bn.gamma.shape, np.float32))
+        bn.beta.assign(np.zeros(bn.beta.shape, np.float32))
+        bn.moving_mean.assign(np.zeros(bn.moving_mean.shape, np.float32))
+        bn.moving_variance.assign(np.ones(bn.moving_variance.shape, np.float32))
+
+
+# --- training and evaluation ------------------------------------------------------------
+
+
+def make_train_step(net: keras.Model, optimizer: keras.optimizers.Optimizer,
+                    variables: list[keras.Variable], config: VocClassificationConfig
+                    ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """A tf.function (images, labels) -> mean loss, applying one SGD step."""
+    decay = [config.weight_decay if "kernel" in v.path else 0.0 for v in variables]
+
+    @tf.function(reduce_retracing=True)
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = net(images, training=True)["logits"]
+            loss = tf.reduce_mean(masked_sigmoid_loss(logits, labels))
+        grads = tape.gradient(loss, variables)
+        grads, _ = tf.clip_by_global_norm(grads, config.clip_norm)
+        grads = [g + d * v.value if d else g for g, d, v in zip(grads, decay, variables,
+                                                                  strict=True)]
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return loss
+
+    return step
+
+
+def evaluate(net: keras.Model, examples: tf.data.Dataset, config: VocClassificationConfig
+             ) -> dict:
+    """Scores of the test images (logits summed over random crops) and their APs.
+
+    Returns {"voc07_map", "sklearn_map", "per_class": {class: {"voc07_ap", "sklearn_ap"}},
+    "num_images"}; a class without any positive test image gets NaN and is left out of
+    the means.
+    """
+    @tf.function(reduce_retracing=True)
+    def scores_of(crops):
+        shape = tf.shape(crops)
+        flat = tf.reshape(crops, tf.concat([[-1], shape[2:]], axis=0))
+        logits = net(flat, training=False)["logits"]
+        return tf.reduce_sum(tf.reshape(logits, [shape[0], shape[1], -1]), axis=1)
+
+    scores, labels = [], []
+    for crops, batch_labels, _ in test_dataset(examples, config):
+        scores.append(scores_of(crops).numpy())
+        labels.append(batch_labels.numpy())
+    if not scores:
+        raise ValueError("the test split is empty")
+    scores, labels = np.concatenate(scores), np.concatenate(labels)
+    per_class = {}
+    for index, name in enumerate(voc_data.VOC_CLASSES):
+        if np.any(labels[:, index] > 0):
+            per_class[name] = {
+                "voc07_ap": voc_metrics.classification_ap(scores[:, index], labels[:, index]),
+                "sklearn_ap": voc_metrics.sklearn_ap(scores[:, index], labels[:, index]),
+            }
+        else:
+            per_class[name] = {"voc07_ap": float("nan"), "sklearn_ap": float("nan")}
+    present = {c: v for c, v in per_class.items() if not np.isnan(v["voc07_ap"])}
+    return {
+        "voc07_map": voc_metrics.mean_ap({c: v["voc07_ap"] for c, v in present.items()}),
+        "sklearn_map": voc_metrics.mean_ap({c: v["sklearn_ap"] for c, v in present.items()}),
+        "per_class": per_class,
+        "num_images": len(labels),
+    }
+
+
+def results_table(results: dict) -> str:
+    """The markdown table of the per-class APs (percent) and their means."""
+    present = {c: v for c, v in results["per_class"].items() if not np.isnan(v["voc07_ap"])}
+    return voc_metrics.format_ap_table({
+        "VOC07 11-point AP": {c: v["voc07_ap"] for c, v in present.items()},
+        "sklearn AP (reference code)": {c: v["sklearn_ap"] for c, v in present.items()},
+    })
+
+
+def _kmeans_batch(examples: tf.data.Dataset, config: VocClassificationConfig) -> np.ndarray:
+    crops = training_dataset(examples, dataclasses.replace(config, batch_size=1), start_step=-1)
+    images = [image[0] for image, _ in crops.take(config.kmeans_images).as_numpy_iterator()]
+    return np.stack(images)
+
+
+def run(config: VocClassificationConfig) -> dict:
+    """Train and evaluate as the module docstring says; returns the results dict.
+
+    Raises:
+      ValueError: a bad setting or an incompatible checkpoint (one-line message).
+      FileNotFoundError: no checkpoint at init_checkpoint; VOC data not prepared.
+    """
+    config.validate()
+    # The checkpoint is checked before the data is read, so that a wrong checkpoint fails
+    # fast and with its own message.
+    preprocessing = resolve_preprocessing(config)
+    keras.utils.set_random_seed(config.seed)
+    net = build_classifier(config.crop_size, preprocessing, config.dropout)
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        config.learning_rate, config.lr_decay_steps, config.lr_decay, staircase=True)
+    optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
+    variables = set_trainable(net, config.train_layers)
+    optimizer.build(variables)
+    # Dropout seed-generator states are left out: their names depend on how many layers the
+    # process built before, and resuming does not need them.
+    weights = named_variables(net)
+    checkpoint = tf.train.Checkpoint(model=weights, optimizer=optimizer)
+    tf.io.gfile.makedirs(config.model_dir)
+    manager = tf.train.CheckpointManager(checkpoint, config.model_dir,
+                                         max_to_keep=config.keep_checkpoints)
+    resumed = manager.latest_checkpoint is not None
+    if resumed:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("resumed from %s at step %d", manager.latest_checkpoint,
+                     int(optimizer.iterations.numpy()))
+    elif config.init_checkpoint:
+        # fc6/fc7 come from the checkpoint only with fc_init=checkpoint; otherwise only the
+        # convolutional part (up to pool5) is read, so a pretraining run at another input
+        # size still loads.
+        target = net if config.fc_init == "checkpoint" else keras.Model(
+            net.input, net.get_layer("pool5").output, name=net.name)
+        report = load_weights(target, config.init_checkpoint, require=BACKBONE_LAYERS)
+        logging.info("loaded %d weights from %s", len(report.loaded), report.checkpoint)
+    if not resumed and config.fc_init == "gaussian":
+        reinit_fc(net, config.seed)
+
+    data_args = dict(data_dir=config.data_dir or None, manual_dir=config.manual_dir or None,
+                     download=config.download)
+    train_examples = voc_data.load_classification("trainval", shuffle_files=True, **data_args)
+    test_examples = voc_data.load_classification("test", **data_args)
+    if not resumed and config.fc_init == "kmeans":
+        apply_kmeans_init(net, _kmeans_batch(train_examples, config), config.seed)
+    with tf.io.gfile.GFile(os.path.join(config.model_dir, "config.json"), "w") as f:
+        json.dump({**dataclasses.asdict(config), "model": "alexnet", "model_kwargs": {
+            "input_shape": [config.crop_size, config.crop_size, 3],
+            "preprocessing": preprocessing, "head": "none"}}, f, indent=2)
+
+    start = int(optimizer.iterations.numpy())
+    if start < config.num_steps:
+        step_fn = make_train_step(net, optimizer, variables, config)
+        batches = iter(training_dataset(train_examples, config, start_step=start))
+        tick = time.time()
+        for step in range(start + 1, config.num_steps + 1):
+            images, labels = next(batches)
+            loss = step_fn(images, labels)
+            if step % config.log_every == 0 or step == config.num_steps:
+                logging.info("step %d loss %.4f lr %.3g (%.2f s/step)", step, float(loss),
+                             float(schedule(step - 1)), (time.time() - tick) / config.log_every)
+                tick = time.time()
+            if step % config.checkpoint_every == 0 or step == config.num_steps:
+                manager.save(checkpoint_number=step)
+
+    results = evaluate(net, test_examples, config)
+    results["step"] = int(optimizer.iterations.numpy())
+    results["train_layers"] = config.train_layers
+    table = results_table(results)
+    with tf.io.gfile.GFile(os.path.join(config.model_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with tf.io.gfile.GFile(os.path.join(config.model_dir, "results.md"), "w") as f:
+        f.write(f"# VOC 2007 classification, train_layers={config.train_layers}, "
+                f"step {results['step']}\n\n{table}\n\n"
+                f"VOC07 11-point mAP: {100 * results['voc07_map']:.1f}  "
+                f"(sklearn AP of the reference code: {100 * results['sklearn_map']:.1f})\n")
+    print(table)
+    print(f"VOC07 11-point mAP: {100 * results['voc07_map']:.1f}  "
+          f"(sklearn AP of the reference code: {100 * results['sklearn_map']:.1f}) "
+          f"on {results['num_images']} test images")
+    return results
+
+
+# --- flags ------------------------------------------------------------------------------
+
+_DEFAULTS = VocClassificationConfig(model_dir="")
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Define the binary's flags (one per config field) in `flag_values`."""
+    d = _DEFAULTS
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string("model_dir", None, "Output directory: checkpoints, config, results.", **fv)
+    flags.DEFINE_string("init_checkpoint", d.init_checkpoint,
+                        "Pretraining model_dir or checkpoint prefix ('' = random init).", **fv)
+    flags.DEFINE_enum("preprocessing", None, list(PREPROCESSINGS),
+                      "Input front; default: the pretraining run's config.json, else sobel.", **fv)
+    flags.DEFINE_enum("train_layers", d.train_layers, list(TRAIN_LAYERS),
+                      "Layers that train: fc8, fc6-8 (frozen convs) or all.", **fv)
+    flags.DEFINE_enum("fc_init", d.fc_init, list(FC_INITS),
+                      "fc6/fc7 from the checkpoint, redrawn Gaussian, or k-means (fc6-8).", **fv)
+    flags.DEFINE_integer("kmeans_images", d.kmeans_images, "Training crops for k-means init.", **fv)
+    flags.DEFINE_integer("crop_size", d.crop_size, "Square crop side in pixels.", **fv)
+    flags.DEFINE_float("min_scale", d.min_scale, "Smallest crop side / shorter image side.", **fv)
+    flags.DEFINE_float("max_scale", d.max_scale, "Largest crop side / shorter image side.", **fv)
+    flags.DEFINE_float("pixel_scale", d.pixel_scale,
+                       "Network input = uint8 pixels * pixel_scale (match pretraining).", **fv)
+    flags.DEFINE_integer("batch_size", d.batch_size, "Training batch size.", **fv)
+    flags.DEFINE_float("learning_rate", d.learning_rate, "Initial learning rate.", **fv)
+    flags.DEFINE_float("lr_decay", d.lr_decay, "Learning-rate factor every lr_decay_steps.", **fv)
+    flags.DEFINE_integer("lr_decay_steps", d.lr_decay_steps, "Steps between lr decays.", **fv)
+    flags.DEFINE_integer("num_steps", d.num_steps, "Training iterations.", **fv)
+    flags.DEFINE_float("momentum", d.momentum, "SGD momentum.", **fv)
+    flags.DEFINE_float("weight_decay", d.weight_decay, "L2 weight decay on kernels.", **fv)
+    flags.DEFINE_float("clip_norm", d.clip_norm, "Global gradient-norm clipping.", **fv)
+    flags.DEFINE_float("dropout", d.dropout, "Dropout after fc6 and fc7.", **fv)
+    flags.DEFINE_integer("test_crops", d.test_crops, "Random crops per test image.", **fv)
+    flags.DEFINE_integer("test_batch_images", d.test_batch_images, "Test images per batch.", **fv)
+    flags.DEFINE_integer("checkpoint_every", d.checkpoint_every, "Steps between checkpoints.", **fv)
+    flags.DEFINE_integer("keep_checkpoints", d.keep_checkpoints, "Checkpoints to keep.", **fv)
+    flags.DEFINE_integer("log_every", d.log_every, "Steps between log lines.", **fv)
+    flags.DEFINE_integer("seed", d.seed, "Random seed.", **fv)
+    flags.DEFINE_string("data_dir", d.data_dir, "tfds data_dir ('' = tfds default).", **fv)
+    flags.DEFINE_string("manual_dir", d.manual_dir, "tfds manual_dir for --download.", **fv)
+    flags.DEFINE_bool("download", d.download, "Prepare voc/2007 first (may download).", **fv)
+    flags.mark_flag_as_required("model_dir", flag_values=flag_values)
+
+
+def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> VocClassificationConfig:
+    """The frozen config of the parsed flags."""
+    values = {field.name: flag_values[field.name].value
+              for field in dataclasses.fields(VocClassificationConfig)}
+    values["preprocessing"] = values["preprocessing"] or ""
+    return VocClassificationConfig(**values)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    run_or_exit(config_from_flags())
+
+
+def run_or_exit(config: VocClassificationConfig) -> dict:
+    """`run(config)`; a bad setting, checkpoint or data directory exits with one line."""
+    try:
+        return run(config)
+    except (ValueError, FileNotFoundError) as error:
+        # One line, no traceback: the message names the flag, file or value at fault.
+        sys.exit(f"voc_classification: error: {error}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
