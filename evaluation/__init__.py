@@ -1,0 +1,1 @@
+"""Transfer evaluation: labelled datasets, linear/MLP probes on frozen features, fine-tuning."""
