@@ -25,7 +25,8 @@ Choices the paper leaves open, and why:
   hardware).
 - Convolutions and hidden fully-connected layers have no bias: the BN shift that follows makes
   it redundant.
-- BN uses momentum 0.9 and epsilon 1e-5 (Torch's defaults, which the paper's code used).
+- BN as in `models.layers.batch_norm`: Torch's momentum and epsilon, global-batch statistics
+  under tf.distribute.
 - The NAT embedding is linear (no ReLU, no BN) before the normalisation, so features can point
   anywhere on the sphere, as the targets do.
 
@@ -36,11 +37,9 @@ from __future__ import annotations
 
 import keras
 
-from models.layers import L2Normalize, preprocessing_layer
+from models.layers import L2Normalize, batch_norm, preprocessing_layer
 
 HEADS = ("nat", "softmax", "none")
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
 
 
 def _pool5_size(size: int) -> int:
@@ -54,15 +53,13 @@ def _conv_bn_relu(x, name: str, filters: int, kernel: int, strides: int = 1,
                   padding: str = "same"):
     x = keras.layers.Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=False,
                             kernel_initializer="he_normal", name=name)(x)
-    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                        name=f"{name}_bn")(x)
+    x = batch_norm(f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
 def _fc_bn_relu(x, name: str, units: int):
     x = keras.layers.Dense(units, use_bias=False, kernel_initializer="he_normal", name=name)(x)
-    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                        name=f"{name}_bn")(x)
+    x = batch_norm(f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 

@@ -141,6 +141,22 @@ class L2Normalize(keras.layers.Layer):
         return {**super().get_config(), "epsilon": self.epsilon}
 
 
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def batch_norm(name: str) -> keras.layers.BatchNormalization:
+    """The zoo's batch normalisation.
+
+    Momentum 0.9 and epsilon 1e-5 are Torch's defaults, which the papers' code used. Under
+    tf.distribute the statistics are computed over the global batch (`synchronized=True`), so
+    a step on N replicas is the single-device step on the same global batch: NAT and SC
+    results do not depend on how the batch is split. On one device this changes nothing.
+    """
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                           synchronized=True, name=name)
+
+
 PREPROCESSINGS = ("sobel", "gray", "highpass", "rgb")
 
 

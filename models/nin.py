@@ -32,7 +32,8 @@ Choices the table leaves open, and why:
 - LeakyReLU slope 0.1, the value of the ladder-network models (Rasmus et al. 2015) that the
   CIFAR-10 column is taken from.
 - Convolutions followed by BN have no bias (the BN shift replaces it); the others do.
-- BN uses momentum 0.9 and epsilon 1e-5 (Torch's defaults; the paper used Torch7).
+- BN as in `models.layers.batch_norm`: Torch's momentum and epsilon (the paper used Torch7),
+  global-batch statistics under tf.distribute.
 - The logits are what the table's last row gives to the softmax, activation included: the
   global average of the last BN-ReLU/LReLU map for CIFAR-10 and MNIST, and the fc layer for
   STL10. They are float32 even under a mixed-precision policy.
@@ -53,11 +54,9 @@ from dataclasses import dataclass
 
 import keras
 
-from models.layers import L2Normalize
+from models.layers import L2Normalize, batch_norm
 
 HEADS = ("softmax", "nat", "none")
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
 LEAKY_SLOPE = 0.1
 
 
@@ -137,7 +136,7 @@ def _activation(kind: str, name: str) -> keras.layers.Layer:
 
 
 def _bn(name: str) -> keras.layers.Layer:
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+    return batch_norm(name)
 
 
 def _apply(x, spec, name: str, activation: str, num_classes: int):

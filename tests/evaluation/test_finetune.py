@@ -1,0 +1,171 @@
+"""Fine-tuning (SC protocol): every layer trains, only the init differs, augmentation, errors."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from evaluation import finetune
+from models import build_model
+from models.weights import named_variables
+from tests.evaluation.test_probe import make_model_dir
+
+SHAPE = [12, 12, 1]
+
+
+def config(tmp_path, init="none", **changes):
+    fv = flags.FlagValues()
+    finetune.define_flags(fv)
+    fv(["finetune", f"--init={init}", f"--output_dir={tmp_path / 'out'}"])
+    cfg = finetune.FinetuneConfig.from_flags(fv)
+    base = dict(model="nin_mnist", model_kwargs={"input_shape": SHAPE}, labels_per_class=3,
+                seeds=(0,), epochs=1, batch_size=10, max_test_examples=40)
+    return dataclasses.replace(cfg, **{**base, **changes})
+
+
+def test_protocol_defaults():
+    fv = flags.FlagValues()
+    finetune.define_flags(fv)
+    fv(["finetune", "--init=none", "--output_dir=/tmp/x", "--dataset=cifar10"])
+    cfg = finetune.FinetuneConfig.from_flags(fv)
+    assert (cfg.learning_rate, cfg.labels_per_class, cfg.mirror) == (0.01, 400, True)
+    assert finetune.PROTOCOL_LABELS["stl10"] == 0 and finetune.PROTOCOL_LABELS["mnist"] == 0
+    assert not finetune.MIRROR["mnist"] and not finetune.MIRROR["digits"]
+    assert finetune.MIRROR["stl10"]
+
+
+def test_augment_translates_and_mirrors():
+    image = tf.reshape(tf.range(36, dtype=tf.float32), (6, 6, 1))
+    seed = tf.constant([3, 4], tf.int64)
+    np.testing.assert_array_equal(finetune.augment(image, seed, 0, False), image)
+    padded = np.pad(image.numpy(), [(2, 2), (2, 2), (0, 0)], mode="reflect")
+    shifts = [padded[r:r + 6, c:c + 6] for r in range(5) for c in range(5)]
+    flips = {True: 0, False: 0}
+    for s in range(20):
+        out = finetune.augment(image, tf.constant([s, 1], tf.int64), 2, True).numpy()
+        flipped = any(np.array_equal(out, shift[:, ::-1]) for shift in shifts)
+        assert flipped or any(np.array_equal(out, shift) for shift in shifts)
+        flips[flipped] += 1
+    assert flips[True] and flips[False]
+    again = finetune.augment(image, seed, 2, True)
+    np.testing.assert_array_equal(again, finetune.augment(image, seed, 2, True))
+
+
+def test_fine_tuning_updates_every_layer(tmp_path):
+    cfg = config(tmp_path)
+    name, kwargs = finetune.model_spec(cfg)
+    model, loaded = finetune.initial_model(name, kwargs, None, seed=0)
+    assert loaded is None
+    data = finetune.labelled_data(cfg, tuple(SHAPE), seed=0)
+    assert len(data.y_fit) + len(data.y_val) == 30
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    best_epoch, history = finetune.train(model, data, cfg, seed=0)
+    assert best_epoch == 1 and len(history) == 1
+    layers = {path.split("/")[0] for path in before}
+    assert {"conv1_1", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_2_bn"} <= layers
+    for variable in model.trainable_variables:
+        assert not np.array_equal(variable.numpy(), before[variable.path]), variable.path
+
+
+def test_plateau_cuts_the_learning_rate(tmp_path):
+    cfg = config(tmp_path, epochs=8, patience=2, max_cuts=5, learning_rate=1e-6)
+    name, kwargs = finetune.model_spec(cfg)
+    model, _ = finetune.initial_model(name, kwargs, None, seed=0)
+    data = finetune.labelled_data(cfg, tuple(SHAPE), seed=0)
+    _, history = finetune.train(model, data, cfg, 0)
+    # the rule, replayed on the recorded validation losses
+    lr, best, wait, expected = 1e-6, np.inf, 0, []
+    for h in history:
+        expected.append(lr)
+        if h["val_loss"] < best - 1e-4:
+            best, wait = h["val_loss"], 0
+        else:
+            wait += 1
+            if wait >= 2:
+                lr, wait = lr * 0.1, 0
+    rates = [h["learning_rate"] for h in history]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+    assert len(history) == 8 and rates[-1] < 1e-6  # a tiny lr plateaus: at least one cut
+
+
+def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
+    model_dir = tmp_path / "pretrain"
+    model_dir.mkdir()
+    saved = make_model_dir(model_dir, input_shape=SHAPE, head="nat", feature_dim=8)
+    cfg = config(tmp_path, init=str(model_dir), model=None, model_kwargs={},
+                 compare_scratch=True)
+    starts, batches = [], []
+    initial_model, train_batches = finetune.initial_model, finetune.train_batches
+
+    def recording_initial_model(name, kwargs, init, seed):
+        model, loaded = initial_model(name, kwargs, init, seed)
+        starts.append((init, {k: v.numpy().copy() for k, v in named_variables(model).items()}))
+        return model, loaded
+
+    def recording_batches(*args, **kwargs):
+        ds = train_batches(*args, **kwargs)
+        batches.append([(x.numpy(), y.numpy()) for x, y in ds])
+        return ds
+
+    monkeypatch.setattr(finetune, "initial_model", recording_initial_model)
+    monkeypatch.setattr(finetune, "train_batches", recording_batches)
+    results, table = finetune.run(cfg)
+    assert "pretrained" in table and "none (scratch)" in table
+
+    # run() checks the checkpoint once up front, then one pretrained and one scratch run
+    (_, pretrained), (init_b, scratch) = starts[1:]
+    assert init_b is None and len(batches) == 2
+    for (xa, ya), (xb, yb) in zip(batches[0], batches[1], strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    stored = named_variables(saved)
+    for key, value in pretrained.items():
+        if key in stored:  # the backbone comes from the checkpoint
+            np.testing.assert_array_equal(value, stored[key].numpy())
+        else:  # the classifier: the same draw in both runs
+            np.testing.assert_array_equal(value, scratch[key], err_msg=key)
+    assert not np.array_equal(pretrained["conv1_1.kernel"], scratch["conv1_1.kernel"])
+    a, b = results["pretrained"][0], results["scratch"][0]
+    assert a.loaded > 0 and b.loaded == 0
+    same = {f.name for f in dataclasses.fields(a)} - {"init", "loaded", "history", "best_epoch",
+                                                      "epochs", "val_loss", "val_accuracy",
+                                                      "test_loss", "test_accuracy"}
+    assert same == {"seed"} and a.seed == b.seed
+    written = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert set(written["runs"]) == {"pretrained", "scratch"}
+    assert (tmp_path / "out" / "finetune.md").read_text().count("|") > 10
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--init={empty}"], "--init={empty}: no checkpoint in directory"),
+    (["--init=none", "--dataset=svhn"], "--dataset"),
+    (["--init=none", "--model=nin_mnist", "--labels_per_class=500"],
+     "--labels_per_class=500: 500 labels per class is more than class"),
+    (["--init=none"], "--model is required"),
+    (["--init=none", "--model=vgg"], "--model=vgg: choose one of alexnet"),
+])
+def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, expected):
+    empty = tmp_path / "empty"  # a model_dir with its config.json but no checkpoint
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model": "nin_mnist", "model_kwargs": {}}))
+    argv = [a.format(empty=empty) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.cli(["finetune", *argv, f"--output_dir={tmp_path / 'out'}", "--epochs=1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("finetune: error: ")
+    assert expected.format(empty=empty) in err
+    if "--dataset" in expected:
+        assert "digits" in err and "imagenet2012" in err
+
+
+def test_scratch_model_loads_nothing():
+    model, loaded = finetune.initial_model("nin_mnist", {"input_shape": SHAPE}, None, 1)
+    again, _ = finetune.initial_model("nin_mnist", {"input_shape": SHAPE}, None, 1)
+    assert loaded is None
+    for a, b in zip(model.variables, again.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert build_model("nin_mnist", input_shape=SHAPE).count_params() == model.count_params()

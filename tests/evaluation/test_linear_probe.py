@@ -1,0 +1,79 @@
+"""The linear_probe binary: outputs, loading a model_dir, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from evaluation import linear_probe
+from tests.evaluation.test_probe import make_model_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_probe_of_a_model_dir_writes_table_json_and_markdown(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    make_model_dir(tmp_path / "run", input_shape=[12, 12, 1], head="nat", feature_dim=8)
+    out = tmp_path / "out"
+    linear_probe.cli(["linear_probe", f"--model_dir={tmp_path / 'run'}", "--dataset=digits",
+                      "--endpoints=sc,embedding,pixels", "--labels_per_class=3", "--splits=2",
+                      "--max_test_examples=50", f"--output_dir={out}"])
+    printed = capsys.readouterr().out
+    assert "ckpt-1" in printed and "embedding" in printed
+    result = json.loads((out / "probe.json").read_text())
+    assert result["test_examples"] == 50 and result["train_examples"] <= 60
+    assert [e["endpoint"] for e in result["endpoints"]] == ["sc", "embedding", "pixels"]
+    for e in result["endpoints"]:
+        accuracies = [s["test_accuracy"] for s in e["splits"]]
+        assert len(accuracies) == 2
+        assert e["mean"] == pytest.approx(sum(accuracies) / 2)
+        assert all(s["fit_examples"] + s["val_examples"] == 30 for s in e["splits"])
+    markdown = (out / "probe.md").read_text()
+    assert markdown.count("\n| ") == 5  # header, rule and three rows
+    assert json.loads((out / "config.json").read_text())["labels_per_class"] == 3
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--model_dir={empty}"], "--model_dir={empty}: no checkpoint in directory"),
+    (["--model=nin_mnist", "--init=random", "--endpoints=conv9"],
+     "--endpoints: unknown endpoint 'conv9' of nin_mnist; choose from block1, block2, sc, "
+     "head, logits, pixels"),
+    (["--model=nin_mnist", "--init=random", "--dataset=svhn"],
+     "--dataset=svhn: value should be one of <digits|mnist|cifar10|stl10|imagenet2012>"),
+    (["--model=nin_mnist", "--init=random", "--labels_per_class=200"],
+     "--labels_per_class=200: 200 labels per class is more than class"),
+    (["--init=checkpoint"], "--init=checkpoint needs --model_dir or --saved_model"),
+    (["--model=resnet", "--init=random"], "--model=resnet: choose one of alexnet, nin_cifar10"),
+])
+def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, expected):
+    empty = tmp_path / "empty"  # a model_dir with its config.json but no checkpoint
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model": "nin_mnist", "model_kwargs": {}}))
+    argv = [a.format(empty=empty) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        linear_probe.cli(["linear_probe", *argv, f"--output_dir={tmp_path / 'out'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("linear_probe: error: ")
+    assert expected.format(empty=empty) in err
+
+
+@pytest.mark.slow
+def test_program_runs_as_a_module(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "evaluation.linear_probe", "--model=nin_mnist", "--init=random",
+         '--model_kwargs={"input_shape": [12, 12, 1]}', "--endpoints=sc,pixels",
+         "--labels_per_class=2", "--splits=1", "--max_test_examples=30", f"--output_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "test acc %" in run.stdout and "pixels" in run.stdout
+    assert {"config.json", "probe.json", "probe.md"} <= set(os.listdir(out))
+    bad = subprocess.run(
+        [sys.executable, "-m", "evaluation.linear_probe", f"--model_dir={tmp_path}",
+         f"--output_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        f"linear_probe: error: --model_dir={tmp_path}: no config.json in model_dir {tmp_path}")
