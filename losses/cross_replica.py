@@ -44,7 +44,10 @@ def all_gather(value: tf.Tensor, axis: int = 0) -> tf.Tensor:
     ctx = _replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return value
-    return ctx.all_gather(value, axis=axis)
+    # Under MultiWorkerMirroredStrategy inside a tf.function, an int32 argument of the replica
+    # function has no device of its own and the collective finds no destination; a local copy
+    # places it on the replica's device.
+    return ctx.all_gather(tf.identity(value), axis=axis)
 
 
 def replica_offset(local_batch_size: tf.Tensor | int) -> tf.Tensor:

@@ -1,0 +1,1 @@
+"""Everything that runs training: pretraining binary, data pipelines, training loop, export."""
