@@ -1,0 +1,142 @@
+"""The training loop on one device: schedules, checkpoints, exact resume, the NaN guard."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import build_model
+from models.weights import named_variables
+from train.trainer import LearningRate, NonFiniteLoss, TrainConfig, Trainer, is_permutation
+
+
+def _scalars(model_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar summary of a run: tag -> [(step, value)] in write order."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "train", "events.out.tfevents.*"))):
+        for raw in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor))
+                out.setdefault(value.tag, []).append((event.step, number))
+    return out
+
+
+def _config(tmp_path, name="run", **kwargs) -> TrainConfig:
+    defaults = dict(model_dir=str(tmp_path / name), batch_size=128, epochs=1, nat_dim=16,
+                    steps_per_loop=9, checkpoint_every=1000, lr=0.05)
+    defaults.update(kwargs)
+    return TrainConfig(**defaults)
+
+
+def _train(config: TrainConfig) -> Trainer:
+    trainer = Trainer(config, tf.distribute.get_strategy(), log=lambda _: None)
+    trainer.train()
+    return trainer
+
+
+def test_learning_rate_is_constant_for_t0_steps_then_inverse_decay():
+    scale = tf.Variable(1.0)
+    schedule = LearningRate(0.5, t0=10, gamma=0.1, scale=scale)
+    assert float(schedule(0)) == pytest.approx(0.5)
+    assert float(schedule(10)) == pytest.approx(0.5)
+    assert float(schedule(20)) == pytest.approx(0.5 / (1 + 0.1 * 10))
+    scale.assign(0.1)
+    assert float(schedule(20)) == pytest.approx(0.05 / 2)
+
+
+def test_nat_run_reassigns_on_schedule_and_checkpoints_everything(tmp_path):
+    # digits: 1198 images, batch 128 -> 9 steps per epoch; one loop per epoch.
+    config = _config(tmp_path, epochs=3, nat_reassign_every=2)
+    trainer = _train(config)
+    assert trainer.step == 27 and int(trainer.epoch.numpy()) == 3
+    assert is_permutation(trainer.nat.assignment.numpy())
+    scalars = _scalars(config.model_dir)
+    assert {"loss", "lr", "images_per_sec", "nat/reassigned_fraction"} <= set(scalars)
+    reassigned = [v for _, v in scalars["nat/reassigned_fraction"]]
+    assert len(reassigned) == 3
+    assert reassigned[0] > 0.5 and reassigned[1] == 0.0 and reassigned[2] > 0.0  # epochs 0, 2
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(config.model_dir))
+    keys = reader.get_variable_to_shape_map()
+    saved = reader.get_tensor("nat/assignment/.ATTRIBUTES/VARIABLE_VALUE")
+    np.testing.assert_array_equal(saved, trainer.nat.assignment.numpy())
+    assert any(k.startswith("optimizer/") for k in keys)
+    assert reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 3
+
+
+@pytest.mark.parametrize("method", ["nat", "sc"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, method):
+    kwargs = dict(method=method, nat_reassign_every=1, sc_patch=(5, 5), batch_size=256,
+                  steps_per_loop=2, checkpoint_every=2)
+    straight = _train(_config(tmp_path, "straight", epochs=2, **kwargs))
+    _train(_config(tmp_path, "split", epochs=1, **kwargs))
+    resumed = _train(_config(tmp_path, "split", epochs=2, **kwargs))
+    assert resumed.step == straight.step == 8
+    assert resumed.restored_from.startswith("resumed")
+    for a, b in zip(straight.model.variables, resumed.model.variables, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
+                                   err_msg=a.path)
+    if method == "nat":
+        np.testing.assert_array_equal(straight.nat.assignment.numpy(),
+                                      resumed.nat.assignment.numpy())
+    for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = _config(tmp_path, epochs=2, steps_per_loop=5, checkpoint_every=5,
+                     inject_nan_at_step=12)
+    trainer = Trainer(config, tf.distribute.get_strategy(), log=lambda _: None)
+    # Checkpoints at step 5 and at the end of epoch 1 (step 9); the loop 9..14 hits step 12.
+    with pytest.raises(NonFiniteLoss, match=r"not finite at step 12 .*ckpt-9$"):
+        trainer.train()
+    latest = tf.train.latest_checkpoint(config.model_dir)
+    assert latest.endswith("ckpt-9")
+    reader = tf.train.load_checkpoint(latest)
+    for name in reader.get_variable_to_shape_map():
+        if not name.startswith(("model/", "optimizer/")):
+            continue
+        value = reader.get_tensor(name)
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            assert np.all(np.isfinite(value)), name
+
+
+def test_plateau_cuts_the_learning_rate(tmp_path):
+    trainer = Trainer(_config(tmp_path, method="sc", plateau_patience=2, plateau_factor=0.1,
+                              plateau_min_delta=1e-3), tf.distribute.get_strategy(),
+                      log=lambda _: None)
+    for epoch, loss in enumerate([1.0, 0.8, 0.7995, 0.7999]):
+        trainer._end_epoch(epoch, loss)
+    # 0.7995 and 0.7999 are not 1e-3 below the best (0.8): two bad epochs -> one cut.
+    assert float(trainer.lr_scale.numpy()) == pytest.approx(0.1)
+    assert int(trainer.epoch.numpy()) == 4
+
+
+def test_a_model_dir_of_another_run_is_refused(tmp_path):
+    _train(_config(tmp_path, steps_per_loop=9))
+    with pytest.raises(ValueError, match=r"holds a run with .* use a new --model_dir"):
+        Trainer(_config(tmp_path, batch_size=64), tf.distribute.get_strategy(),
+                log=lambda _: None)
+
+
+def test_init_checkpoint_loads_the_backbone_only(tmp_path):
+    donor = build_model("nin_mnist")
+    prefix = tf.train.Checkpoint(model=named_variables(donor)).write(str(tmp_path / "donor"))
+    trainer = Trainer(_config(tmp_path, init_checkpoint=prefix), tf.distribute.get_strategy(),
+                      log=lambda _: None)
+    assert trainer.restored_from.startswith("initialised")
+    for layer in ("conv1_1", "conv2_1", "conv2_2"):
+        np.testing.assert_array_equal(trainer.model.get_layer(layer).kernel.numpy(),
+                                      donor.get_layer(layer).kernel.numpy())
+    assert trainer.step == 0
+
+
+def test_bad_configs_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'rotnet'"):
+        TrainConfig(model_dir=str(tmp_path), method="rotnet")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        TrainConfig(model_dir=str(tmp_path), batch_size=0)
+    with pytest.raises(ValueError, match="fewer than one batch of 2048"):
+        Trainer(_config(tmp_path, batch_size=2048), tf.distribute.get_strategy())

@@ -1,0 +1,312 @@
+"""Pretraining data: streams of `(index, image)` with a stable index in [0, n).
+
+NAT keeps one target per image, so every image carries its position `index` in a fixed order of
+the dataset; SC ignores it. Sources (`open_source`):
+
+    digits          the train split of scikit-learn's bundled 8x8 digits (1198 images,
+                    evaluation.datasets), embedded: no download, no files
+    mnist           tfds `mnist`, split `train` (60000)
+    cifar10         tfds `cifar10`, split `train` (50000)
+    stl10           tfds `stl10`, split `unlabelled+train` (105000; SC Sec. 5.1)
+    imagenet2012    tfds `imagenet2012`, split `train` (1281167), built from `manual_dir`
+    folder:<path>   every image file under <path>, recursively, in sorted path order
+
+Images are float32 in [0, 1] at the model's input shape (H, W, C). Folder images are checked
+once when the source is opened: files that cannot be decoded (corrupt, truncated, not images)
+are skipped, counted and listed in `Source.skipped`; grayscale, RGBA, palette and 16-bit files
+are converted to C channels in [0, 1].
+
+The stream (`pretrain_dataset`), per input pipeline (one per worker under tf.distribute):
+
+    elements -> shard(pipelines) -> per epoch e: shuffle(seed, e) -> decode -> augment(seed, e,
+    index) -> batch(per-replica batch, drop_remainder) -> take(batches of one epoch) -> the
+    run's epochs concatenated -> prefetch
+
+Batching happens inside an epoch and epochs are concatenated after it, so a batch never holds
+an index twice. Every epoch has exactly `steps_per_epoch * replicas_per_pipeline` batches on
+every pipeline, so a global step never straddles two epochs. The order and the augmentation
+are functions of (seed, epoch, index): a resumed run skips the batches already done in its
+epoch and continues with the same stream.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from evaluation.datasets import digits_arrays, digits_split_indices, resize_to_input
+
+TFDS_PRETRAIN_SPLIT = {
+    "mnist": "train",
+    "cifar10": "train",
+    "stl10": "unlabelled+train",
+    "imagenet2012": "train",
+}
+DATASETS = ("digits", *TFDS_PRETRAIN_SPLIT, "folder:<path>")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+CROPS = ("pad", "resize", "none")
+SHUFFLE_BUFFER = 16384
+
+
+class DataError(ValueError):
+    """A dataset cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random crop and flip (NAT Sec. 3.3; SC Sec. 5 "mild data augmentations").
+
+    crop: "pad" pads `pad` pixels (edge reflection) and cuts a random H x W window, i.e. a
+      random translation of up to `pad` pixels; "resize" cuts a random box of `min_scale`..1 of
+      the area with aspect ratio 3/4..4/3 and resizes it to H x W; "none" keeps the image.
+    flip: random horizontal mirroring with probability 1/2.
+    """
+
+    crop: str = "pad"
+    pad: int = 2
+    min_scale: float = 0.35
+    flip: bool = False
+
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise DataError(f"unknown crop {self.crop!r}; choose one of {', '.join(CROPS)}")
+        if self.pad < 0 or not 0.0 < self.min_scale <= 1.0:
+            raise DataError(f"bad augmentation: pad={self.pad}, min_scale={self.min_scale}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """An opened pretraining dataset.
+
+    elements: () -> unbatched Dataset of (index int64, raw), in a fixed order.
+    decode: raw -> float32 [h, w, C] in [0, 1] (any h, w).
+    fixed_size: decoded images already have the model's H x W.
+    skipped: folder files that could not be decoded.
+    paths: for a folder, `paths[i]` is the file of index i.
+    """
+
+    name: str
+    num_examples: int
+    input_shape: tuple[int, int, int]
+    elements: Callable[[], tf.data.Dataset]
+    decode: Callable[[tf.Tensor], tf.Tensor]
+    fixed_size: bool
+    skipped: tuple[str, ...] = field(default=())
+    paths: tuple[str, ...] = field(default=())  # folder: the file of each index
+
+
+def _digits(input_shape) -> Source:
+    images, _ = digits_arrays()
+    images = images[digits_split_indices("train")]
+    resized = resize_to_input(images, input_shape).numpy()
+    n = len(resized)
+
+    def elements():
+        return tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), resized))
+
+    return Source("digits", n, input_shape, elements, lambda x: x, fixed_size=True)
+
+
+def _tfds(name: str, input_shape, data_dir, manual_dir) -> Source:
+    import tensorflow_datasets as tfds
+
+    split = TFDS_PRETRAIN_SPLIT[name]
+    builder = tfds.builder(name, data_dir=data_dir)
+    decoders = {"image": tfds.decode.SkipDecoding()}
+    try:
+        raw = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+    except AssertionError:  # tfds' way of saying that the data was never generated
+        suffix = f" --data_dir={data_dir}" if data_dir else ""
+        if name == "imagenet2012":
+            where = manual_dir or "<manual_dir>"
+            raise DataError(
+                f"dataset imagenet2012 is not prepared in {builder.data_dir}: put "
+                f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {where} and run "
+                f"`tfds build imagenet2012 --manual_dir={where}{suffix}`") from None
+        raise DataError(f"dataset {name} is not prepared in {builder.data_dir}: run `tfds build "
+                        f"{name}{suffix}` on a machine with network access") from None
+    if builder.info.splits:
+        n = int(builder.info.splits[split].num_examples)
+    else:  # data without split metadata (e.g. generated for tests): count the records once
+        n = int(raw.reduce(np.int64(0), lambda count, _: count + 1))
+    channels = input_shape[-1]
+    fixed = name != "imagenet2012"
+
+    def elements():
+        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+        return ds.enumerate().map(lambda i, ex: (i, ex["image"]))
+
+    def decode(raw):
+        image = tf.io.decode_image(raw, channels=3, expand_animations=False, dtype=tf.float32)
+        image.set_shape([None, None, 3])
+        if channels == 1:
+            image = tf.reduce_mean(image, axis=-1, keepdims=True)
+        if fixed:
+            image = resize_to_input(image, input_shape)
+        return image
+
+    return Source(name, n, input_shape, elements, decode, fixed_size=fixed)
+
+
+def _readable(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes everything: catches truncated files too
+        raw = tf.io.read_file(path)
+        tf.io.decode_image(raw, expand_animations=False)
+        return True
+    except Exception:  # any failure means the file is skipped, and listed
+        return False
+
+
+def list_images(root: str) -> list[str]:
+    """Image files under `root` (by extension, case-insensitive), recursively, sorted."""
+    found = []
+    for directory, _, files in os.walk(root):
+        found.extend(os.path.join(directory, f) for f in files
+                      if f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(found)
+
+
+def _folder(root: str, input_shape) -> Source:
+    if not os.path.isdir(root):
+        raise DataError(f"dataset folder:{root}: no such directory")
+    candidates = list_images(root)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ok = list(pool.map(_readable, candidates))
+    paths = [p for p, good in zip(candidates, ok, strict=True) if good]
+    skipped = tuple(p for p, good in zip(candidates, ok, strict=True) if not good)
+    if not paths:
+        raise DataError(f"dataset folder:{root}: no readable image "
+                        f"({', '.join(IMAGE_EXTENSIONS)}) under it"
+                        f"{f'; {len(skipped)} unreadable files skipped' if skipped else ''}")
+    channels = input_shape[-1]
+
+    def elements():
+        return tf.data.Dataset.from_tensor_slices(
+            (np.arange(len(paths), dtype=np.int64), np.asarray(paths)))
+
+    def decode(path):
+        # 16-bit PNGs are scaled from their own range; palette and RGBA become RGB.
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False,
+                                   dtype=tf.float32)
+        image.set_shape([None, None, 3])
+        if channels == 1:
+            image = tf.reduce_mean(image, axis=-1, keepdims=True)
+        return image
+
+    return Source(f"folder:{root}", len(paths), input_shape, elements, decode, fixed_size=False,
+                  skipped=skipped, paths=tuple(paths))
+
+
+def open_source(name: str, input_shape: tuple[int, int, int], data_dir: str | None = None,
+                manual_dir: str | None = None) -> Source:
+    """Open the pretraining dataset `name` (see the module docstring) for a model input shape.
+
+    Raises DataError with a one-line message for an unknown name, unprepared tfds data (naming
+    the command to run) or a folder without readable images.
+    """
+    input_shape = tuple(int(d) for d in input_shape)
+    if name == "digits":
+        return _digits(input_shape)
+    if name in TFDS_PRETRAIN_SPLIT:
+        return _tfds(name, input_shape, data_dir, manual_dir)
+    if name.startswith("folder:"):
+        return _folder(name[len("folder:"):], input_shape)
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def _augment(image: tf.Tensor, seed: tf.Tensor, source: Source, augment: Augment) -> tf.Tensor:
+    """One example's augmentation; `seed` is an int64 [2] stateless seed."""
+    height, width, channels = source.input_shape
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    if augment.crop == "resize":
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seeds[0],
+            min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(augment.min_scale, 1.0), use_image_if_no_bounding_boxes=True)
+        image = tf.slice(image, begin, size)
+        image = tf.image.resize(image, (height, width), antialias=True)
+    else:
+        if not source.fixed_size:
+            image = resize_to_input(image, source.input_shape, center_crop=True)
+        if augment.crop == "pad" and augment.pad > 0:
+            p = augment.pad
+            image = tf.pad(image, [[p, p], [p, p], [0, 0]], mode="REFLECT")
+            image = tf.image.stateless_random_crop(image, (height, width, channels), seeds[1])
+    if augment.flip:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[2])
+    image.set_shape(source.input_shape)
+    return image
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """Global steps in one epoch: full global batches only (the remainder is dropped)."""
+    return num_examples // global_batch
+
+
+def pretrain_dataset(source: Source, global_batch: int, augment: Augment, seed: int,
+                     epochs: int, start_step: int = 0,
+                     input_context: tf.distribute.InputContext | None = None
+                     ) -> tf.data.Dataset:
+    """The per-replica stream of (index int32 [b], images float32 [b, H, W, C]) of `epochs`
+    epochs.
+
+    Args:
+      source: an opened Source.
+      global_batch: the global batch size B; each replica gets B / replicas.
+      augment: the augmentation.
+      seed: the run's seed; shuffling and augmentation are functions of (seed, epoch, index).
+      epochs: the epochs of the whole run; the stream ends after the last one.
+      start_step: global steps already done (a resumed run starts after them).
+      input_context: from `distribute_datasets_from_function` (None: one pipeline, one replica).
+
+    Raises DataError when the dataset holds less than one global batch or the batch does not
+    split evenly over the replicas.
+    """
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    replicas = input_context.num_replicas_in_sync if input_context else 1
+    if global_batch % replicas:
+        raise DataError(f"batch_size {global_batch} is not divisible by the {replicas} replicas")
+    per_replica = global_batch // replicas
+    steps = steps_per_epoch(source.num_examples, global_batch)
+    if steps < 1:
+        raise DataError(f"dataset {source.name} has {source.num_examples} images, fewer than "
+                        f"one batch of {global_batch}")
+    batches_per_epoch = steps * (replicas // pipelines)
+    start_epoch, done_in_epoch = divmod(int(start_step), steps)
+    shard_size = source.num_examples // pipelines
+    buffer = min(shard_size, SHUFFLE_BUFFER)
+    elements = source.elements().shard(pipelines, pipeline_id)
+
+    def one_epoch(epoch: int) -> tf.data.Dataset:
+        def prepare(index, raw):
+            example_seed = tf.stack([tf.constant(seed, tf.int64),
+                                     epoch * source.num_examples + index])
+            image = _augment(source.decode(raw), example_seed, source, augment)
+            return tf.cast(index, tf.int32), image
+
+        # Python-int seeds: the order of epoch e is fixed by (seed, e) whatever ran before.
+        ds = (elements.shuffle(buffer, seed=(seed * 1_000_003 + epoch) % 2**31,
+                               reshuffle_each_iteration=False)
+              .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+              .batch(per_replica, drop_remainder=True)
+              .take(batches_per_epoch))
+        if epoch == start_epoch and done_in_epoch:  # a resumed run skips what it has done
+            ds = ds.skip(done_in_epoch * (replicas // pipelines))
+        return ds
+
+    ds = one_epoch(start_epoch)
+    for epoch in range(start_epoch + 1, epochs):
+        ds = ds.concatenate(one_epoch(epoch))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)

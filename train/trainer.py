@@ -1,0 +1,482 @@
+"""The custom pretraining loop for NAT and SC. No flags: it takes a `TrainConfig`.
+
+One global step, on every replica (inside `strategy.run`):
+
+    endpoints = model(images, training=True)                          one forward pass
+    NAT: per_example, stats = nat(indices, endpoints["embedding"], reassign)
+    SC:  per_example = sum_k w_k SC(endpoints[k]); patches seeded by (seed, step)
+    loss = compute_average_loss(per_example, global_batch) + scale_regularization(wd/2 ||W||^2)
+    gradients summed over replicas by the optimizer; SGD with momentum
+
+`steps_per_loop` steps run in one `tf.function` (`tf.range` loop). A loop never crosses an
+epoch boundary, so the NAT re-assignment flag (every `nat_reassign_every`-th epoch, counting
+from epoch 0; 0 = never, the paper's fixed-P baseline) is constant inside it.
+
+Learning rate (NAT Sec. 3.3 and SC Sec. 5 combined):
+
+    lr(t) = lr * scale / (1 + lr_gamma * max(0, t - lr_t0))
+
+`scale` starts at 1 and is cut by `plateau_factor` when the epoch's mean loss has not gone
+below the best one by `plateau_min_delta` for `plateau_patience` epochs (0: never cut).
+
+Checkpoints hold everything a resumed run needs: the model (name-keyed, models/weights.py), the
+optimizer (with its step counter), the NAT assignment, the epoch counter, the plateau state
+and the run's fingerprint (seed, dataset size, global batch). They are written every
+`checkpoint_every` steps and at each epoch end. The data stream and the SC patches are
+functions of (seed, step), so that is the whole random state. A run restarts from the latest
+checkpoint in `model_dir`; otherwise it loads the backbone of `init_checkpoint`; otherwise it
+starts fresh.
+
+A non-finite loss stops the run (`NonFiniteLoss`, naming the step) without writing the
+corrupted weights: the last good checkpoint is what remains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from losses.nat import NoiseAsTargets
+from losses.spatial_contrasting import multi_endpoint_loss
+from models import TRANSFER_ENDPOINT, build_model
+from models.weights import load_weights, named_variables
+from train.data import Augment, Source, open_source, pretrain_dataset, steps_per_epoch
+
+METHODS = ("nat", "sc")
+NAT_SCOPES = ("replica", "global")
+SC_POOLS = ("flatten", "avg")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf; the message names the step."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a pretraining run depends on (written to `<model_dir>/config.json`)."""
+
+    model_dir: str
+    method: str = "nat"
+    model: str = "nin_mnist"
+    input_shape: tuple[int, int, int] | None = None
+    preprocessing: str | None = None  # AlexNet only; None = the model's default
+    dataset: str = "digits"
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    batch_size: int = 256
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_t0: int = 0
+    lr_gamma: float = 0.0
+    plateau_patience: int = 0
+    plateau_factor: float = 0.1
+    plateau_min_delta: float = 1e-3
+    nat_dim: int = 128
+    nat_reassign_every: int = 3
+    nat_scope: str = "replica"
+    sc_endpoints: tuple[tuple[str, float], ...] = (("sc", 1.0),)
+    sc_patch: float | tuple[int, int] = 0.3
+    sc_squared: bool = False
+    sc_symmetric: bool = True
+    sc_pool: str = "flatten"
+    augment: Augment = field(default_factory=Augment)
+    steps_per_loop: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+    init_checkpoint: str | None = None
+    probe_every_epochs: int = 0
+    probe_dataset: str | None = None  # None: the pretraining dataset, when it has labels
+    probe_labels_per_class: int = 10
+    probe_splits: int = 5
+    inject_nan_at_step: int = -1  # testing aid: the loss of that step is made NaN
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.nat_scope not in NAT_SCOPES:
+            raise ValueError(f"unknown nat_scope {self.nat_scope!r}; choose one of "
+                             f"{', '.join(NAT_SCOPES)}")
+        if self.sc_pool not in SC_POOLS:
+            raise ValueError(f"unknown sc_pool {self.sc_pool!r}; choose one of "
+                             f"{', '.join(SC_POOLS)}")
+        for name in ("batch_size", "epochs", "steps_per_loop", "checkpoint_every",
+                     "keep_checkpoints", "nat_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0 or self.lr_gamma < 0:
+            raise ValueError("lr must be > 0; momentum, weight_decay and lr_gamma >= 0")
+        if not self.sc_endpoints or any(w < 0 for _, w in self.sc_endpoints):
+            raise ValueError("sc_endpoints needs at least one endpoint, with weights >= 0")
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of `build_model` for the pretraining network."""
+        kwargs: dict = {}
+        if self.method == "nat":
+            kwargs.update(head="nat", feature_dim=self.nat_dim)
+        else:
+            kwargs.update(head="none")
+        if self.input_shape is not None:
+            kwargs["input_shape"] = tuple(self.input_shape)
+        if self.preprocessing is not None:
+            kwargs["preprocessing"] = self.preprocessing
+        return kwargs
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["model_kwargs"] = self.model_kwargs()
+        return out
+
+
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """lr * scale / (1 + gamma * max(0, t - t0)); `scale` is a variable the plateau rule cuts."""
+
+    def __init__(self, lr: float, t0: int, gamma: float, scale: tf.Variable):
+        self.lr, self.t0, self.gamma, self.scale = float(lr), int(t0), float(gamma), scale
+
+    def __call__(self, step):
+        t = tf.cast(step, tf.float32)
+        decay = 1.0 + self.gamma * tf.maximum(t - float(self.t0), 0.0)
+        return self.lr * tf.cast(self.scale, tf.float32) / decay
+
+    def get_config(self):
+        return {"lr": self.lr, "t0": self.t0, "gamma": self.gamma}
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the worker that writes checkpoints, summaries and exports."""
+    return bool(getattr(strategy.extended, "should_checkpoint", True))
+
+
+def _l2(model: keras.Model) -> tf.Tensor:
+    """sum of ||W||^2 over the kernels (not biases, not BN parameters)."""
+    kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
+    return tf.add_n([tf.reduce_sum(tf.square(tf.cast(k, tf.float32))) for k in kernels])
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    loss: float
+    stats: dict[str, float]
+    bad_step: int
+
+
+class Trainer:
+    """Builds the run inside `strategy.scope()` and trains it (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy,
+                 source: Source | None = None, log: Callable[[str], None] = print):
+        self.config = config
+        self.strategy = strategy
+        self.log = log
+        self.chief = _is_chief(strategy)
+        replicas = strategy.num_replicas_in_sync
+        if config.batch_size % replicas:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                             f"{replicas} replicas")
+        with strategy.scope():
+            # A seeded init: the same config gives the same network, so runs are reproducible
+            # and a resumed run continues exactly the uninterrupted one.
+            keras.utils.set_random_seed(config.seed)
+            self.model = build_model(config.model, **config.model_kwargs())
+        self.input_shape = tuple(int(d) for d in self.model.input.shape[1:])
+        self.source = source or open_source(config.dataset, self.input_shape, config.data_dir,
+                                            config.manual_dir)
+        if self.source.skipped:
+            self.log(f"dataset {self.source.name}: skipped {len(self.source.skipped)} "
+                     f"unreadable files (first: {self.source.skipped[0]})")
+        self.steps_per_epoch = steps_per_epoch(self.source.num_examples, config.batch_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"dataset {self.source.name} has {self.source.num_examples} "
+                             f"images, fewer than one batch of {config.batch_size}")
+        self.total_steps = self.steps_per_epoch * config.epochs
+
+        with strategy.scope():
+            self.lr_scale = tf.Variable(1.0, trainable=False, name="lr_scale")
+            self.best_loss = tf.Variable(np.inf, trainable=False, dtype=tf.float32,
+                                         name="best_loss")
+            self.bad_epochs = tf.Variable(0, trainable=False, dtype=tf.int64, name="bad_epochs")
+            self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="epoch")
+            self.fingerprint = tf.Variable(
+                [config.seed, self.source.num_examples, config.batch_size], trainable=False,
+                dtype=tf.int64, name="fingerprint")
+            self.schedule = LearningRate(config.lr, config.lr_t0, config.lr_gamma, self.lr_scale)
+            self.optimizer = keras.optimizers.SGD(learning_rate=self.schedule,
+                                                  momentum=config.momentum)
+            self.optimizer.build(self.model.trainable_variables)
+            self.nat = None
+            if config.method == "nat":
+                self.nat = NoiseAsTargets(self.source.num_examples, config.nat_dim, config.seed,
+                                          scope=config.nat_scope)
+            objects = dict(model=named_variables(self.model), optimizer=self.optimizer,
+                           epoch=self.epoch, lr_scale=self.lr_scale, best_loss=self.best_loss,
+                           bad_epochs=self.bad_epochs, fingerprint=self.fingerprint)
+            if self.nat is not None:
+                objects["nat"] = self.nat
+            self.checkpoint = tf.train.Checkpoint(**objects)
+
+        self._checkpoint_dir = config.model_dir if self.chief else tempfile.mkdtemp()
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self._checkpoint_dir,
+                                                  max_to_keep=config.keep_checkpoints)
+        self.restored_from = self._restore()
+        self.writer = (tf.summary.create_file_writer(os.path.join(config.model_dir, "train"))
+                       if self.chief else tf.summary.create_noop_writer())
+        self._loop_fn = None
+        self.probe_history: list[tuple[int, float]] = []
+
+    # ---------------------------------------------------------------------------------------
+    # restore
+
+    def _restore(self) -> str:
+        latest = tf.train.latest_checkpoint(self.config.model_dir)
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            expected = [self.config.seed, self.source.num_examples, self.config.batch_size]
+            found = [int(v) for v in self.fingerprint.numpy()]
+            if found != expected:
+                raise ValueError(
+                    f"model_dir {self.config.model_dir} holds a run with (seed, images, batch) = "
+                    f"{tuple(found)}, not {tuple(expected)}: use a new --model_dir")
+            return f"resumed {latest} at step {self.step}"
+        if self.config.init_checkpoint:
+            report = load_weights(self.model, self.config.init_checkpoint)
+            return (f"initialised {len(report.loaded)} weights from {report.checkpoint} "
+                    f"({len(report.missing)} left at random init)")
+        return "fresh start"
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    # ---------------------------------------------------------------------------------------
+    # the step
+
+    def _replica_step(self, batch, reassign):
+        cfg = self.config
+        indices, images = batch
+        step = tf.cast(self.optimizer.iterations, tf.int64)
+        with tf.GradientTape() as tape:
+            endpoints = self.model(images, training=True)
+            if self.nat is not None:
+                per_example, nat_stats = self.nat(indices, endpoints["embedding"], reassign)
+                stats = {"nat/reassigned_fraction": nat_stats["reassigned_fraction"]}
+            else:
+                seed = tf.stack([tf.constant(cfg.seed, tf.int64), step])
+                out = multi_endpoint_loss(endpoints, dict(cfg.sc_endpoints), cfg.sc_patch, seed,
+                                          pool=cfg.sc_pool, squared=cfg.sc_squared,
+                                          symmetric=cfg.sc_symmetric)
+                per_example = out.total
+                stats = {f"sc/patch_accuracy/{k}": tf.reduce_mean(v)
+                         for k, v in out.accuracy.items()}
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=cfg.batch_size)
+            if cfg.weight_decay > 0:
+                loss += tf.nn.scale_regularization_loss(0.5 * cfg.weight_decay * _l2(self.model))
+            if cfg.inject_nan_at_step >= 0:
+                loss += tf.where(step == cfg.inject_nan_at_step, np.nan, 0.0)
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
+        return loss, stats
+
+    def _stat_names(self) -> list[str]:
+        if self.nat is not None:
+            return ["nat/reassigned_fraction"]
+        return [f"sc/patch_accuracy/{k}" for k, _ in sorted(self.config.sc_endpoints)]
+
+    def _build_loop(self):
+        strategy = self.strategy
+        names = self._stat_names()
+
+        @tf.function
+        def loop(iterator, num_steps, reassign):
+            loss_sum = tf.constant(0.0)
+            stat_sums = [tf.constant(0.0) for _ in names]
+            bad_step = tf.constant(-1, tf.int64)
+            done = tf.constant(0)
+            for _ in tf.range(num_steps):
+                step = tf.cast(self.optimizer.iterations, tf.int64)
+                # `reassign` is the same on every replica: captured, not distributed.
+                loss, stats = strategy.run(lambda batch: self._replica_step(batch, reassign),
+                                           args=(next(iterator),))
+                loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+                if not tf.math.is_finite(loss):
+                    bad_step = step
+                    break
+                loss_sum += loss
+                stat_sums = [s + strategy.reduce(tf.distribute.ReduceOp.MEAN, stats[n], axis=None)
+                             for s, n in zip(stat_sums, names, strict=True)]
+                done += 1
+            return done, loss_sum, stat_sums, bad_step
+
+        return loop
+
+    def _run_loop(self, iterator, num_steps: int, reassign: bool) -> LoopResult:
+        if self._loop_fn is None:
+            self._loop_fn = self._build_loop()
+        done, loss_sum, stat_sums, bad_step = self._loop_fn(
+            iterator, tf.constant(num_steps), tf.constant(reassign))
+        done = int(done)
+        stats = {n: float(s) / max(done, 1)
+                 for n, s in zip(self._stat_names(), stat_sums, strict=True)}
+        return LoopResult(done, float(loss_sum) / max(done, 1), stats, int(bad_step))
+
+    # ---------------------------------------------------------------------------------------
+    # epochs
+
+    def _reassign(self, epoch: int) -> bool:
+        k = self.config.nat_reassign_every
+        return self.nat is not None and k > 0 and epoch % k == 0
+
+    def _end_epoch(self, epoch: int, mean_loss: float) -> None:
+        cfg = self.config
+        if cfg.plateau_patience > 0:
+            if mean_loss < float(self.best_loss.numpy()) - cfg.plateau_min_delta:
+                self.best_loss.assign(mean_loss)
+                self.bad_epochs.assign(0)
+            else:
+                self.bad_epochs.assign_add(1)
+                if int(self.bad_epochs.numpy()) >= cfg.plateau_patience:
+                    self.lr_scale.assign(self.lr_scale * cfg.plateau_factor)
+                    self.bad_epochs.assign(0)
+                    self.log(f"epoch {epoch + 1}: loss plateaued at {mean_loss:.4f}; "
+                             f"lr scale now {float(self.lr_scale.numpy()):.3g}")
+        self.epoch.assign(epoch + 1)
+
+    def probe_dataset(self) -> str | None:
+        """The labelled dataset for probes, or None when there is none."""
+        from evaluation.datasets import DATASETS as LABELLED
+
+        name = self.config.probe_dataset or self.config.dataset
+        return name if name in LABELLED else None
+
+    def run_probe_result(self, model: keras.Model | None = None):
+        """The probe of `model` (default: the trained one) at its transfer endpoint, with
+        every split's accuracy (evaluation.probe.EndpointResult)."""
+        from evaluation.probe import run_probe
+
+        dataset = self.probe_dataset()
+        if dataset is None:
+            raise ValueError(f"no labelled dataset to probe {self.config.dataset}; "
+                             "set --probe_dataset")
+        result = run_probe(model or self.model, [TRANSFER_ENDPOINT[self.config.model]], dataset,
+                           self.config.probe_labels_per_class, self.config.probe_splits,
+                           seed=self.config.seed)
+        return result.endpoints[0]
+
+    def run_probe(self, model: keras.Model | None = None) -> float:
+        """Mean probe accuracy of `model` (default: the trained one)."""
+        return self.run_probe_result(model).mean
+
+    def train(self) -> dict:
+        """Train up to `epochs` epochs (resuming where the checkpoint left off).
+
+        Returns a summary dict: steps, epochs, final epoch loss, probe history.
+        Raises NonFiniteLoss on a NaN/Inf loss (nothing is written after the last good step).
+        """
+        cfg = self.config
+        start = self.step
+        self.log(f"{cfg.method} on {self.source.name} ({self.source.num_examples} images) with "
+                 f"{cfg.model}, {self.strategy.num_replicas_in_sync} replica(s), "
+                 f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs; {self.restored_from}")
+        if start >= self.total_steps:
+            return self._summary(float("nan"))
+
+        dataset = self.strategy.distribute_datasets_from_function(
+            lambda ctx: pretrain_dataset(self.source, cfg.batch_size, cfg.augment, cfg.seed,
+                                         cfg.epochs, start_step=start, input_context=ctx))
+        iterator = iter(dataset)
+        progbar = keras.utils.Progbar(self.total_steps, stateful_metrics=["loss", "img/s", "lr"],
+                                      unit_name="step", verbose=1 if self.chief else 0)
+        progbar.update(start)
+        since_save = 0
+        epoch_loss, epoch_steps = 0.0, 0
+        last_loss = float("nan")
+        while self.step < self.total_steps:
+            step = self.step
+            epoch, in_epoch = divmod(step, self.steps_per_epoch)
+            n = min(cfg.steps_per_loop, self.steps_per_epoch - in_epoch)
+            t0 = time.perf_counter()
+            result = self._run_loop(iterator, n, self._reassign(epoch))
+            elapsed = time.perf_counter() - t0
+            if result.bad_step >= 0:
+                raise NonFiniteLoss(
+                    f"loss is not finite at step {result.bad_step} (epoch {epoch + 1}); stopped "
+                    f"without saving: the last good checkpoint is "
+                    f"{self.manager.latest_checkpoint or 'none'}")
+            images_per_sec = result.steps * cfg.batch_size / max(elapsed, 1e-9)
+            lr = float(self.schedule(self.optimizer.iterations))
+            epoch_loss += result.loss * result.steps
+            epoch_steps += result.steps
+            last_loss = result.loss
+            with self.writer.as_default(step=self.step):
+                tf.summary.scalar("loss", result.loss)
+                tf.summary.scalar("lr", lr)
+                tf.summary.scalar("images_per_sec", images_per_sec)
+                for name, value in result.stats.items():
+                    tf.summary.scalar(name, value)
+            progbar.update(self.step, [("loss", result.loss), ("img/s", images_per_sec),
+                                       ("lr", lr)])
+            since_save += result.steps
+            if in_epoch + n == self.steps_per_epoch:
+                mean = epoch_loss / max(epoch_steps, 1)
+                self._end_epoch(epoch, mean)
+                epoch_loss, epoch_steps = 0.0, 0
+                self._maybe_probe(epoch + 1)
+                self.manager.save(checkpoint_number=self.step)
+                since_save = 0
+            elif since_save >= cfg.checkpoint_every:
+                self.manager.save(checkpoint_number=self.step)
+                since_save = 0
+        self.writer.flush()
+        return self._summary(last_loss)
+
+    def _maybe_probe(self, epochs_done: int) -> None:
+        k = self.config.probe_every_epochs
+        if k <= 0 or epochs_done % k or not self.chief or self.probe_dataset() is None:
+            return
+        accuracy = self.run_probe()
+        self.probe_history.append((epochs_done, accuracy))
+        with self.writer.as_default(step=self.step):
+            tf.summary.scalar("probe/accuracy", accuracy)
+        history_path = os.path.join(self.config.model_dir, "probe_history.json")
+        previous = []
+        if os.path.exists(history_path):
+            with open(history_path) as f:
+                previous = [tuple(p) for p in json.load(f) if p[0] < epochs_done]
+        with open(history_path, "w") as f:
+            json.dump([*previous, (epochs_done, accuracy)], f)
+        self.log(f"\nepoch {epochs_done}: probe accuracy {100 * accuracy:.1f}%")
+
+    def _summary(self, last_loss: float) -> dict:
+        return {"steps": self.step, "epochs": int(self.epoch.numpy()), "last_loss": last_loss,
+                "probe_history": self.probe_history}
+
+    def close(self) -> None:
+        if not self.chief:
+            shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
+
+
+def write_config(config: TrainConfig) -> str:
+    """Write `<model_dir>/config.json` (creating model_dir); returns its path."""
+    os.makedirs(config.model_dir, exist_ok=True)
+    path = os.path.join(config.model_dir, "config.json")
+    with open(path, "w") as f:
+        json.dump(config.to_json(), f, indent=2, sort_keys=True)
+    return path
+
+
+def is_permutation(values: np.ndarray) -> bool:
+    """True when `values` holds each of 0..len-1 exactly once."""
+    values = np.asarray(values)
+    return bool(np.array_equal(np.sort(values), np.arange(len(values))))
