@@ -20,7 +20,12 @@ The stream (`pretrain_dataset`), per input pipeline (one per worker under tf.dis
 
     elements -> shard(pipelines) -> per epoch e: shuffle(seed, e) -> decode -> augment(seed, e,
     index) -> batch(per-replica batch, drop_remainder) -> take(batches of one epoch) -> the
-    run's epochs concatenated -> prefetch
+    run's epochs one after the other -> prefetch
+
+The shuffle is stateless: blocks of SHUFFLE_BUFFER consecutive elements are permuted by keys
+drawn from (seed, epoch, block), which is a uniform permutation of the whole dataset when it
+fits in one block (digits, small folders); larger datasets also pass through a shuffle buffer
+of that size to mix across blocks.
 
 Batching happens inside an epoch and epochs are concatenated after it, so a batch never holds
 an index twice. Every epoch has exactly `steps_per_epoch * replicas_per_pipeline` batches on
@@ -284,29 +289,37 @@ def pretrain_dataset(source: Source, global_batch: int, augment: Augment, seed: 
     batches_per_epoch = steps * (replicas // pipelines)
     start_epoch, done_in_epoch = divmod(int(start_step), steps)
     shard_size = source.num_examples // pipelines
-    buffer = min(shard_size, SHUFFLE_BUFFER)
     elements = source.elements().shard(pipelines, pipeline_id)
 
-    def one_epoch(epoch: int) -> tf.data.Dataset:
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        base_seed = tf.constant(seed, tf.int64) * 1_000_003 + epoch
+
+        def permute_block(index, raw):
+            # A stateless permutation of a block of consecutive elements, seeded by (seed,
+            # epoch, the block's first index): the order is a function of those alone.
+            keys = tf.random.stateless_uniform(tf.shape(index), tf.stack([base_seed, index[0]]))
+            order = tf.argsort(keys)
+            return tf.gather(index, order), tf.gather(raw, order)
+
         def prepare(index, raw):
             example_seed = tf.stack([tf.constant(seed, tf.int64),
                                      epoch * source.num_examples + index])
             image = _augment(source.decode(raw), example_seed, source, augment)
             return tf.cast(index, tf.int32), image
 
-        # Python-int seeds: the order of epoch e is fixed by (seed, e) whatever ran before.
-        ds = (elements.shuffle(buffer, seed=(seed * 1_000_003 + epoch) % 2**31,
-                               reshuffle_each_iteration=False)
-              .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = elements.batch(SHUFFLE_BUFFER).map(permute_block).unbatch()
+        if shard_size > SHUFFLE_BUFFER:
+            # Mixes across block boundaries; its input differs every epoch, so its fixed seed
+            # still gives a new order each epoch.
+            ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed % 2**31, reshuffle_each_iteration=False)
+        ds = (ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
               .batch(per_replica, drop_remainder=True)
               .take(batches_per_epoch))
-        if epoch == start_epoch and done_in_epoch:  # a resumed run skips what it has done
-            ds = ds.skip(done_in_epoch * (replicas // pipelines))
-        return ds
+        # The first epoch of a resumed run skips the batches done before the interruption.
+        first = tf.cast(tf.equal(epoch, start_epoch), tf.int64)
+        return ds.skip(first * done_in_epoch * (replicas // pipelines))
 
-    ds = one_epoch(start_epoch)
-    for epoch in range(start_epoch + 1, epochs):
-        ds = ds.concatenate(one_epoch(epoch))
+    ds = tf.data.Dataset.range(start_epoch, epochs).flat_map(one_epoch)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -321,7 +321,16 @@ class Trainer:
 
         return loop
 
-    def _run_loop(self, iterator, num_steps: int, reassign: bool) -> LoopResult:
+    def make_iterator(self, start_step: int):
+        """An iterator over the distributed stream, starting after `start_step` global steps."""
+        cfg = self.config
+        dataset = self.strategy.distribute_datasets_from_function(
+            lambda ctx: pretrain_dataset(self.source, cfg.batch_size, cfg.augment, cfg.seed,
+                                         cfg.epochs, start_step=start_step, input_context=ctx))
+        return iter(dataset)
+
+    def run_steps(self, iterator, num_steps: int, reassign: bool) -> LoopResult:
+        """Run `num_steps` training steps in one tf.function call (stops early on NaN/Inf)."""
         if self._loop_fn is None:
             self._loop_fn = self._build_loop()
         done, loss_sum, stat_sums, bad_step = self._loop_fn(
@@ -392,10 +401,7 @@ class Trainer:
         if start >= self.total_steps:
             return self._summary(float("nan"))
 
-        dataset = self.strategy.distribute_datasets_from_function(
-            lambda ctx: pretrain_dataset(self.source, cfg.batch_size, cfg.augment, cfg.seed,
-                                         cfg.epochs, start_step=start, input_context=ctx))
-        iterator = iter(dataset)
+        iterator = self.make_iterator(start)
         progbar = keras.utils.Progbar(self.total_steps, stateful_metrics=["loss", "img/s", "lr"],
                                       unit_name="step", verbose=1 if self.chief else 0)
         progbar.update(start)
@@ -407,7 +413,7 @@ class Trainer:
             epoch, in_epoch = divmod(step, self.steps_per_epoch)
             n = min(cfg.steps_per_loop, self.steps_per_epoch - in_epoch)
             t0 = time.perf_counter()
-            result = self._run_loop(iterator, n, self._reassign(epoch))
+            result = self.run_steps(iterator, n, self._reassign(epoch))
             elapsed = time.perf_counter() - t0
             if result.bad_step >= 0:
                 raise NonFiniteLoss(

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import flags
+from absl import logging as absl_logging
 
 from evaluation import voc_classification as vc
 from evaluation import voc_data, voc_metrics
@@ -318,9 +319,15 @@ def test_short_run_learns_and_resumes(tmp_path, caplog):
         crop_size=SIZE, min_scale=0.8, learning_rate=0.02, num_steps=15, test_crops=2,
         checkpoint_every=15, log_every=15, data_dir=str(tmp_path / "unused"))
     caplog.set_level(logging.INFO)
-    with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn(splits)):
-        first = vc.run(config)
-        second = vc.run(dataclasses.replace(config, num_steps=30))
+    # Another test of the session may have lowered absl's verbosity; the resume message is INFO.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn(splits)):
+            first = vc.run(config)
+            second = vc.run(dataclasses.replace(config, num_steps=30))
+    finally:
+        absl_logging.set_verbosity(verbosity)
     print(f"chance mAP {chance:.3f}; after 15 steps {first['voc07_map']:.3f}; "
           f"after 30 (resumed) {second['voc07_map']:.3f}")
     assert any("resumed from" in r.getMessage() and "at step 15" in r.getMessage()

@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from train import data
 from train.data import Augment, DataError, Source, open_source, pretrain_dataset, steps_per_epoch
 
 
@@ -58,10 +59,15 @@ def test_batches_never_repeat_an_index_and_epochs_cover_distinct_images():
     assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
 
 
-def test_resume_continues_the_same_stream():
-    # A global TF seed (set by the trainer for a seeded init) must not disturb the stream.
-    keras.utils.set_random_seed(11)
+@pytest.mark.parametrize("block", [8, 16384])
+def test_resume_continues_the_same_stream(monkeypatch, block):
+    # A global TF seed (the trainer sets one for a seeded init; 0 is the default seed) must not
+    # disturb the stream. Block 8 < 23 images exercises the shuffle across blocks.
+    keras.utils.set_random_seed(0)
+    monkeypatch.setattr(data, "SHUFFLE_BUFFER", block)
     source = _toy_source(23)
+    epoch = np.concatenate([b[0] for b in _take(_stream(source, 5, Augment(), seed=7), 4)])
+    assert len(set(epoch)) == 20
     augment = Augment(crop="pad", pad=2, flip=True)
     full = _take(_stream(source, 5, augment, seed=7), 10)
     resumed = _take(_stream(source, 5, augment, seed=7, start_step=6), 4)
