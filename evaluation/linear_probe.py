@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 
 from absl import app, flags
 
+from evaluation import cli as shared_cli
 from evaluation import datasets, probe, report
 
 PROGRAM = "linear_probe"
@@ -228,26 +229,13 @@ def run(cfg: ProbeConfig) -> tuple[probe.ProbeResult, str]:
 
 
 def cli(argv: list[str]) -> None:
-    """Parse `argv` (argv[0] is the program) into fresh flags and run; bad input exits with one
-    line on stderr. The same path as the program, without absl's global state."""
-    fv = flags.FlagValues()
-    define_flags(fv)
-    try:
-        fv(argv)
-    except flags.Error as error:
-        report.fail(PROGRAM, str(error))
-    main(argv[:1], fv)
+    """Parse `argv` (argv[0] is the program) into fresh flags and run, as the program does."""
+    shared_cli.parse_and_run(PROGRAM, define_flags, main, argv)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
-    if len(argv) > 1:
-        report.fail(PROGRAM, f"unexpected arguments {' '.join(argv[1:])}")
-    try:
-        cfg = ProbeConfig.from_flags(fv)
-        _, table = run(cfg)
-    except (UsageError, ValueError) as error:
-        report.fail(PROGRAM, str(error))
-    print(table)
+    shared_cli.run_and_print(PROGRAM, argv, lambda: run(ProbeConfig.from_flags(fv)),
+                             (UsageError, ValueError))
 
 
 if __name__ == "__main__":

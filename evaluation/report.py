@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -75,9 +74,3 @@ def write_report(output_dir: str, name: str, payload: dict, headers: Sequence[st
     with tf.io.gfile.GFile(os.path.join(output_dir, f"{name}.md"), "w") as f:
         f.write((f"{title}\n\n" if title else "") + markdown + "\n")
     return format_table(headers, rows)
-
-
-def fail(program: str, message: str) -> None:
-    """Exit with status 2 after one line `<program>: error: <message>` on stderr."""
-    sys.stderr.write(f"{program}: error: {message}\n")
-    sys.exit(2)

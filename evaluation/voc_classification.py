@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 
@@ -54,7 +53,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from evaluation import voc_data, voc_metrics
+from evaluation import cli, voc_data, voc_metrics
 from models import build_model
 from models.layers import PREPROCESSINGS
 from models.weights import load_weights, named_variables
@@ -454,8 +453,6 @@ def run(config: VocClassificationConfig) -> dict:
     optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
     variables = set_trainable(net, config.train_layers)
     optimizer.build(variables)
-    # Dropout seed-generator states are left out: their names depend on how many layers the
-    # process built before, and resuming does not need them.
     weights = named_variables(net)
     checkpoint = tf.train.Checkpoint(model=weights, optimizer=optimizer)
     tf.io.gfile.makedirs(config.model_dir)
@@ -531,11 +528,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """Define the binary's flags (one per config field) in `flag_values`."""
     d = _DEFAULTS
     fv = {"flag_values": flag_values}
-    flags.DEFINE_string("model_dir", None, "Output directory: checkpoints, config, results.", **fv)
-    flags.DEFINE_string("init_checkpoint", d.init_checkpoint,
-                        "Pretraining model_dir or checkpoint prefix ('' = random init).", **fv)
-    flags.DEFINE_enum("preprocessing", None, list(PREPROCESSINGS),
-                      "Input front; default: the pretraining run's config.json, else sobel.", **fv)
+    cli.define_voc_run_flags(d, flag_values)
     flags.DEFINE_enum("train_layers", d.train_layers, list(TRAIN_LAYERS),
                       "Layers that train: fc8, fc6-8 (frozen convs) or all.", **fv)
     flags.DEFINE_enum("fc_init", d.fc_init, list(FC_INITS),
@@ -557,22 +550,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_float("dropout", d.dropout, "Dropout after fc6 and fc7.", **fv)
     flags.DEFINE_integer("test_crops", d.test_crops, "Random crops per test image.", **fv)
     flags.DEFINE_integer("test_batch_images", d.test_batch_images, "Test images per batch.", **fv)
-    flags.DEFINE_integer("checkpoint_every", d.checkpoint_every, "Steps between checkpoints.", **fv)
-    flags.DEFINE_integer("keep_checkpoints", d.keep_checkpoints, "Checkpoints to keep.", **fv)
-    flags.DEFINE_integer("log_every", d.log_every, "Steps between log lines.", **fv)
-    flags.DEFINE_integer("seed", d.seed, "Random seed.", **fv)
-    flags.DEFINE_string("data_dir", d.data_dir, "tfds data_dir ('' = tfds default).", **fv)
-    flags.DEFINE_string("manual_dir", d.manual_dir, "tfds manual_dir for --download.", **fv)
-    flags.DEFINE_bool("download", d.download, "Prepare voc/2007 first (may download).", **fv)
-    flags.mark_flag_as_required("model_dir", flag_values=flag_values)
 
 
 def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> VocClassificationConfig:
     """The frozen config of the parsed flags."""
-    values = {field.name: flag_values[field.name].value
-              for field in dataclasses.fields(VocClassificationConfig)}
-    values["preprocessing"] = values["preprocessing"] or ""
-    return VocClassificationConfig(**values)
+    return cli.config_from_flags(VocClassificationConfig, flag_values,
+                                 preprocessing=lambda v: v or "")
 
 
 def main(argv: list[str]) -> None:
@@ -583,11 +566,7 @@ def main(argv: list[str]) -> None:
 
 def run_or_exit(config: VocClassificationConfig) -> dict:
     """`run(config)`; a bad setting, checkpoint or data directory exits with one line."""
-    try:
-        return run(config)
-    except (ValueError, FileNotFoundError) as error:
-        # One line, no traceback: the message names the flag, file or value at fault.
-        sys.exit(f"voc_classification: error: {error}")
+    return cli.run_or_exit("voc_classification", run, lambda: config)
 
 
 if __name__ == "__main__":

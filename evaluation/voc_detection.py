@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 
@@ -47,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from evaluation import voc_data, voc_metrics
+from evaluation import cli, voc_data, voc_metrics
 from evaluation.detection import data as det_data
 from evaluation.detection import inference
 from evaluation.detection import model as det_model
@@ -368,7 +367,7 @@ def run(config: VocDetectionConfig) -> dict:
     optimizer.build(variables)
     # Dropout seed-generator states are left out: their names depend on how many layers the
     # process built before, and resuming does not need them.
-    weights = {k: v for k, v in named_variables(net).items() if "seed_generator" not in k}
+    weights = named_variables(net)
     checkpoint = tf.train.Checkpoint(model=weights, optimizer=optimizer)
     tf.io.gfile.makedirs(config.model_dir)
     manager = tf.train.CheckpointManager(checkpoint, config.model_dir,
@@ -440,11 +439,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """Define the binary's flags (one per config field) in `flag_values`."""
     d = _DEFAULTS
     fv = {"flag_values": flag_values}
-    flags.DEFINE_string("model_dir", None, "Output directory: checkpoints, config, results.", **fv)
-    flags.DEFINE_string("init_checkpoint", d.init_checkpoint,
-                        "Pretraining model_dir or checkpoint prefix ('' = random init).", **fv)
-    flags.DEFINE_enum("preprocessing", None, list(PREPROCESSINGS),
-                      "Input front; default: the pretraining run's config.json, else sobel.", **fv)
+    cli.define_voc_run_flags(d, flag_values)
     flags.DEFINE_string("proposals", d.proposals,
                         "Proposal file (.mat of Fast R-CNN, .npz) or directory of .npy "
                         "('' = selective search, cached in --proposal_cache).", **fv)
@@ -494,14 +489,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("num_visualize", d.num_visualize,
                          "Test images drawn in detections.png.", **fv)
     flags.DEFINE_integer("shuffle_buffer", d.shuffle_buffer, "Training shuffle buffer.", **fv)
-    flags.DEFINE_integer("checkpoint_every", d.checkpoint_every, "Steps between checkpoints.", **fv)
-    flags.DEFINE_integer("keep_checkpoints", d.keep_checkpoints, "Checkpoints to keep.", **fv)
-    flags.DEFINE_integer("log_every", d.log_every, "Steps between log lines.", **fv)
-    flags.DEFINE_integer("seed", d.seed, "Random seed.", **fv)
-    flags.DEFINE_string("data_dir", d.data_dir, "tfds data_dir ('' = tfds default).", **fv)
-    flags.DEFINE_string("manual_dir", d.manual_dir, "tfds manual_dir for --download.", **fv)
-    flags.DEFINE_bool("download", d.download, "Prepare voc/2007 first (may download).", **fv)
-    flags.mark_flag_as_required("model_dir", flag_values=flag_values)
 
 
 def _int_list(name: str, values: list[str]) -> tuple[int, ...]:
@@ -513,22 +500,15 @@ def _int_list(name: str, values: list[str]) -> tuple[int, ...]:
 
 def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> VocDetectionConfig:
     """The frozen config of the parsed flags."""
-    values = {field.name: flag_values[field.name].value
-              for field in dataclasses.fields(VocDetectionConfig)}
-    values["preprocessing"] = values["preprocessing"] or ""
-    values["scales"] = _int_list("scales", values["scales"])
-    values["lr_steps"] = _int_list("lr_steps", values["lr_steps"])
-    return VocDetectionConfig(**values)
+    return cli.config_from_flags(
+        VocDetectionConfig, flag_values, preprocessing=lambda v: v or "",
+        scales=lambda v: _int_list("scales", v), lr_steps=lambda v: _int_list("lr_steps", v))
 
 
 def run_or_exit(config_fn) -> dict:
     """`run(config_fn())`; a bad setting, checkpoint, proposal or data directory exits with
     one line and no traceback."""
-    try:
-        return run(config_fn())
-    except (ValueError, FileNotFoundError) as error:
-        # One line: the message names the flag, file or value at fault.
-        sys.exit(f"voc_detection: error: {error}")
+    return cli.run_or_exit("voc_detection", run, config_fn)
 
 
 def main(argv: list[str]) -> None:
