@@ -226,8 +226,9 @@ def final_table(trainer, mode: str) -> list[dict]:
     ft_config = finetune.FinetuneConfig(
         init=cfg.model_dir, model=None, model_kwargs={}, dataset=dataset, data_dir=cfg.data_dir,
         manual_dir=cfg.manual_dir, stl10_dir=None, labels_per_class=cfg.probe_labels_per_class,
+        # The fine-tuning binary's defaults, with room to converge on few labels.
         seeds=tuple(range(cfg.probe_splits)), compare_scratch=True, learning_rate=0.01,
-        momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=60, patience=5, max_cuts=2,
+        momentum=0.9, weight_decay=5e-4, batch_size=128, epochs=300, patience=10, max_cuts=3,
         translate=None, mirror=finetune.MIRROR[dataset], val_fraction=0.1, max_test_examples=0,
         output_dir=os.path.join(cfg.model_dir, "finetune"))
     results, _ = finetune.run(ft_config)
