@@ -1,5 +1,5 @@
-"""What the evaluation binaries share on the command line: one-line failures, parsing into
-fresh flags, and the run flags of the VOC protocols.
+"""What the evaluation binaries share: one-line failures, parsing into fresh flags, the run
+flags of the VOC protocols, and their resumable checkpoints.
 
 Binaries define their flags in `define_flags(flag_values)`, called only when run as a program,
 so importing a binary defines nothing and tests parse into their own `flags.FlagValues`.
@@ -11,9 +11,12 @@ import dataclasses
 import sys
 from collections.abc import Callable
 
-from absl import flags
+import keras
+import tensorflow as tf
+from absl import flags, logging
 
 from models.layers import PREPROCESSINGS
+from models.weights import named_variables
 
 
 def fail(program: str, message: str) -> None:
@@ -83,3 +86,21 @@ def define_voc_run_flags(defaults, flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("manual_dir", d.manual_dir, "tfds manual_dir for --download.", **fv)
     flags.DEFINE_bool("download", d.download, "Prepare voc/2007 first (may download).", **fv)
     flags.mark_flag_as_required("model_dir", flag_values=flag_values)
+
+
+def resume(net: keras.Model, optimizer: keras.optimizers.Optimizer, model_dir: str,
+           keep: int) -> tuple[tf.train.CheckpointManager, bool]:
+    """The checkpoint manager of a run in `model_dir` (network by name-keyed variables, and the
+    built optimizer with its step), restored from the latest checkpoint when there is one.
+
+    Returns (manager, resumed).
+    """
+    checkpoint = tf.train.Checkpoint(model=named_variables(net), optimizer=optimizer)
+    tf.io.gfile.makedirs(model_dir)
+    manager = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=keep)
+    resumed = manager.latest_checkpoint is not None
+    if resumed:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("resumed from %s at step %d", manager.latest_checkpoint,
+                     int(optimizer.iterations.numpy()))
+    return manager, resumed

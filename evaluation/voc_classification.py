@@ -56,7 +56,7 @@ from absl import app, flags, logging
 from evaluation import cli, voc_data, voc_metrics
 from models import build_model
 from models.layers import PREPROCESSINGS
-from models.weights import load_weights, named_variables
+from models.weights import load_weights
 
 TRAIN_LAYERS: dict[str, tuple[str, ...]] = {
     "fc8": ("fc8",),
@@ -171,7 +171,8 @@ def read_pretraining_config(init_checkpoint: str) -> dict | None:
 
 
 def resolve_preprocessing(config: VocClassificationConfig) -> str:
-    """The flag if set, else the pretraining run's, else "sobel" (the NAT input).
+    """The flag if set, else the pretraining run's, else "sobel" (the NAT input). Any config
+    with `init_checkpoint` and `preprocessing` will do (VOC detection uses it too).
 
     Raises ValueError if the pretraining run is not an AlexNet.
     """
@@ -453,17 +454,8 @@ def run(config: VocClassificationConfig) -> dict:
     optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
     variables = set_trainable(net, config.train_layers)
     optimizer.build(variables)
-    weights = named_variables(net)
-    checkpoint = tf.train.Checkpoint(model=weights, optimizer=optimizer)
-    tf.io.gfile.makedirs(config.model_dir)
-    manager = tf.train.CheckpointManager(checkpoint, config.model_dir,
-                                         max_to_keep=config.keep_checkpoints)
-    resumed = manager.latest_checkpoint is not None
-    if resumed:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("resumed from %s at step %d", manager.latest_checkpoint,
-                     int(optimizer.iterations.numpy()))
-    elif config.init_checkpoint:
+    manager, resumed = cli.resume(net, optimizer, config.model_dir, config.keep_checkpoints)
+    if not resumed and config.init_checkpoint:
         # fc6/fc7 come from the checkpoint only with fc_init=checkpoint; otherwise only the
         # convolutional part (up to pool5) is read, so a pretraining run at another input
         # size still loads.

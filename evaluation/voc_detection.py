@@ -51,9 +51,8 @@ from evaluation.detection import data as det_data
 from evaluation.detection import inference
 from evaluation.detection import model as det_model
 from evaluation.detection import proposals as det_proposals
-from evaluation.voc_classification import read_pretraining_config
+from evaluation.voc_classification import resolve_preprocessing
 from models.layers import PREPROCESSINGS
-from models.weights import named_variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,22 +140,6 @@ class VocDetectionConfig:
 
 
 # --- pieces -----------------------------------------------------------------------------
-
-
-def resolve_preprocessing(config: VocDetectionConfig) -> str:
-    """The flag if set, else the pretraining run's config.json, else "sobel" (NAT's input).
-
-    Raises ValueError if the pretraining run is not an AlexNet.
-    """
-    pretraining = read_pretraining_config(config.init_checkpoint)
-    if pretraining is not None and pretraining.get("model", "alexnet") != "alexnet":
-        raise ValueError(f"init_checkpoint {config.init_checkpoint} is a "
-                         f"{pretraining.get('model')!r} run, not an AlexNet")
-    if config.preprocessing:
-        return config.preprocessing
-    if pretraining is not None:
-        return pretraining.get("model_kwargs", {}).get("preprocessing", "sobel")
-    return "sobel"
 
 
 def learning_rate_schedule(config: VocDetectionConfig
@@ -365,19 +348,8 @@ def run(config: VocDetectionConfig) -> dict:
     optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
     variables = det_model.set_frozen(net, config.freeze_through)
     optimizer.build(variables)
-    # Dropout seed-generator states are left out: their names depend on how many layers the
-    # process built before, and resuming does not need them.
-    weights = named_variables(net)
-    checkpoint = tf.train.Checkpoint(model=weights, optimizer=optimizer)
-    tf.io.gfile.makedirs(config.model_dir)
-    manager = tf.train.CheckpointManager(checkpoint, config.model_dir,
-                                         max_to_keep=config.keep_checkpoints)
-    resumed = manager.latest_checkpoint is not None
-    if resumed:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("resumed from %s at step %d", manager.latest_checkpoint,
-                     int(optimizer.iterations.numpy()))
-    elif config.init_checkpoint:
+    manager, resumed = cli.resume(net, optimizer, config.model_dir, config.keep_checkpoints)
+    if not resumed and config.init_checkpoint:
         report, fc_note = det_model.load_pretrained(net, config.init_checkpoint)
         logging.info("loaded %d conv weights from %s; %s", len(report.loaded),
                      report.checkpoint, fc_note)
