@@ -2,7 +2,7 @@
 
     python -m benchmarks.pretrain_throughput [--model=nin_mnist --dataset=digits --batch_size=128]
 
-Every row runs the same pipeline (train/data.py: shuffle, augment, batch, prefetch) through
+Every row runs the same pipeline (data/pretrain.py: shuffle, augment, batch, prefetch) through
 `distribute_datasets_from_function` and the same kind of loop (`strategy.run` inside one
 tf.function over `steps_per_loop` steps):
 
@@ -35,8 +35,8 @@ import tensorflow as tf
 from absl import app, flags
 
 from models import build_model
-from train.data import Augment
-from train.trainer import TrainConfig, Trainer
+from train.config import TrainConfig
+from train.trainer import Trainer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "nin_mnist", "Model.")
@@ -49,11 +49,10 @@ flags.DEFINE_string("sc_patch", "6x6", "SC window (HxW cells).")
 
 
 def _trainer(method: str, model_dir: str) -> Trainer:
-    h, w = (int(v) for v in FLAGS.sc_patch.split("x"))
     config = TrainConfig(model_dir=model_dir, method=method, model=FLAGS.model,
                          dataset=FLAGS.dataset, batch_size=FLAGS.batch_size, epochs=1000,
-                         nat_dim=FLAGS.nat_dim, sc_patch=(h, w), steps_per_loop=FLAGS.steps,
-                         augment=Augment(crop="pad", pad=2))
+                         nat_dim=FLAGS.nat_dim, sc_patch=FLAGS.sc_patch,
+                         steps_per_loop=FLAGS.steps, crop="pad", crop_pad=2)
     return Trainer(config, tf.distribute.get_strategy(), log=lambda _: None)
 
 
@@ -77,9 +76,9 @@ class Supervised:
             self.optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
             self.optimizer.build(self.model.trainable_variables)
         if FLAGS.dataset == "digits":
-            from evaluation.datasets import digits_arrays, digits_split_indices
+            from data import digits
 
-            labels = digits_arrays()[1][digits_split_indices("train")]
+            labels = digits.split_arrays("train")[1]
         else:
             labels = np.random.default_rng(0).integers(0, 10, reference.source.num_examples)
         self.labels = tf.constant(labels.astype(np.int32))

@@ -1,1 +1,2 @@
-"""Transfer evaluation: labelled datasets, linear/MLP probes on frozen features, fine-tuning."""
+"""Transfer evaluation: frozen features and their classifiers, probes, fine-tuning, figures,
+and PASCAL VOC 2007 classification and detection (`evaluation.voc`)."""

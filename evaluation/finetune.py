@@ -22,143 +22,117 @@ Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
   the batch order and the augmentation; with --compare_scratch the same seeds also train
   the network from scratch, and both are reported side by side (SC Tables 1-3).
 
-Writes config.json, finetune.json (every figure) and finetune.md to --output_dir.
+Writes config.json, finetune.json (every figure) and finetune.md to --output_dir (default
+`<init>/finetune`, or `runs/finetune_<model>_scratch` with --init=none).
 
 Example:
 
-  python -m evaluation.finetune --init=/tmp/sc_mnist --dataset=digits --labels_per_class=10 \
-      --seeds=0,1,2 --compare_scratch --output_dir=/tmp/finetune
+  python -m evaluation.finetune --init=runs/sc_nin_mnist_digits --dataset=digits \
+      --labels_per_class=10 --seeds=0,1,2 --compare_scratch
 """
 
 from __future__ import annotations
 
-import os
-
-# Before TensorFlow loads: its C++ start-up chatter would bury the one-line errors.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 
-import keras
 import numpy as np
-import tensorflow as tf
-from absl import app, flags
 
-from evaluation import cli as shared_cli
-from evaluation import datasets, probe, report
-from models import MODELS, build_model
-from models.weights import LoadReport, load_weights
+from data import LABELLED_DATASETS
+from models import MODEL_NAMES, cli
+from models.cli import UsageError, option
 
-PROGRAM = "finetune"
+# TensorFlow loads after the flags are checked (models/cli.py).
+tf = cli.lazy_import("tensorflow")
+keras = cli.lazy_import("keras")
+labelled = cli.lazy_import("data.labelled")
+report = cli.lazy_import("evaluation.report")
+
+PROGRAM = "evaluation.finetune"
 # Labels per class of the SC protocol (0: every train label).
 PROTOCOL_LABELS = {"stl10": 0, "cifar10": 400, "mnist": 0, "digits": 10, "imagenet2012": 0}
 MIRROR = {"stl10": True, "cifar10": True, "imagenet2012": True, "mnist": False, "digits": False}
 NONE = "none"
 
-def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-    """Define the binary's flags in `fv` (the global FLAGS when run as a program)."""
-    flags.DEFINE_string("init", None, "Pretrained weights: a training model_dir or a checkpoint "
-                        "prefix; 'none' trains from scratch.", flag_values=fv)
-    flags.DEFINE_string("model", None, "Model name (default: the model of --init's config.json).",
-                        flag_values=fv)
-    flags.DEFINE_string("model_kwargs", "{}", "JSON keyword arguments of build_model.",
-                        flag_values=fv)
-    flags.DEFINE_enum("dataset", "digits", datasets.DATASETS, "Labelled dataset.", flag_values=fv)
-    flags.DEFINE_string("data_dir", None, "tfds data_dir.", flag_values=fv)
-    flags.DEFINE_string("manual_dir", None, "tfds manual_dir.", flag_values=fv)
-    flags.DEFINE_string("stl10_dir", None, "STL-10 stl10_binary folder (read instead of tfds).",
-                        flag_values=fv)
-    flags.DEFINE_integer("labels_per_class", None, "Labels per class (0: all; default: the "
-                         "protocol's: stl10 all, cifar10 400, mnist all, digits 10).",
-                         lower_bound=0, flag_values=fv)
-    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; one run each.", flag_values=fv)
-    flags.DEFINE_bool("compare_scratch", False, "Also train from scratch with the same seeds.",
-                      flag_values=fv)
-    flags.DEFINE_float("learning_rate", 0.01, "Initial SGD learning rate.", lower_bound=0.0,
-                       flag_values=fv)
-    flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0.0, flag_values=fv)
-    flags.DEFINE_float("weight_decay", 5e-4, "Decoupled weight decay.", lower_bound=0.0,
-                       flag_values=fv)
-    flags.DEFINE_integer("batch_size", 128, "Batch size.", lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("epochs", 100, "Most epochs.", lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("patience", 5, "Epochs without a better validation loss before a cut.",
-                         lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("max_cuts", 3, "Stop after this many 10x cuts.", lower_bound=0,
-                         flag_values=fv)
-    flags.DEFINE_integer("translate", None, "Largest translation in pixels (default: H / 16).",
-                         lower_bound=0, flag_values=fv)
-    flags.DEFINE_bool("mirror", None, "Random horizontal mirroring (default: per dataset).",
-                      flag_values=fv)
-    flags.DEFINE_float("val_fraction", 0.1, "Fraction of each class held out for validation.",
-                       lower_bound=0.0, upper_bound=0.9, flag_values=fv)
-    flags.DEFINE_integer("max_test_examples", 0, "Score on the first n test examples (0: all).",
-                         lower_bound=0, flag_values=fv)
-    flags.DEFINE_string("output_dir", None, "Where config.json, finetune.json and finetune.md go.",
-                        flag_values=fv)
-    flags.mark_flag_as_required("init", flag_values=fv)
-    flags.mark_flag_as_required("output_dir", flag_values=fv)
-
-
-class UsageError(Exception):
-    """Bad input, reported as one line naming the flag."""
-
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    init: str
-    model: str | None
-    model_kwargs: dict
-    dataset: str
-    data_dir: str | None
-    manual_dir: str | None
-    stl10_dir: str | None
-    labels_per_class: int
-    seeds: tuple[int, ...]
-    compare_scratch: bool
-    learning_rate: float
-    momentum: float
-    weight_decay: float
-    batch_size: int
-    epochs: int
-    patience: int
-    max_cuts: int
-    translate: int | None
-    mirror: bool
-    val_fraction: float
-    max_test_examples: int
-    output_dir: str
+    """The flags of `python -m evaluation.finetune` (and the SC run's final table)."""
 
-    @classmethod
-    def from_flags(cls, values) -> FinetuneConfig:
+    init: str = option("", "Pretrained weights: a training run folder or a checkpoint prefix; "
+                       "'none' trains from scratch.")
+    model: str = option("", "Model name (default: the model of --init's config.json).")
+    model_kwargs: str = option("{}", "JSON keyword arguments of build_model.")
+    dataset: str = option("digits", "Labelled dataset.", choices=LABELLED_DATASETS)
+    data_dir: str | None = option(None, "tfds data_dir.")
+    manual_dir: str | None = option(None, "tfds manual_dir.")
+    stl10_dir: str | None = option(None, "STL-10 stl10_binary folder (read instead of tfds).")
+    labels_per_class: int | None = option(None, "Labels per class (0: all; default: the "
+                                          "protocol's: stl10 all, cifar10 400, mnist all, "
+                                          "digits 10).", lower=0)
+    seeds: tuple[int, ...] = option((0, 1, 2), "Seeds; one run each.")
+    compare_scratch: bool = option(False, "Also train from scratch with the same seeds.")
+    learning_rate: float = option(0.01, "Initial SGD learning rate.", lower=0.0)
+    momentum: float = option(0.9, "SGD momentum.", lower=0.0)
+    weight_decay: float = option(5e-4, "Decoupled weight decay.", lower=0.0)
+    batch_size: int = option(128, "Batch size.", lower=1)
+    epochs: int = option(100, "Most epochs.", lower=1)
+    patience: int = option(5, "Epochs without a better validation loss before a cut.", lower=1)
+    max_cuts: int = option(3, "Stop after this many 10x cuts.", lower=0)
+    translate: int | None = option(None, "Largest translation in pixels (default: H / 16).",
+                                   lower=0)
+    mirror: bool | None = option(None, "Random horizontal mirroring (default: per dataset).")
+    val_fraction: float = option(0.1, "Fraction of each class held out for validation.",
+                                 lower=0.0, upper=0.9)
+    max_test_examples: int = option(0, "Score on the first n test examples (0: all).", lower=0)
+    output_dir: str = option("", "Where config.json, finetune.json and finetune.md go "
+                             "(default: <init>/finetune).")
+
+    def __post_init__(self):
+        cli.require("init", self.init)
+        cli.check_choice("dataset", self.dataset, LABELLED_DATASETS)
+        if not self.seeds:
+            raise UsageError("--seeds is empty")
+        if self.model and self.model not in MODEL_NAMES:
+            raise UsageError(f"--model={self.model}: choose one of {', '.join(MODEL_NAMES)}")
+        self.overrides()
+
+    def overrides(self) -> dict:
         try:
-            kwargs = json.loads(values.model_kwargs)
+            kwargs = json.loads(self.model_kwargs or "{}")
         except json.JSONDecodeError as error:
             raise UsageError(f"--model_kwargs is not JSON: {error}") from None
-        try:
-            seeds = tuple(int(s) for s in values.seeds)
-        except ValueError:
-            raise UsageError(f"--seeds must be integers; got {','.join(values.seeds)}") from None
-        if not seeds:
-            raise UsageError("--seeds is empty")
-        labels = values.labels_per_class
-        return cls(
-            init=values.init, model=values.model, model_kwargs=kwargs, dataset=values.dataset,
-            data_dir=values.data_dir, manual_dir=values.manual_dir, stl10_dir=values.stl10_dir,
-            labels_per_class=PROTOCOL_LABELS[values.dataset] if labels is None else labels,
-            seeds=seeds, compare_scratch=values.compare_scratch,
-            learning_rate=values.learning_rate, momentum=values.momentum,
-            weight_decay=values.weight_decay, batch_size=values.batch_size,
-            epochs=values.epochs, patience=values.patience, max_cuts=values.max_cuts,
-            translate=values.translate,
-            mirror=MIRROR[values.dataset] if values.mirror is None else values.mirror,
-            val_fraction=values.val_fraction, max_test_examples=values.max_test_examples,
-            output_dir=values.output_dir)
+        if not isinstance(kwargs, dict):
+            raise UsageError("--model_kwargs must be a JSON object")
+        return kwargs
 
     @property
-    def source(self) -> datasets.Source:
-        return datasets.Source(self.dataset, self.data_dir, self.manual_dir, self.stl10_dir)
+    def labels(self) -> int:
+        """Labels per class: the flag, or the protocol's for the dataset."""
+        if self.labels_per_class is None:
+            return PROTOCOL_LABELS[self.dataset]
+        return self.labels_per_class
+
+    @property
+    def mirrored(self) -> bool:
+        return MIRROR[self.dataset] if self.mirror is None else self.mirror
+
+    @property
+    def out(self) -> str:
+        if self.output_dir:
+            return self.output_dir
+        if self.init != NONE:
+            from models.runs import run_folder
+
+            return os.path.join(run_folder(self.init), "finetune")
+        return os.path.join("runs", f"finetune_{self.model or 'model'}_scratch")
+
+    @property
+    def source(self):
+        return labelled.LabelledSource(self.dataset, self.data_dir, self.manual_dir,
+                                       self.stl10_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,32 +142,37 @@ class FinetuneConfig:
 def model_spec(cfg: FinetuneConfig) -> tuple[str, dict]:
     """(model name, build_model kwargs) of the classifier: the pretraining model of --init's
     config.json (or --model), with a softmax head over the dataset's classes."""
-    name, kwargs = cfg.model, dict(cfg.model_kwargs)
-    if cfg.init != NONE and tf.io.gfile.exists(os.path.join(cfg.init, "config.json")):
-        config = probe.read_model_config(cfg.init)
-        stored = {k: v for k, v in config["model_kwargs"].items()
+    from models.runs import model_spec as run_model_spec
+    from models.runs import pretraining_config
+
+    name, kwargs = cfg.model, cfg.overrides()
+    config = pretraining_config(cfg.init) if cfg.init != NONE else None
+    if config is not None:
+        stored_name, stored = run_model_spec(config)
+        stored = {k: v for k, v in stored.items()
                   if k not in ("head", "feature_dim", "num_classes")}
-        name, kwargs = name or config["model"], {**stored, **kwargs}
-    if name is None:
+        name, kwargs = name or stored_name, {**stored, **kwargs}
+    if not name:
         raise UsageError("--model is required when --init has no config.json")
-    if name not in MODELS:
-        raise UsageError(f"--model={name}: choose one of {', '.join(sorted(MODELS))}")
-    kwargs.update(head="softmax", num_classes=datasets.NUM_CLASSES[cfg.dataset])
+    kwargs.update(head="softmax", num_classes=labelled.NUM_CLASSES[cfg.dataset])
     return name, kwargs
 
 
-def initial_model(name: str, kwargs: dict, init: str | None, seed: int
-                  ) -> tuple[keras.Model, LoadReport | None]:
-    """The network before fine-tuning: built under `seed`, then (init not None) every variable
-    the checkpoint holds is loaded; the backbone layers must all be there.
-
-    With the same seed, a pretrained and a scratch model differ only in the loaded variables.
+def initial_model(name: str, kwargs: dict, init: str | None, seed: int):
+    """(the network before fine-tuning, the LoadReport or None): built under `seed`, then (init
+    not None) every variable the checkpoint holds is loaded; the backbone layers must all be
+    there. With the same seed, a pretrained and a scratch model differ only in the loaded
+    variables.
     """
+    from models import build_model
+    from models.runs import backbone_layers
+    from models.weights import load_weights
+
     keras.utils.set_random_seed(seed)
     model = build_model(name, **kwargs)
     if init is None:
         return model, None
-    loaded = load_weights(model, init, require=probe.backbone_layers(name, **kwargs))
+    loaded = load_weights(model, init, require=backbone_layers(name, **kwargs))
     return model, loaded
 
 
@@ -215,41 +194,29 @@ def labelled_data(cfg: FinetuneConfig, input_shape: tuple[int, int, int], seed: 
                   ) -> Labelled:
     """Draw the labelled train examples of `seed` and hold out the validation set."""
     source = cfg.source
-    labels = datasets.load_labels(source, "train")
-    if cfg.labels_per_class:
-        chosen = datasets.per_class_draw(labels, cfg.labels_per_class,
-                                         np.random.default_rng([seed, 0]), source.num_classes,
-                                         f"{cfg.dataset} train")
+    labels = labelled.load_labels(source, "train")
+    if cfg.labels:
+        chosen = labelled.per_class_draw(labels, cfg.labels, np.random.default_rng([seed, 0]),
+                                         source.num_classes, f"{cfg.dataset} train")
     else:
         chosen = np.arange(len(labels))
-    x, y = datasets.load_arrays(source, "train", input_shape, chosen)
-    fit, val = datasets.split_validation(y, cfg.val_fraction, np.random.default_rng([seed, 1]))
+    x, y = labelled.load_arrays(source, "train", input_shape, chosen)
+    fit, val = labelled.split_validation(y, cfg.val_fraction, np.random.default_rng([seed, 1]))
     return Labelled(x[fit], y[fit], x[val], y[val])
 
 
-def augment(image: tf.Tensor, seed: tf.Tensor, translate: int, mirror: bool) -> tf.Tensor:
-    """[H, W, C] -> [H, W, C]: a translation by up to `translate` pixels in each axis (reflect
-    padding, then a random crop) and, if `mirror`, a left-right flip with probability 1/2.
-    `seed` is a stateless seed [2]."""
-    shape = tf.shape(image)
-    if translate:
-        padded = tf.pad(image, [[translate, translate], [translate, translate], [0, 0]],
-                        mode="REFLECT")
-        image = tf.image.stateless_random_crop(padded, shape, seed)
-    if mirror:
-        image = tf.image.stateless_random_flip_left_right(image, seed + 1)
-    return image
-
-
 def train_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int,
-                  translate: int, mirror: bool) -> tf.data.Dataset:
-    """One epoch of augmented (images, labels) batches, in an order fixed by (seed, epoch)."""
+                  translate: int, mirror: bool):
+    """One epoch of augmented (images, labels) batches, in an order fixed by (seed, epoch):
+    `data.pretrain.translate_and_flip`, seeded by (seed, epoch, index)."""
+    from data.pretrain import translate_and_flip
+
     order = np.random.default_rng([seed, 2, epoch]).permutation(len(y))
     ds = tf.data.Dataset.from_tensor_slices((x[order], y[order], order.astype(np.int64)))
 
     def apply(image, label, index):
         stateless = tf.stack([tf.constant(seed * 100_003 + epoch, tf.int64), index])
-        return augment(image, stateless, translate, mirror), label
+        return translate_and_flip(image, translate, mirror, stateless, stateless + 1), label
 
     return ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
 
@@ -272,7 +239,7 @@ class RunResult:
     history: tuple[dict, ...]
 
 
-def evaluate(model: keras.Model, batches) -> tuple[float, float]:
+def evaluate(model, batches) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of the model in inference mode over (x, y) batches."""
     total, correct, count = 0.0, 0, 0
     for x, y in batches:
@@ -288,7 +255,7 @@ def _array_batches(x, y, batch_size):
     return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size))
 
 
-def train(model: keras.Model, data: Labelled, cfg: FinetuneConfig, seed: int
+def train(model, data: Labelled, cfg: FinetuneConfig, seed: int
           ) -> tuple[int, tuple[dict, ...]]:
     """Fine-tune every trainable variable; returns (best epoch, per-epoch history).
 
@@ -316,7 +283,7 @@ def train(model: keras.Model, data: Labelled, cfg: FinetuneConfig, seed: int
     for epoch in range(1, cfg.epochs + 1):
         losses = [float(step(x, y)) for x, y in
                   train_batches(data.x_fit, data.y_fit, cfg.batch_size, seed, epoch, translate,
-                                cfg.mirror)]
+                                cfg.mirrored)]
         train_loss = float(np.mean(losses))
         if len(data.y_val):
             val_loss, val_acc = evaluate(model, _array_batches(data.x_val, data.y_val, 512))
@@ -345,7 +312,7 @@ def run_seed(cfg: FinetuneConfig, name: str, kwargs: dict, init: str | None, see
     best_epoch, history = train(model, data, cfg, seed)
     best = history[best_epoch - 1] if best_epoch else history[-1]
     test_indices = np.arange(cfg.max_test_examples) if cfg.max_test_examples else None
-    test = datasets.load(cfg.source, "test", model.input_shape[1:], test_indices).batch(256)
+    test = labelled.load(cfg.source, "test", model.input_shape[1:], test_indices).batch(256)
     test_loss, test_acc = evaluate(model, test)
     return RunResult(seed, init or NONE, len(loaded.loaded) if loaded else 0, len(history),
                      best_epoch, best["val_loss"], best["val_accuracy"], test_loss, test_acc,
@@ -356,6 +323,8 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
     """Every seed, pretrained (unless --init=none) and, with compare_scratch, from scratch.
 
     Returns ({"pretrained"|"scratch": [RunResult per seed]}, console table)."""
+    from models import build_model
+
     name, kwargs = model_spec(cfg)
     try:
         input_shape = tuple(build_model(name, **kwargs).input_shape[1:])
@@ -370,19 +339,17 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
         inits["pretrained"] = cfg.init
     if cfg.init == NONE or cfg.compare_scratch:
         inits["scratch"] = None
-    report.write_json(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))
-
     tic = time.time()
     results = {key: [] for key in inits}
     for seed in cfg.seeds:
         try:
             data = labelled_data(cfg, input_shape, seed)
-        except datasets.LabelsPerClassError as error:
-            raise UsageError(f"--labels_per_class={cfg.labels_per_class}: {error}") from None
+        except labelled.LabelsPerClassError as error:
+            raise UsageError(f"--labels_per_class={cfg.labels}: {error}") from None
         for key, init in inits.items():  # same data, seed and schedule: only the init differs
             results[key].append(run_seed(cfg, name, kwargs, init, seed, data))
 
-    labels = f"{cfg.labels_per_class}/class" if cfg.labels_per_class else "all"
+    labels = f"{cfg.labels}/class" if cfg.labels else "all"
     headers = ["init", "model", "dataset", "labels", "seeds", "epochs", "test acc %",
                "test error %"]
     rows = []
@@ -400,20 +367,23 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
                                          report.mean_std([r.test_accuracy for r in runs]),
                                          strict=True))
                            for key, runs in results.items()}}
-    table = report.write_report(cfg.output_dir, "finetune", payload, headers, rows, title)
+    table = report.write_report(cfg.out, "finetune", payload, headers, rows, title)
+    report.write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
     return results, f"{title}\n{table}"
 
 
-def cli(argv: list[str]) -> None:
-    """Parse `argv` (argv[0] is the program) into fresh flags and run, as the program does."""
-    shared_cli.parse_and_run(PROGRAM, define_flags, main, argv)
+def run_and_print(cfg: FinetuneConfig):
+    """The binary: `run`, then the table and where it was written."""
+    results, text = run(cfg)
+    print(text)
+    print(f"wrote {cfg.out}/finetune.md and finetune.json")
+    return results
 
 
-def main(argv, fv: flags.FlagValues = flags.FLAGS):
-    shared_cli.run_and_print(PROGRAM, argv, lambda: run(FinetuneConfig.from_flags(fv)),
-                             (UsageError, ValueError))
+def main(argv=None) -> None:
+    cli.main(PROGRAM, FinetuneConfig, run_and_print, module_name=PROGRAM, doc=__doc__,
+             argv=argv)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    main()

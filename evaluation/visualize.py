@@ -31,12 +31,15 @@ filter size; retrieval (q (cell + 2) + 2) x ((k + 1) (cell + 2) + 2 + gap); curv
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from models.layers import SOBEL_X, SOBEL_Y
+from models import cli
+from models.cli import UsageError, option
+
+PROGRAM = "evaluation.visualize"
 
 PAD = 1
 QUERY_GAP = 6  # pixels between the query row and the neighbour rows
@@ -47,6 +50,8 @@ QUERY_GAP = 6  # pixels between the query row and the neighbour rows
 def compose_sobel(kernel: np.ndarray) -> np.ndarray:
     """[k, k, 2, F] conv1 kernels after a Sobel front -> [k + 2, k + 2, F] grey-image filters."""
     from scipy.signal import convolve2d
+
+    from models.layers import SOBEL_X, SOBEL_Y
 
     kernel = np.asarray(kernel, dtype=np.float64)
     if kernel.ndim != 4 or kernel.shape[2] != 2:
@@ -208,89 +213,88 @@ def save_png(image: np.ndarray, output: str) -> None:
 
 # ----------------------------------------------------------------------------- binary
 
-COMMANDS = ("filters", "retrieval", "curves")
+FIGURES = ("filters", "retrieval", "curves")
 
 
-def _define_flags() -> None:
-    from absl import flags
+@dataclass(frozen=True)
+class VisualizeConfig:
+    """The flags of `python -m evaluation.visualize <figure>`."""
 
-    flags.DEFINE_string("output", "", "The PNG to write.")
-    flags.DEFINE_string("model_dir", "", "filters, curves: the training run.")
-    flags.DEFINE_string("model", "", "filters: model name (overrides config.json).")
-    flags.DEFINE_enum("init", "checkpoint", ["checkpoint", "random"],
-                      "filters: the run's latest checkpoint, or random weights.")
-    flags.DEFINE_integer("columns", 16, "filters: filters per row.", lower_bound=1)
-    flags.DEFINE_integer("scale", 4, "filters: pixels per filter tap.", lower_bound=1)
-    flags.DEFINE_string("features", "", "retrieval: a .npy of features [n, ...].")
-    flags.DEFINE_string("index", "", "retrieval: the index.txt of paths (default: next to "
-                        "--features).")
-    flags.DEFINE_integer("queries", 8, "retrieval: number of queries.", lower_bound=1)
-    flags.DEFINE_list("query_indices", [], "retrieval: explicit query rows (else random).")
-    flags.DEFINE_integer("k", 5, "retrieval: neighbours per query.", lower_bound=1)
-    flags.DEFINE_integer("cell", 64, "retrieval: pixels per image.", lower_bound=4)
-    flags.DEFINE_integer("seed", 0, "retrieval: seed of the random queries.")
-    flags.DEFINE_integer("width", 960, "curves: width in pixels.", lower_bound=100)
-    flags.DEFINE_integer("height", 640, "curves: height in pixels.", lower_bound=100)
+    figure: str = option("", "filters, retrieval or curves (the positional argument).",
+                         flag=False)
+    output: str = option("", "The PNG to write.")
+    model_dir: str = option("", "filters, curves: the training run.")
+    model: str = option("", "filters: model name (overrides config.json).")
+    init: str = option("checkpoint", "filters: the run's latest checkpoint, or random weights.",
+                       choices=("checkpoint", "random"))
+    columns: int = option(16, "filters: filters per row.", lower=1)
+    scale: int = option(4, "filters: pixels per filter tap.", lower=1)
+    features: str = option("", "retrieval: a .npy of features [n, ...].")
+    index: str = option("", "retrieval: the index.txt of paths (default: next to --features).")
+    queries: int = option(8, "retrieval: number of queries.", lower=1)
+    query_indices: tuple[int, ...] = option((), "retrieval: explicit query rows (else random).")
+    k: int = option(5, "retrieval: neighbours per query.", lower=1)
+    cell: int = option(64, "retrieval: pixels per image.", lower=4)
+    seed: int = option(0, "retrieval: seed of the random queries.")
+    width: int = option(960, "curves: width in pixels.", lower=100)
+    height: int = option(640, "curves: height in pixels.", lower=100)
+
+    def __post_init__(self):
+        if self.figure not in FIGURES:
+            raise UsageError(f"give one figure: {' | '.join(FIGURES)} (see --help)")
+        cli.require("output", self.output)
+        if self.figure == "filters" and not (self.model_dir or self.model):
+            raise UsageError("filters needs --model_dir (or --model with --init=random)")
+        if self.figure == "retrieval":
+            cli.require("features", self.features)
+        if self.figure == "curves" and not os.path.isdir(self.model_dir):
+            raise UsageError(f"curves needs --model_dir, a run folder; got {self.model_dir!r}")
 
 
-def _filters(f) -> None:
-    from train.export import load_model
+def _filters(f: VisualizeConfig) -> None:
+    from models.runs import load_run_model
 
-    if not f.model_dir and not f.model:
-        raise ValueError("filters needs --model_dir (or --model with --init=random)")
-    loaded = load_model(f.model_dir, f.model, None, "", f.init)
+    loaded = load_run_model(f.model_dir, f.model, init=f.init)
     save_png(filter_grid(first_conv_filters(loaded.model), f.columns, f.scale), f.output)
 
 
-def _retrieval(f) -> None:
-    if not f.features:
-        raise ValueError("retrieval needs --features")
+def _retrieval(f: VisualizeConfig) -> None:
     features = np.load(f.features)
     index_path = f.index or os.path.join(os.path.dirname(f.features), "index.txt")
     with open(index_path) as handle:
         paths = [line.rstrip("\n") for line in handle]
     if len(paths) != len(features):
-        raise ValueError(f"{index_path} lists {len(paths)} images for {len(features)} rows "
+        raise UsageError(f"{index_path} lists {len(paths)} images for {len(features)} rows "
                          f"of {f.features}")
     if f.query_indices:
-        queries = [int(i) for i in f.query_indices]
+        queries = list(f.query_indices)
         if any(not 0 <= i < len(paths) for i in queries):
-            raise ValueError(f"--query_indices must be in [0, {len(paths)})")
+            raise UsageError(f"--query_indices must be in [0, {len(paths)})")
     else:
         rng = np.random.default_rng(f.seed)
         queries = sorted(rng.choice(len(paths), min(f.queries, len(paths)), replace=False))
     neighbours = nearest_neighbours(features, queries, f.k)
     used = sorted({*queries, *neighbours.ravel().tolist()})
     if any(paths[i].startswith("tfds:") for i in used):
-        raise ValueError("retrieval reads image files; this index lists tfds examples")
+        raise UsageError("retrieval reads image files; this index lists tfds examples")
     images = {i: _load_cell(paths[i], f.cell) for i in used}
     save_png(retrieval_grid(images, queries, neighbours, f.cell), f.output)
 
 
-def _curves(f) -> None:
-    if not f.model_dir or not os.path.isdir(f.model_dir):
-        raise ValueError(f"curves needs --model_dir, a directory; got {f.model_dir!r}")
+def _curves(f: VisualizeConfig) -> None:
     plot_curves(read_scalars(f.model_dir), f.output, f.width, f.height)
 
 
-def main(argv: list[str]) -> None:
-    from absl import app, flags
+def run(config: VisualizeConfig) -> str:
+    {"filters": _filters, "retrieval": _retrieval, "curves": _curves}[config.figure](config)
+    print(config.output)
+    return config.output
 
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(f"give one command: {' | '.join(COMMANDS)}")
-    f = flags.FLAGS
-    if not f.output:
-        raise app.UsageError("--output is required")
-    try:
-        {"filters": _filters, "retrieval": _retrieval, "curves": _curves}[argv[1]](f)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"visualize {argv[1]} failed: {err}", file=sys.stderr)
-        sys.exit(1)
-    print(f.output)
+
+def main(argv=None) -> None:
+    cli.main(PROGRAM, VisualizeConfig, run, module_name=PROGRAM, doc=__doc__, argv=argv,
+             positional="figure")
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    main()

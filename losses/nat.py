@@ -28,11 +28,11 @@ import numpy as np
 import scipy.optimize
 import tensorflow as tf
 
-from losses import cross_replica
+from losses import NAT_SCOPES, cross_replica
 
 __all__ = ["SCOPES", "NoiseAsTargets", "nat_loss", "optimal_assignment", "sphere_targets"]
 
-SCOPES = ("replica", "global")
+SCOPES = NAT_SCOPES
 
 # SplitMix64 constants (Steele, Lea & Flood 2014): the golden-ratio increment and the two
 # multipliers of its finaliser, a bijective 64-bit mixer that passes BigCrush.
@@ -116,6 +116,17 @@ def sphere_targets(target_ids: tf.Tensor, dim: int, seed: int) -> tf.Tensor:
     counters = tf.cast(tf.range(1, pairs + 1, dtype=tf.int64), tf.uint64) * tf.constant(_GOLDEN)
     words = _mix64(row_key[:, None] + counters[None, :])  # [b, pairs]
 
+    gauss = _box_muller(words)
+    if 2 * pairs != dim:
+        gauss = gauss[:, :dim]
+    # divide_no_nan rather than `/`: graph optimisation rewrites x / sqrt(y) into x * rsqrt(y),
+    # whose vectorised and scalar kernels differ in the last bit (the norm is never 0).
+    return tf.math.divide_no_nan(gauss, tf.sqrt(_row_sum_fixed_order(tf.square(gauss))))
+
+
+def _box_muller(words: tf.Tensor) -> tf.Tensor:
+    """uint64 words [b, P] -> float32 N(0, 1) values [b, 2P] (the construction of
+    `sphere_targets`: bits 41..63 and 16..39 of each word give u1, u2)."""
     # 23 and 24 bits convert exactly to float32, and (hi + 1/2) / 2^23 is exact and inside (0, 1).
     hi = tf.cast(tf.bitwise.right_shift(words, tf.constant(41, tf.uint64)), tf.float32)
     lo = tf.cast(
@@ -128,12 +139,7 @@ def sphere_targets(target_ids: tf.Tensor, dim: int, seed: int) -> tf.Tensor:
     u1 = (hi + 0.5) * (2.0**-23)  # log(u1) < 0: the radius is never 0
     theta = lo * (2.0 * math.pi * 2.0**-24)
     radius = tf.sqrt(-2.0 * tf.math.log(u1))
-    gauss = tf.concat([radius * tf.cos(theta), radius * tf.sin(theta)], axis=1)
-    if 2 * pairs != dim:
-        gauss = gauss[:, :dim]
-    # divide_no_nan rather than `/`: graph optimisation rewrites x / sqrt(y) into x * rsqrt(y),
-    # whose vectorised and scalar kernels differ in the last bit (the norm is never 0).
-    return tf.math.divide_no_nan(gauss, tf.sqrt(_row_sum_fixed_order(tf.square(gauss))))
+    return tf.concat([radius * tf.cos(theta), radius * tf.sin(theta)], axis=1)
 
 
 def _row_sum_fixed_order(x: tf.Tensor) -> tf.Tensor:

@@ -49,9 +49,9 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from losses import cross_replica
+from losses import SC_POOLS, cross_replica
 
-POOLS = ("flatten", "avg")
+POOLS = SC_POOLS
 
 PatchSize = float | Sequence[int]
 Seed = tf.Tensor | Sequence[int]

@@ -1,25 +1,17 @@
 """The model zoo: every builder returns a keras.Model whose output is a dict of endpoints.
 
-    MODELS            name -> builder
-    build_model       build by name, with the builder's keyword arguments
-    TRANSFER_ENDPOINT name -> the endpoint used for transfer by default (paper protocol)
+    MODEL_NAMES        the zoo's models
+    TRANSFER_ENDPOINT  name -> the endpoint used for transfer by default (paper protocol)
+    PREPROCESSINGS     the fixed input fronts of AlexNet (models/layers.py)
+    build_model        build by name, with the builder's keyword arguments
+
+This file imports neither Keras nor TensorFlow: binaries check their flags against these
+names before the (slow) framework import, so a bad flag fails at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import keras
-
-from models.alexnet import alexnet
-from models.nin import nin_cifar10, nin_mnist, nin_stl10
-
-MODELS: dict[str, Callable[..., keras.Model]] = {
-    "alexnet": alexnet,
-    "nin_stl10": nin_stl10,
-    "nin_cifar10": nin_cifar10,
-    "nin_mnist": nin_mnist,
-}
+MODEL_NAMES = ("alexnet", "nin_stl10", "nin_cifar10", "nin_mnist")
 
 # NAT transfers from conv5 (NAT Sec. 3.3); SC from the layer where its criterion sits.
 TRANSFER_ENDPOINT: dict[str, str] = {
@@ -29,9 +21,23 @@ TRANSFER_ENDPOINT: dict[str, str] = {
     "nin_mnist": "sc",
 }
 
+PREPROCESSINGS = ("sobel", "gray", "highpass", "rgb")
 
-def build_model(name: str, **kwargs) -> keras.Model:
-    """Build the model `name` (a key of MODELS) with the builder's keyword arguments."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-    return MODELS[name](**kwargs)
+
+def builder(name: str):
+    """The builder function of the model `name` (imports Keras)."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    if name == "alexnet":
+        from models.alexnet import alexnet
+
+        return alexnet
+    from models import nin
+
+    return getattr(nin, name)
+
+
+def build_model(name: str, **kwargs):
+    """Build the model `name` (one of MODEL_NAMES) with the builder's keyword arguments;
+    returns a keras.Model."""
+    return builder(name)(**kwargs)

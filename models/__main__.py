@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np
 
-from models import MODELS, build_model
+from models import MODEL_NAMES, build_model, cli
 
 # The head each model is pretrained or evaluated with by default.
 _DEFAULT_HEAD = {"alexnet": "nat"}
@@ -21,7 +17,7 @@ def _count(weights) -> int:
 def model_table() -> str:
     """The zoo as a plain-text table (one block of rows per model)."""
     rows = [("model", "input", "trainable", "frozen", "endpoint", "shape")]
-    for name in MODELS:
+    for name in MODEL_NAMES:
         head = _DEFAULT_HEAD.get(name, "softmax")
         model = build_model(name, head=head)
         first = True
@@ -41,4 +37,5 @@ def model_table() -> str:
 
 
 if __name__ == "__main__":
+    cli.quiet_tensorflow()
     print(model_table())

@@ -11,8 +11,8 @@ Architecture (input 224 x 224 by default; 227 for the VOC protocol):
     conv4     384 x 3x3, "same"                          BN ReLU   -> "conv4"
     conv5     256 x 3x3, "same"                          BN ReLU   -> "conv5"
     pool5     3x3 max, stride 2                                    -> "pool5"  [6, 6, 256]
-    fc6       4096                                       BN ReLU   -> "fc6", then dropout 0.5
-    fc7       4096                                       BN ReLU   -> "fc7", then dropout 0.5
+    fc6       4096 (fc_units)                            BN ReLU   -> "fc6", then dropout 0.5
+    fc7       4096 (fc_units)                            BN ReLU   -> "fc7", then dropout 0.5
     head      nat:     Dense(feature_dim) then L2 normalisation    -> "embedding" (unit rows)
               softmax: Dense(num_classes)                          -> "logits"
               none:    nothing more
@@ -63,6 +63,18 @@ def _fc_bn_relu(x, name: str, units: int):
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
+def _check_arguments(input_shape, head: str, feature_dim: int, num_classes: int,
+                     fc_units: int) -> None:
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if len(input_shape) != 3 or input_shape[-1] not in (1, 3):
+        raise ValueError(f"input_shape must be (H, W, C) with C in {{1, 3}}; got {input_shape}")
+    if min(_pool5_size(input_shape[0]), _pool5_size(input_shape[1])) < 1:
+        raise ValueError(f"input_shape {input_shape} is too small for AlexNet: H, W >= 63")
+    if feature_dim < 1 or num_classes < 1 or fc_units < 1:
+        raise ValueError("feature_dim, num_classes and fc_units must be positive")
+
+
 def alexnet(
     input_shape: tuple[int, int, int] = (224, 224, 3),
     preprocessing: str = "sobel",
@@ -70,6 +82,7 @@ def alexnet(
     feature_dim: int = 2048,
     num_classes: int = 1000,
     dropout: float = 0.5,
+    fc_units: int = 4096,
     name: str = "alexnet",
 ) -> keras.Model:
     """Build the BN AlexNet. Returns a keras.Model whose output is a dict of endpoints.
@@ -83,19 +96,12 @@ def alexnet(
       feature_dim: NAT target dimension d (the released code used 2048).
       num_classes: classes of the softmax head.
       dropout: dropout rate after fc6 and fc7.
+      fc_units: width of fc6 and fc7 (4096; narrower only for small tests on a CPU).
 
     Endpoints: conv1..conv5 [N, h, w, c] (after BN and ReLU), pool5 [N, 6, 6, 256] at 224 or
     227, fc6 and fc7 [N, 4096] (after ReLU, before dropout), and embedding or logits (float32).
     """
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
-    if len(input_shape) != 3 or input_shape[-1] not in (1, 3):
-        raise ValueError(f"input_shape must be (H, W, C) with C in {{1, 3}}; got {input_shape}")
-    if min(_pool5_size(input_shape[0]), _pool5_size(input_shape[1])) < 1:
-        raise ValueError(f"input_shape {input_shape} is too small for AlexNet: H, W >= 63")
-    if feature_dim < 1 or num_classes < 1:
-        raise ValueError("feature_dim and num_classes must be positive")
-
+    _check_arguments(input_shape, head, feature_dim, num_classes, fc_units)
     inputs = keras.Input(shape=tuple(input_shape), name="images")
     front = preprocessing_layer(preprocessing)
     x = inputs if front is None else front(inputs)
@@ -112,9 +118,9 @@ def alexnet(
     x = endpoints["pool5"] = keras.layers.MaxPooling2D(3, strides=2, name="pool5")(x)
 
     x = keras.layers.Flatten(name="flatten")(x)
-    x = endpoints["fc6"] = _fc_bn_relu(x, "fc6", 4096)
+    x = endpoints["fc6"] = _fc_bn_relu(x, "fc6", fc_units)
     x = keras.layers.Dropout(dropout, name="fc6_dropout")(x)
-    x = endpoints["fc7"] = _fc_bn_relu(x, "fc7", 4096)
+    x = endpoints["fc7"] = _fc_bn_relu(x, "fc7", fc_units)
     x = keras.layers.Dropout(dropout, name="fc7_dropout")(x)
 
     if head == "nat":

@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from models import PREPROCESSINGS
+
 SOBEL_X = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=np.float32)
 """Horizontal-gradient kernel, applied as a cross-correlation:
 out[y, x] = sum_ij K[i, j] in[y + i - 1, x + j - 1]."""
@@ -155,9 +157,6 @@ def batch_norm(name: str) -> keras.layers.BatchNormalization:
     """
     return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                                            synchronized=True, name=name)
-
-
-PREPROCESSINGS = ("sobel", "gray", "highpass", "rgb")
 
 
 def preprocessing_layer(name: str) -> keras.layers.Layer | None:

@@ -49,16 +49,19 @@ def named_variables(model: keras.Model) -> dict[str, keras.Variable]:
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint prefix from a prefix or a directory (its latest checkpoint).
 
-    Raises FileNotFoundError naming `path` when there is no checkpoint there.
+    Raises FileNotFoundError naming `path` when it does not exist or holds no checkpoint.
     """
     if tf.io.gfile.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"no checkpoint in directory {path}")
         return latest
-    if not tf.io.gfile.exists(path + ".index"):
-        raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
-    return path
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: give a run folder or a checkpoint "
+                                "prefix")
+    raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import os
 
 import tensorflow as tf
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+from train.config import STRATEGIES
 
 
 def split_cpu(replicas: int) -> None:

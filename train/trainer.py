@@ -1,4 +1,5 @@
-"""The custom pretraining loop for NAT and SC. No flags: it takes a `TrainConfig`.
+"""The custom pretraining loop for NAT and SC. No flags: it takes a `TrainConfig`
+(train/config.py).
 
 One global step, on every replica (inside `strategy.run`):
 
@@ -29,114 +30,39 @@ starts fresh.
 
 A non-finite loss stops the run (`NonFiniteLoss`, naming the step) without writing the
 corrupted weights: the last good checkpoint is what remains.
+
+At each epoch end the trainer calls its hooks, `hook(trainer, epochs_done)`, before the
+epoch's checkpoint: the pretraining binary hands it the periodic probe (NAT Figure 2), so the
+loop itself knows nothing of evaluation.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from data.pretrain import PretrainSource, open_source, pretrain_dataset, steps_per_epoch
 from losses.nat import NoiseAsTargets
 from losses.spatial_contrasting import multi_endpoint_loss
-from models import TRANSFER_ENDPOINT, build_model
+from models import build_model
+from models.runs import open_checkpoints, write_config
 from models.weights import load_weights, named_variables
-from train.data import Augment, Source, open_source, pretrain_dataset, steps_per_epoch
-
-METHODS = ("nat", "sc")
-NAT_SCOPES = ("replica", "global")
-SC_POOLS = ("flatten", "avg")
+from train.config import TrainConfig
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or Inf; the message names the step."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a pretraining run depends on (written to `<model_dir>/config.json`)."""
-
-    model_dir: str
-    method: str = "nat"
-    model: str = "nin_mnist"
-    input_shape: tuple[int, int, int] | None = None
-    preprocessing: str | None = None  # AlexNet only; None = the model's default
-    dataset: str = "digits"
-    data_dir: str | None = None
-    manual_dir: str | None = None
-    batch_size: int = 256
-    epochs: int = 10
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_t0: int = 0
-    lr_gamma: float = 0.0
-    plateau_patience: int = 0
-    plateau_factor: float = 0.1
-    plateau_min_delta: float = 1e-3
-    nat_dim: int = 128
-    nat_reassign_every: int = 3
-    nat_scope: str = "replica"
-    sc_endpoints: tuple[tuple[str, float], ...] = (("sc", 1.0),)
-    sc_patch: float | tuple[int, int] = 0.3
-    sc_squared: bool = False
-    sc_symmetric: bool = True
-    sc_pool: str = "flatten"
-    augment: Augment = field(default_factory=Augment)
-    steps_per_loop: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    seed: int = 0
-    init_checkpoint: str | None = None
-    probe_every_epochs: int = 0
-    probe_dataset: str | None = None  # None: the pretraining dataset, when it has labels
-    probe_labels_per_class: int = 10
-    probe_splits: int = 5
-    inject_nan_at_step: int = -1  # testing aid: the loss of that step is made NaN
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.nat_scope not in NAT_SCOPES:
-            raise ValueError(f"unknown nat_scope {self.nat_scope!r}; choose one of "
-                             f"{', '.join(NAT_SCOPES)}")
-        if self.sc_pool not in SC_POOLS:
-            raise ValueError(f"unknown sc_pool {self.sc_pool!r}; choose one of "
-                             f"{', '.join(SC_POOLS)}")
-        for name in ("batch_size", "epochs", "steps_per_loop", "checkpoint_every",
-                     "keep_checkpoints", "nat_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0 or self.lr_gamma < 0:
-            raise ValueError("lr must be > 0; momentum, weight_decay and lr_gamma >= 0")
-        if not self.sc_endpoints or any(w < 0 for _, w in self.sc_endpoints):
-            raise ValueError("sc_endpoints needs at least one endpoint, with weights >= 0")
-
-    def model_kwargs(self) -> dict:
-        """Keyword arguments of `build_model` for the pretraining network."""
-        kwargs: dict = {}
-        if self.method == "nat":
-            kwargs.update(head="nat", feature_dim=self.nat_dim)
-        else:
-            kwargs.update(head="none")
-        if self.input_shape is not None:
-            kwargs["input_shape"] = tuple(self.input_shape)
-        if self.preprocessing is not None:
-            kwargs["preprocessing"] = self.preprocessing
-        return kwargs
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        out["model_kwargs"] = self.model_kwargs()
-        return out
+EpochHook = Callable[["Trainer", int], None]
 
 
 class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -177,10 +103,12 @@ class Trainer:
     """Builds the run inside `strategy.scope()` and trains it (see the module docstring)."""
 
     def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy,
-                 source: Source | None = None, log: Callable[[str], None] = print):
+                 source: PretrainSource | None = None, log: Callable[[str], None] = print,
+                 hooks: Sequence[EpochHook] = ()):
         self.config = config
         self.strategy = strategy
         self.log = log
+        self.hooks = tuple(hooks)
         self.chief = _is_chief(strategy)
         replicas = strategy.num_replicas_in_sync
         if config.batch_size % replicas:
@@ -225,24 +153,20 @@ class Trainer:
                            bad_epochs=self.bad_epochs, fingerprint=self.fingerprint)
             if self.nat is not None:
                 objects["nat"] = self.nat
-            self.checkpoint = tf.train.Checkpoint(**objects)
+            self._checkpoint_dir = config.model_dir if self.chief else tempfile.mkdtemp()
+            self.checkpoint, self.manager, latest = open_checkpoints(
+                config.model_dir, objects, config.keep_checkpoints, self._checkpoint_dir)
 
-        self._checkpoint_dir = config.model_dir if self.chief else tempfile.mkdtemp()
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self._checkpoint_dir,
-                                                  max_to_keep=config.keep_checkpoints)
-        self.restored_from = self._restore()
+        self.restored_from = self._restore(latest)
         self.writer = (tf.summary.create_file_writer(os.path.join(config.model_dir, "train"))
                        if self.chief else tf.summary.create_noop_writer())
         self._loop_fn = None
-        self.probe_history: list[tuple[int, float]] = []
 
     # ---------------------------------------------------------------------------------------
     # restore
 
-    def _restore(self) -> str:
-        latest = tf.train.latest_checkpoint(self.config.model_dir)
+    def _restore(self, latest: str | None) -> str:
         if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
             expected = [self.config.seed, self.source.num_examples, self.config.batch_size]
             found = [int(v) for v in self.fingerprint.numpy()]
             if found != expected:
@@ -274,7 +198,7 @@ class Trainer:
                 stats = {"nat/reassigned_fraction": nat_stats["reassigned_fraction"]}
             else:
                 seed = tf.stack([tf.constant(cfg.seed, tf.int64), step])
-                out = multi_endpoint_loss(endpoints, dict(cfg.sc_endpoints), cfg.sc_patch, seed,
+                out = multi_endpoint_loss(endpoints, cfg.sc_weights, cfg.sc_window, seed,
                                           pool=cfg.sc_pool, squared=cfg.sc_squared,
                                           symmetric=cfg.sc_symmetric)
                 per_example = out.total
@@ -292,7 +216,7 @@ class Trainer:
     def _stat_names(self) -> list[str]:
         if self.nat is not None:
             return ["nat/reassigned_fraction"]
-        return [f"sc/patch_accuracy/{k}" for k, _ in sorted(self.config.sc_endpoints)]
+        return [f"sc/patch_accuracy/{k}" for k in sorted(self.config.sc_weights)]
 
     def _build_loop(self):
         strategy = self.strategy
@@ -324,8 +248,9 @@ class Trainer:
     def make_iterator(self, start_step: int):
         """An iterator over the distributed stream, starting after `start_step` global steps."""
         cfg = self.config
+        augment = cfg.augment
         dataset = self.strategy.distribute_datasets_from_function(
-            lambda ctx: pretrain_dataset(self.source, cfg.batch_size, cfg.augment, cfg.seed,
+            lambda ctx: pretrain_dataset(self.source, cfg.batch_size, augment, cfg.seed,
                                          cfg.epochs, start_step=start_step, input_context=ctx))
         return iter(dataset)
 
@@ -362,35 +287,10 @@ class Trainer:
                              f"lr scale now {float(self.lr_scale.numpy()):.3g}")
         self.epoch.assign(epoch + 1)
 
-    def probe_dataset(self) -> str | None:
-        """The labelled dataset for probes, or None when there is none."""
-        from evaluation.datasets import DATASETS as LABELLED
-
-        name = self.config.probe_dataset or self.config.dataset
-        return name if name in LABELLED else None
-
-    def run_probe_result(self, model: keras.Model | None = None):
-        """The probe of `model` (default: the trained one) at its transfer endpoint, with
-        every split's accuracy (evaluation.probe.EndpointResult)."""
-        from evaluation.probe import run_probe
-
-        dataset = self.probe_dataset()
-        if dataset is None:
-            raise ValueError(f"no labelled dataset to probe {self.config.dataset}; "
-                             "set --probe_dataset")
-        result = run_probe(model or self.model, [TRANSFER_ENDPOINT[self.config.model]], dataset,
-                           self.config.probe_labels_per_class, self.config.probe_splits,
-                           seed=self.config.seed)
-        return result.endpoints[0]
-
-    def run_probe(self, model: keras.Model | None = None) -> float:
-        """Mean probe accuracy of `model` (default: the trained one)."""
-        return self.run_probe_result(model).mean
-
     def train(self) -> dict:
         """Train up to `epochs` epochs (resuming where the checkpoint left off).
 
-        Returns a summary dict: steps, epochs, final epoch loss, probe history.
+        Returns a summary dict: steps, epochs, final epoch loss.
         Raises NonFiniteLoss on a NaN/Inf loss (nothing is written after the last good step).
         """
         cfg = self.config
@@ -438,7 +338,8 @@ class Trainer:
                 mean = epoch_loss / max(epoch_steps, 1)
                 self._end_epoch(epoch, mean)
                 epoch_loss, epoch_steps = 0.0, 0
-                self._maybe_probe(epoch + 1)
+                for hook in self.hooks:
+                    hook(self, epoch + 1)
                 self.manager.save(checkpoint_number=self.step)
                 since_save = 0
             elif since_save >= cfg.checkpoint_every:
@@ -447,42 +348,14 @@ class Trainer:
         self.writer.flush()
         return self._summary(last_loss)
 
-    def _maybe_probe(self, epochs_done: int) -> None:
-        k = self.config.probe_every_epochs
-        if k <= 0 or epochs_done % k or not self.chief or self.probe_dataset() is None:
-            return
-        accuracy = self.run_probe()
-        self.probe_history.append((epochs_done, accuracy))
-        with self.writer.as_default(step=self.step):
-            tf.summary.scalar("probe/accuracy", accuracy)
-        history_path = os.path.join(self.config.model_dir, "probe_history.json")
-        previous = []
-        if os.path.exists(history_path):
-            with open(history_path) as f:
-                previous = [tuple(p) for p in json.load(f) if p[0] < epochs_done]
-        with open(history_path, "w") as f:
-            json.dump([*previous, (epochs_done, accuracy)], f)
-        self.log(f"\nepoch {epochs_done}: probe accuracy {100 * accuracy:.1f}%")
-
     def _summary(self, last_loss: float) -> dict:
-        return {"steps": self.step, "epochs": int(self.epoch.numpy()), "last_loss": last_loss,
-                "probe_history": self.probe_history}
+        return {"steps": self.step, "epochs": int(self.epoch.numpy()), "last_loss": last_loss}
 
     def close(self) -> None:
         if not self.chief:
             shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
 
 
-def write_config(config: TrainConfig) -> str:
-    """Write `<model_dir>/config.json` (creating model_dir); returns its path."""
-    os.makedirs(config.model_dir, exist_ok=True)
-    path = os.path.join(config.model_dir, "config.json")
-    with open(path, "w") as f:
-        json.dump(config.to_json(), f, indent=2, sort_keys=True)
-    return path
-
-
-def is_permutation(values: np.ndarray) -> bool:
-    """True when `values` holds each of 0..len-1 exactly once."""
-    values = np.asarray(values)
-    return bool(np.array_equal(np.sort(values), np.arange(len(values))))
+def write_run_config(config: TrainConfig) -> str:
+    """Write the run's `<model_dir>/config.json`; returns its path."""
+    return write_config(config.model_dir, config.to_json())

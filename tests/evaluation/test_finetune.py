@@ -8,50 +8,53 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
+from data.pretrain import translate_and_flip
 from evaluation import finetune
-from models import build_model
+from models import build_model, cli
 from models.weights import named_variables
-from tests.evaluation.test_probe import make_model_dir
+from tests.helpers import make_run_dir
 
 SHAPE = [12, 12, 1]
 
 
 def config(tmp_path, init="none", **changes):
-    fv = flags.FlagValues()
-    finetune.define_flags(fv)
-    fv(["finetune", f"--init={init}", f"--output_dir={tmp_path / 'out'}"])
-    cfg = finetune.FinetuneConfig.from_flags(fv)
-    base = dict(model="nin_mnist", model_kwargs={"input_shape": SHAPE}, labels_per_class=3,
+    base = dict(init=init, output_dir=str(tmp_path / "out"), model="nin_mnist",
+                model_kwargs=json.dumps({"input_shape": SHAPE}), labels_per_class=3,
                 seeds=(0,), epochs=1, batch_size=10, max_test_examples=40)
-    return dataclasses.replace(cfg, **{**base, **changes})
+    return finetune.FinetuneConfig(**{**base, **changes})
 
 
-def test_protocol_defaults():
+def test_protocol_defaults_and_the_flags_agree():
     fv = flags.FlagValues()
-    finetune.define_flags(fv)
-    fv(["finetune", "--init=none", "--output_dir=/tmp/x", "--dataset=cifar10"])
-    cfg = finetune.FinetuneConfig.from_flags(fv)
-    assert (cfg.learning_rate, cfg.labels_per_class, cfg.mirror) == (0.01, 400, True)
+    cli.define_flags(finetune.FinetuneConfig, fv, "finetune")
+    fv(["finetune", "--init=none", "--dataset=cifar10"])
+    cfg = cli.config_from_flags(finetune.FinetuneConfig, fv)
+    assert cfg == finetune.FinetuneConfig(init="none", dataset="cifar10")
+    assert (cfg.learning_rate, cfg.labels, cfg.mirrored) == (0.01, 400, True)
     assert finetune.PROTOCOL_LABELS["stl10"] == 0 and finetune.PROTOCOL_LABELS["mnist"] == 0
     assert not finetune.MIRROR["mnist"] and not finetune.MIRROR["digits"]
     assert finetune.MIRROR["stl10"]
 
 
+def augment(image, seed, translate, mirror):
+    return translate_and_flip(image, translate, mirror, seed, seed + 1)
+
+
 def test_augment_translates_and_mirrors():
     image = tf.reshape(tf.range(36, dtype=tf.float32), (6, 6, 1))
     seed = tf.constant([3, 4], tf.int64)
-    np.testing.assert_array_equal(finetune.augment(image, seed, 0, False), image)
+    np.testing.assert_array_equal(augment(image, seed, 0, False), image)
     padded = np.pad(image.numpy(), [(2, 2), (2, 2), (0, 0)], mode="reflect")
     shifts = [padded[r:r + 6, c:c + 6] for r in range(5) for c in range(5)]
     flips = {True: 0, False: 0}
     for s in range(20):
-        out = finetune.augment(image, tf.constant([s, 1], tf.int64), 2, True).numpy()
+        out = augment(image, tf.constant([s, 1], tf.int64), 2, True).numpy()
         flipped = any(np.array_equal(out, shift[:, ::-1]) for shift in shifts)
         assert flipped or any(np.array_equal(out, shift) for shift in shifts)
         flips[flipped] += 1
     assert flips[True] and flips[False]
-    again = finetune.augment(image, seed, 2, True)
-    np.testing.assert_array_equal(again, finetune.augment(image, seed, 2, True))
+    again = augment(image, seed, 2, True)
+    np.testing.assert_array_equal(again, augment(image, seed, 2, True))
 
 
 def test_fine_tuning_updates_every_layer(tmp_path):
@@ -92,11 +95,9 @@ def test_plateau_cuts_the_learning_rate(tmp_path):
 
 
 def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
-    model_dir = tmp_path / "pretrain"
-    model_dir.mkdir()
-    saved = make_model_dir(model_dir, input_shape=SHAPE, head="nat", feature_dim=8)
-    cfg = config(tmp_path, init=str(model_dir), model=None, model_kwargs={},
-                 compare_scratch=True)
+    model_dir, saved = make_run_dir(tmp_path / "pretrain", seed=5, input_shape=SHAPE, head="nat",
+                                    feature_dim=8)
+    cfg = config(tmp_path, init=model_dir, model="", model_kwargs="{}", compare_scratch=True)
     starts, batches = [], []
     initial_model, train_batches = finetune.initial_model, finetune.train_batches
 
@@ -146,17 +147,18 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
      "--labels_per_class=500: 500 labels per class is more than class"),
     (["--init=none"], "--model is required"),
     (["--init=none", "--model=vgg"], "--model=vgg: choose one of alexnet"),
+    ([], "--init is required (see --help)"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, expected):
-    empty = tmp_path / "empty"  # a model_dir with its config.json but no checkpoint
+    empty = tmp_path / "empty"  # a run folder with its config.json but no checkpoint
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps({"model": "nin_mnist", "model_kwargs": {}}))
     argv = [a.format(empty=empty) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
-        finetune.cli(["finetune", *argv, f"--output_dir={tmp_path / 'out'}", "--epochs=1"])
-    assert exit_info.value.code == 2
+        finetune.main(["finetune", *argv, f"--output_dir={tmp_path / 'out'}", "--epochs=1"])
+    assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("finetune: error: ")
+    assert len(err.splitlines()) == 1 and err.startswith("evaluation.finetune: error: ")
     assert expected.format(empty=empty) in err
     if "--dataset" in expected:
         assert "digits" in err and "imagenet2012" in err

@@ -1,27 +1,23 @@
-"""The linear_probe binary: outputs, loading a model_dir, and one-line errors."""
+"""The linear_probe binary: outputs, loading a run folder, defaults, and one-line errors."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from evaluation import linear_probe
-from tests.evaluation.test_probe import make_model_dir
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import make_run_dir, run_module
 
 
-def test_probe_of_a_model_dir_writes_table_json_and_markdown(tmp_path, capsys):
-    (tmp_path / "run").mkdir()
-    make_model_dir(tmp_path / "run", input_shape=[12, 12, 1], head="nat", feature_dim=8)
-    out = tmp_path / "out"
-    linear_probe.cli(["linear_probe", f"--model_dir={tmp_path / 'run'}", "--dataset=digits",
-                      "--endpoints=sc,embedding,pixels", "--labels_per_class=3", "--splits=2",
-                      "--max_test_examples=50", f"--output_dir={out}"])
+def test_probe_of_a_run_writes_table_json_and_markdown(tmp_path, capsys):
+    run, _ = make_run_dir(tmp_path / "run", input_shape=(12, 12, 1), head="nat", feature_dim=8)
+    linear_probe.main(["linear_probe", f"--model_dir={run}", "--dataset=digits",
+                       "--endpoints=sc,embedding,pixels", "--labels_per_class=3", "--splits=2",
+                       "--max_test_examples=50"])
     printed = capsys.readouterr().out
     assert "ckpt-1" in printed and "embedding" in printed
+    out = tmp_path / "run" / "probe"  # the default output folder of a run
+    assert f"wrote {out}/probe.md" in printed
     result = json.loads((out / "probe.json").read_text())
     assert result["test_examples"] == 50 and result["train_examples"] <= 60
     assert [e["endpoint"] for e in result["endpoints"]] == ["sc", "embedding", "pixels"]
@@ -35,6 +31,17 @@ def test_probe_of_a_model_dir_writes_table_json_and_markdown(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["labels_per_class"] == 3
 
 
+def test_default_output_folders():
+    cfg = linear_probe.ProbeConfig
+    assert cfg(model_dir="runs/a").out == os.path.join("runs/a", "probe")
+    assert cfg(model_dir="runs/a", init="random").out == os.path.join("runs/a", "probe_random")
+    assert cfg(model="nin_mnist", init="random").out == os.path.join("runs",
+                                                                      "probe_nin_mnist_random")
+    assert cfg(saved_model="runs/a/export/nin_mnist/3").out == os.path.join(
+        "runs", "probe_nin_mnist_v3")
+    assert cfg(model_dir="runs/a", output_dir="elsewhere").out == "elsewhere"
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--model_dir={empty}"], "--model_dir={empty}: no checkpoint in directory"),
     (["--model=nin_mnist", "--init=random", "--endpoints=conv9"],
@@ -45,35 +52,36 @@ def test_probe_of_a_model_dir_writes_table_json_and_markdown(tmp_path, capsys):
     (["--model=nin_mnist", "--init=random", "--labels_per_class=200"],
      "--labels_per_class=200: 200 labels per class is more than class"),
     (["--init=checkpoint"], "--init=checkpoint needs --model_dir or --saved_model"),
-    (["--model=resnet", "--init=random"], "--model=resnet: choose one of alexnet, nin_cifar10"),
+    (["--model=resnet", "--init=random"], "--model=resnet: choose one of alexnet, nin_stl10"),
+    (["--model_dir={tmp}/missing"], "run folder {tmp}/missing does not exist"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, expected):
-    empty = tmp_path / "empty"  # a model_dir with its config.json but no checkpoint
+    empty = tmp_path / "empty"  # a run folder with its config.json but no checkpoint
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps({"model": "nin_mnist", "model_kwargs": {}}))
-    argv = [a.format(empty=empty) for a in argv]
+    argv = [a.format(empty=empty, tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
-        linear_probe.cli(["linear_probe", *argv, f"--output_dir={tmp_path / 'out'}"])
-    assert exit_info.value.code == 2
+        linear_probe.main(["linear_probe", *argv, f"--output_dir={tmp_path / 'out'}"])
+    assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("linear_probe: error: ")
-    assert expected.format(empty=empty) in err
+    assert len(err.splitlines()) == 1 and err.startswith("evaluation.linear_probe: error: ")
+    assert expected.format(empty=empty, tmp=tmp_path) in err
+    assert not (tmp_path / "out").exists()  # a refused run writes nothing
 
 
 @pytest.mark.slow
 def test_program_runs_as_a_module(tmp_path):
     out = tmp_path / "out"
-    run = subprocess.run(
-        [sys.executable, "-m", "evaluation.linear_probe", "--model=nin_mnist", "--init=random",
-         '--model_kwargs={"input_shape": [12, 12, 1]}', "--endpoints=sc,pixels",
-         "--labels_per_class=2", "--splits=1", "--max_test_examples=30", f"--output_dir={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = run_module("evaluation.linear_probe", "--model=nin_mnist", "--init=random",
+                     '--model_kwargs={"input_shape": [12, 12, 1]}', "--endpoints=sc,pixels",
+                     "--labels_per_class=2", "--splits=1", "--max_test_examples=30",
+                     f"--output_dir={out}", timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr == ""
     assert "test acc %" in run.stdout and "pixels" in run.stdout
     assert {"config.json", "probe.json", "probe.md"} <= set(os.listdir(out))
-    bad = subprocess.run(
-        [sys.executable, "-m", "evaluation.linear_probe", f"--model_dir={tmp_path}",
-         f"--output_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1] == (
-        f"linear_probe: error: --model_dir={tmp_path}: no config.json in model_dir {tmp_path}")
+    bad = run_module("evaluation.linear_probe", f"--model_dir={tmp_path}", timeout=60)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        f"evaluation.linear_probe: error: --model_dir={tmp_path}: {tmp_path} has no "
+        "config.json: not a run folder"]

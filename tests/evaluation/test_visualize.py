@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from scipy.signal import correlate2d
 from evaluation.visualize import (
     PAD,
     QUERY_GAP,
+    VisualizeConfig,
     _curves,
     _retrieval,
     compose_sobel,
@@ -26,8 +26,7 @@ from evaluation.visualize import (
 )
 from models import build_model
 from models.layers import SOBEL_X, SOBEL_Y
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT, test_env
 
 
 def test_composed_sobel_filter_equals_the_two_stage_network():
@@ -150,20 +149,19 @@ def test_binaries_write_pngs_of_the_expected_size(tmp_path):
         name: subprocess.Popen(
             [sys.executable, "-m", "evaluation.visualize", *args,
              f"--output={tmp_path / (name + '.png')}"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, args in commands.items()}
     errors = {}
     for name, process in running.items():
         _, errors[name] = process.communicate(timeout=300)
         assert process.returncode == 0, (name, errors[name][-2000:])
     # The curves command and an error path, through the same code in this process.
-    flags = SimpleNamespace(model_dir=str(tmp_path / "run"), width=400, height=300,
-                            output=str(tmp_path / "curves.png"))
-    _curves(flags)
-    flags = SimpleNamespace(features=str(tmp_path / "sc.npy"), index="", query_indices=[],
-                            queries=4, seed=0, k=10, cell=16, output=str(tmp_path / "x.png"))
+    _curves(VisualizeConfig(figure="curves", model_dir=str(tmp_path / "run"), width=400,
+                            height=300, output=str(tmp_path / "curves.png")))
+    config = VisualizeConfig(figure="retrieval", features=str(tmp_path / "sc.npy"), queries=4,
+                             k=10, cell=16, output=str(tmp_path / "x.png"))
     with pytest.raises(ValueError, match=r"k must be in \[1, 9\]"):
-        _retrieval(flags)
+        _retrieval(config)
     # nin_mnist conv1: 32 filters of 5x5 -> 4 rows x 8 columns of (3 * 5 + 1)-pixel cells.
     expected = {"filters": (8 * 16 + 1, 4 * 16 + 1),
                 "retrieval": (4 * 18 + 2, 4 * 18 + 2 + QUERY_GAP),

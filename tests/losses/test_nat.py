@@ -10,6 +10,7 @@ import scipy.optimize
 import tensorflow as tf
 
 from losses.nat import NoiseAsTargets, nat_loss, optimal_assignment, sphere_targets
+from tests.helpers import is_permutation, two_replica_strategy
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -34,29 +35,6 @@ def _brute_force(cost: np.ndarray) -> float:
     b = cost.shape[0]
     perms = np.array(list(itertools.permutations(range(b))), dtype=np.int64).reshape(-1, b)
     return float(cost[np.arange(b)[None, :], perms].sum(axis=1).min())
-
-
-def _is_permutation(values: np.ndarray, n: int) -> bool:
-    return np.array_equal(np.sort(values), np.arange(n))
-
-
-_GROUP_KEY_BASES = itertools.count(1)
-
-
-def _strategy() -> tf.distribute.MirroredStrategy:
-    """A two-replica CPU strategy with collective keys of its own.
-
-    Strategies in one process otherwise share collective group keys, and a second strategy's
-    gathers of other shapes then clash with the first's. `_collective_key_base` is the hook
-    TensorFlow provides for tests; it is read at construction only, so it is restored after.
-    """
-    cls = tf.distribute.MirroredStrategy
-    saved = cls._collective_key_base
-    cls._collective_key_base = 7_000_000 + 1000 * next(_GROUP_KEY_BASES)
-    try:
-        return cls(["/cpu:0", "/cpu:1"])
-    finally:
-        cls._collective_key_base = saved
 
 
 def _per_replica(strategy, parts):
@@ -177,7 +155,7 @@ def test_optimal_assignment_matches_brute_force(b):
     ]
     for cost in costs:
         perm = optimal_assignment(tf.constant(cost, tf.float32)).numpy()
-        assert perm.dtype == np.int32 and _is_permutation(perm, b)
+        assert perm.dtype == np.int32 and is_permutation(perm)
         np.testing.assert_allclose(cost[np.arange(b), perm].sum(), _brute_force(cost), atol=1e-6)
 
 
@@ -196,7 +174,7 @@ def test_optimal_assignment_matches_scipy_at_256():
     for perm in (optimal_assignment(tf.constant(cost)), graph(tf.constant(cost))):
         assert perm.shape == (256,)
         perm = perm.numpy()
-        assert _is_permutation(perm, 256)
+        assert is_permutation(perm)
         np.testing.assert_allclose(cost.astype(np.float64)[np.arange(256), perm].sum(),
                                    _optimum(cost.astype(np.float64)), rtol=1e-6)
 
@@ -224,7 +202,7 @@ def test_optimal_assignment_static_shape_and_no_gradient():
 
 
 def test_optimal_assignment_inside_strategy_run():
-    strategy = _strategy()
+    strategy = two_replica_strategy()
     rng = np.random.default_rng(2)
     costs = [rng.normal(size=(6, 6)).astype(np.float32) for _ in range(2)]
 
@@ -268,7 +246,7 @@ def test_state_is_one_seeded_int32_permutation():
     assert nat.assignment.dtype == tf.int32 and nat.assignment.shape == (1000,)
     assert not nat.assignment.trainable
     first = nat.assignment.numpy()
-    assert _is_permutation(first, 1000)
+    assert is_permutation(first)
     np.testing.assert_array_equal(NoiseAsTargets(1000, 2048, seed=4).assignment.numpy(), first)
     assert not np.array_equal(NoiseAsTargets(1000, 2048, seed=5).assignment.numpy(), first)
 
@@ -353,7 +331,7 @@ def test_many_random_steps_keep_the_bijection():
         idx = rng.choice(n, size=b, replace=False)
         step(tf.constant(idx, tf.int64), tf.constant(_unit_rows(rng, b, d)),
              tf.constant(bool(rng.integers(0, 2))))
-        assert _is_permutation(nat.assignment.numpy(), n)
+        assert is_permutation(nat.assignment.numpy())
     assert np.mean(nat.assignment.numpy() != start) > 0.5  # it did move
 
 
@@ -414,7 +392,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 @pytest.mark.parametrize("scope", ["replica", "global"])
 def test_two_replicas_stay_identical_and_bijective(scope):
-    strategy = _strategy()
+    strategy = two_replica_strategy()
     n, d, b = 48, 6, 6  # b per replica
     with strategy.scope():
         nat = NoiseAsTargets(n, d, seed=11, scope=scope)
@@ -428,12 +406,12 @@ def test_two_replicas_stay_identical_and_bijective(scope):
              tf.constant(i % 3 != 2))
         copies = _replica_copies(nat.assignment)
         np.testing.assert_array_equal(copies[0], copies[1])
-        assert _is_permutation(copies[0], n)
+        assert is_permutation(copies[0])
     assert np.mean(nat.assignment.numpy() != start) > 0.3
 
 
 def test_two_replicas_match_single_device_and_global_beats_replica():
-    strategy = _strategy()
+    strategy = two_replica_strategy()
     n, d, b = 40, 4, 5
     rng = np.random.default_rng(12)
     idx = rng.choice(n, size=2 * b, replace=False).astype(np.int32)
@@ -466,7 +444,7 @@ def test_two_replicas_match_single_device_and_global_beats_replica():
 
 
 def test_two_replicas_repeated_index_across_replicas_raises():
-    strategy = _strategy()
+    strategy = two_replica_strategy()
     with strategy.scope():
         nat = NoiseAsTargets(20, 4, seed=13)
     z = _unit_rows(np.random.default_rng(13), 6, 4)
@@ -512,7 +490,7 @@ def test_training_a_model_with_nat():
     for epoch in range(6):
         for part in rng.permutation(n).reshape(-1, b):
             step(tf.constant(part, tf.int32), tf.constant(epoch % 2 == 0))
-        assert _is_permutation(nat.assignment.numpy(), n)
+        assert is_permutation(nat.assignment.numpy())
     assert epoch_loss() < start
 
 

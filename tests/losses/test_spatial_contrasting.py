@@ -17,6 +17,7 @@ from losses.spatial_contrasting import (
     sample_patch_pairs,
     spatial_contrasting_loss,
 )
+from tests.helpers import two_replica_strategy
 
 # ----------------------------------------------------------------------------- oracles
 
@@ -382,19 +383,8 @@ def test_sampler_validation_errors():
 
 @pytest.fixture(scope="module")
 def two_replicas():
-    """One 2-CPU MirroredStrategy for the module.
-
-    Strategies built in one process start their collective keys at the same base, so two of
-    them running collectives of different shapes abort with "Shape mismatch in the collective
-    instance". TF's own tests separate them with the class attribute `_collective_key_base`;
-    this module's strategy gets a base of its own, and the attribute is restored at once.
-    """
-    base = tf.distribute.MirroredStrategy._collective_key_base
-    tf.distribute.MirroredStrategy._collective_key_base = 40_000
-    try:
-        return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    finally:
-        tf.distribute.MirroredStrategy._collective_key_base = base
+    """One 2-CPU MirroredStrategy for the module (tests/helpers.py)."""
+    return two_replica_strategy()
 
 
 @pytest.mark.parametrize("symmetric,squared,split", [(True, False, (3, 3)),

@@ -1,15 +1,14 @@
 """build_model, `python -m models`, .keras round trips and the name-keyed checkpoint format."""
 
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import MODELS, TRANSFER_ENDPOINT, build_model
+from models import MODEL_NAMES, TRANSFER_ENDPOINT, build_model
 from models.weights import load_weights, named_variables
+from tests.helpers import run_module
 
 
 def test_unknown_model_lists_the_known_names():
@@ -18,7 +17,7 @@ def test_unknown_model_lists_the_known_names():
 
 
 def test_every_model_has_its_transfer_endpoint():
-    for name in MODELS:
+    for name in MODEL_NAMES:
         head = "nat" if name == "alexnet" else "softmax"
         kwargs = {"input_shape": (67, 67, 3), "feature_dim": 8} if name == "alexnet" else {}
         assert TRANSFER_ENDPOINT[name] in build_model(name, head=head, **kwargs).output
@@ -73,8 +72,9 @@ def test_load_weights_errors_name_the_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_python_m_models_prints_the_table():
-    out = subprocess.run([sys.executable, "-m", "models"], capture_output=True, text=True,
-                         check=True, timeout=300).stdout
+    done = run_module("models", timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    out = done.stdout
     assert out.splitlines()[0].split() == ["model", "input", "trainable", "frozen", "endpoint",
                                            "shape"]
     assert "alexnet (nat)" in out and "66,669,952" in out and "pool5      6x6x256" in out

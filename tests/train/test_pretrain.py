@@ -13,34 +13,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.train.test_trainer import _scalars
-from train.pretrain import parse_sc_endpoints, parse_sc_patch
+from tests.helpers import ROOT, assignment, is_permutation, run_module, scalars, test_env
+from train.config import parse_sc_endpoints, parse_sc_patch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Small and quick: 1198 digits at batch 256 are 4 steps per epoch.
 QUICK = ["--batch_size=256", "--nat_dim=16", "--steps_per_loop=2", "--export_dir=none",
          "--final_eval=none", "--probe_every_epochs=0"]
 
 
-def _env(**extra) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    env.pop("TF_CONFIG", None)
-    env.update(extra)
-    return env
-
-
 def _pretrain(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train.pretrain", *args], cwd=ROOT,
-                          env=env or _env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _assignment(model_dir: str) -> np.ndarray:
-    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
-    return reader.get_tensor("nat/assignment/.ATTRIBUTES/VARIABLE_VALUE")
-
-
-def _is_permutation(values) -> bool:
-    return np.array_equal(np.sort(values), np.arange(len(values)))
+    return run_module("train.pretrain", *args, timeout=timeout, env=env)
 
 
 def test_flag_parsers():
@@ -72,7 +54,7 @@ def test_tiny_end_to_end_run_probes_exports_and_reports(tmp_path):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model"] == "nin_mnist" and config["model_kwargs"]["head"] == "nat"
     assert os.path.exists(tmp_path / "export" / "nin_mnist" / "1" / "saved_model.pb")
-    assert {"loss", "lr", "images_per_sec", "probe/accuracy"} <= set(_scalars(str(model_dir)))
+    assert {"loss", "lr", "images_per_sec", "probe/accuracy"} <= set(scalars(model_dir))
 
 
 @pytest.mark.slow
@@ -81,7 +63,7 @@ def test_sigkill_then_resume_reaches_the_same_final_step(tmp_path):
     args = [f"--model_dir={model_dir}", "--epochs=6", *QUICK, "--steps_per_loop=1",
             "--checkpoint_every=2"]
     process = subprocess.Popen([sys.executable, "-m", "train.pretrain", *args], cwd=ROOT,
-                               env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               env=test_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     killed_at = None
     while time.time() < deadline and process.poll() is None:
@@ -94,18 +76,18 @@ def test_sigkill_then_resume_reaches_the_same_final_step(tmp_path):
     process.wait(timeout=60)
     assert killed_at is not None, "the run ended before it could be killed"
     assert process.returncode == -signal.SIGKILL
-    assert _is_permutation(_assignment(str(model_dir)))
+    assert is_permutation(assignment(str(model_dir)))
 
     result = _pretrain(*args)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((model_dir / "results.json").read_text())
     assert results["steps"] == 24 and results["epochs"] == 6
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-24")
-    assert _is_permutation(_assignment(str(model_dir)))
+    assert is_permutation(assignment(str(model_dir)))
 
 
 def _losses(model_dir) -> list[float]:
-    return [v for _, v in _scalars(str(model_dir))["loss"]]
+    return scalars(model_dir)["loss"]
 
 
 @pytest.mark.slow
@@ -128,7 +110,7 @@ def test_two_cpu_replicas_match_one_device(tmp_path):
     # runs it.)
     np.testing.assert_allclose(_losses(runs["nat", 2]), _losses(runs["nat", 1]), rtol=2e-3)
     # (The assignments themselves may differ where float noise breaks near-ties.)
-    assert _is_permutation(_assignment(str(runs["nat", 2])))
+    assert is_permutation(assignment(str(runs["nat", 2])))
 
 
 def _free_ports(count: int) -> list[int]:
@@ -152,14 +134,14 @@ def test_two_workers_train_together_on_loopback(tmp_path):
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "train.pretrain", f"--model_dir={model_dir}", "--epochs=2",
              *QUICK, "--strategy=multi_worker"],
-            cwd=ROOT, env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE,
+            cwd=ROOT, env=test_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err[-2000:]
     # Worker 0 is the chief: its checkpoints hold the whole run, 2 epochs of 4 global steps.
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-8")
-    assert _is_permutation(_assignment(str(model_dir)))
+    assert is_permutation(assignment(str(model_dir)))
     results = json.loads((model_dir / "results.json").read_text())
     assert results["steps"] == 8
     # Only the chief writes into model_dir; the other worker's copies went to a temporary dir.
@@ -169,9 +151,9 @@ def test_two_workers_train_together_on_loopback(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
-    (["--model=resnet"], "--model=resnet: value should be one of <alexnet|nin_cifar10|"),
+    (["--model=resnet"], "--model=resnet: value should be one of <alexnet|nin_stl10|"),
     (["--method=rotnet"], "value should be one of <nat|sc>"),
-    (["--dataset=svhn"], "--dataset must be one of digits, mnist, cifar10"),
+    (["--dataset=svhn"], "--dataset=svhn: choose one of digits, mnist, cifar10"),
     (["--sc_patch=big"], "--sc_patch='big'"),
     (["--cpu_replicas=3", "--batch_size=128"], "batch_size 128 is not divisible by the 3"),
     (["--batch_size=2048"], "has 1198 images, fewer than one batch of 2048"),

@@ -1,27 +1,13 @@
 """The training loop on one device: schedules, checkpoints, exact resume, the NaN guard."""
 
-import glob
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import build_model
-from models.weights import named_variables
-from train.trainer import LearningRate, NonFiniteLoss, TrainConfig, Trainer, is_permutation
-
-
-def _scalars(model_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar summary of a run: tag -> [(step, value)] in write order."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(glob.glob(os.path.join(model_dir, "train", "events.out.tfevents.*"))):
-        for raw in tf.data.TFRecordDataset(path):
-            event = tf.compat.v1.Event.FromString(raw.numpy())
-            for value in event.summary.value:
-                number = float(tf.make_ndarray(value.tensor))
-                out.setdefault(value.tag, []).append((event.step, number))
-    return out
+from models.cli import UsageError
+from tests.helpers import is_permutation, make_run_dir, scalars
+from train.config import TrainConfig
+from train.trainer import LearningRate, NonFiniteLoss, Trainer
 
 
 def _config(tmp_path, name="run", **kwargs) -> TrainConfig:
@@ -53,9 +39,9 @@ def test_nat_run_reassigns_on_schedule_and_checkpoints_everything(tmp_path):
     trainer = _train(config)
     assert trainer.step == 27 and int(trainer.epoch.numpy()) == 3
     assert is_permutation(trainer.nat.assignment.numpy())
-    scalars = _scalars(config.model_dir)
-    assert {"loss", "lr", "images_per_sec", "nat/reassigned_fraction"} <= set(scalars)
-    reassigned = [v for _, v in scalars["nat/reassigned_fraction"]]
+    summaries = scalars(config.model_dir)
+    assert {"loss", "lr", "images_per_sec", "nat/reassigned_fraction"} <= set(summaries)
+    reassigned = summaries["nat/reassigned_fraction"]
     assert len(reassigned) == 3
     assert reassigned[0] > 0.5 and reassigned[1] == 0.0 and reassigned[2] > 0.0  # epochs 0, 2
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(config.model_dir))
@@ -68,7 +54,7 @@ def test_nat_run_reassigns_on_schedule_and_checkpoints_everything(tmp_path):
 
 @pytest.mark.parametrize("method", ["nat", "sc"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, method):
-    kwargs = dict(method=method, nat_reassign_every=1, sc_patch=(5, 5), batch_size=256,
+    kwargs = dict(method=method, nat_reassign_every=1, sc_patch="5x5", batch_size=256,
                   steps_per_loop=2, checkpoint_every=2)
     straight = _train(_config(tmp_path, "straight", epochs=2, **kwargs))
     _train(_config(tmp_path, "split", epochs=1, **kwargs))
@@ -122,8 +108,7 @@ def test_a_model_dir_of_another_run_is_refused(tmp_path):
 
 
 def test_init_checkpoint_loads_the_backbone_only(tmp_path):
-    donor = build_model("nin_mnist")
-    prefix = tf.train.Checkpoint(model=named_variables(donor)).write(str(tmp_path / "donor"))
+    prefix, donor = make_run_dir(tmp_path / "donor", seed=7)
     trainer = Trainer(_config(tmp_path, init_checkpoint=prefix), tf.distribute.get_strategy(),
                       log=lambda _: None)
     assert trainer.restored_from.startswith("initialised")
@@ -134,9 +119,11 @@ def test_init_checkpoint_loads_the_backbone_only(tmp_path):
 
 
 def test_bad_configs_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match="unknown method 'rotnet'"):
+    with pytest.raises(UsageError, match="--method=rotnet: choose one of nat, sc"):
         TrainConfig(model_dir=str(tmp_path), method="rotnet")
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(UsageError, match="--batch_size=0: must be >= 1"):
         TrainConfig(model_dir=str(tmp_path), batch_size=0)
+    with pytest.raises(UsageError, match="--sc_patch='big'"):
+        TrainConfig(model_dir=str(tmp_path), sc_patch="big")
     with pytest.raises(ValueError, match="fewer than one batch of 2048"):
         Trainer(_config(tmp_path, batch_size=2048), tf.distribute.get_strategy())

@@ -1,0 +1,23 @@
+"""Every dataset of the zoo, as streams the rest consumes.
+
+    images    listing image files; decoding; the resize and channel rule
+    digits    the embedded scikit-learn digits and their fixed split
+    pretrain  (index, image) streams for pretraining, with their augmentation
+    labelled  (image, label) splits and label draws for probes and fine-tuning; STL-10 folds
+    voc       PASCAL VOC 2007 in the devkit's terms
+
+The names below are what binaries check their flags against before TensorFlow is imported
+(this file imports nothing).
+"""
+
+PRETRAIN_DATASETS = ("digits", "mnist", "cifar10", "stl10", "imagenet2012", "folder:<path>")
+"""Pretraining image sources (`data.pretrain.open_source`); folders have no labels."""
+LABELLED_DATASETS = ("digits", "mnist", "cifar10", "stl10", "imagenet2012")
+"""Labelled datasets of the probes and of fine-tuning (`data.labelled`)."""
+CROPS = ("pad", "resize", "none")
+"""Pretraining crops (`data.pretrain.Augment`)."""
+
+
+def is_pretrain_dataset(name: str) -> bool:
+    """True for a name of PRETRAIN_DATASETS or `folder:<path>`."""
+    return name in PRETRAIN_DATASETS[:-1] or (name.startswith("folder:") and len(name) > 7)

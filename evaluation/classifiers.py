@@ -1,0 +1,247 @@
+"""Classifiers trained on frozen features, each choosing its hyperparameter on validation.
+
+- linear (`fit_linear`): multinomial logistic regression on standardised features (mean and
+  std of the fitting examples), L2 strength 1/C with C chosen from `LinearHead.cs` by
+  validation accuracy (ties go to the smaller C), then refitted on fit + validation.
+- mlp (`fit_mlp`): the classifier of NAT Table 3 (Krizhevsky et al. 2012): fc 4096 - BN - ReLU
+  - dropout 0.5 - fc 4096 - BN - ReLU - dropout 0.5 - fc classes, trained by SGD with momentum
+  on standardised features; the epoch with the best validation accuracy is kept.
+- knn (`fit_knn`): k nearest neighbours by cosine similarity (NAT Figure 3's view of the
+  features); no hyperparameter is chosen, k is stated.
+
+Every fit returns a `Fitted`: predict(features [N, D]) -> int64 labels [N].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from models.layers import batch_norm
+
+HEADS = ("linear", "mlp", "knn")
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """Multinomial logistic regression (L-BFGS); C = inverse L2 strength, chosen on validation;
+    `default_c` when there is no validation example."""
+
+    cs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
+    default_c: float = 1.0
+    max_iter: int = 500
+
+
+@dataclass(frozen=True)
+class MLPHead:
+    """fc width - BN - ReLU - dropout - fc width - BN - ReLU - dropout - fc classes."""
+
+    width: int = 4096
+    dropout: float = 0.5
+    epochs: int = 30
+    batch_size: int = 128
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass(frozen=True)
+class KnnHead:
+    """Majority vote of the k most cosine-similar labelled examples (ties: the nearest)."""
+
+    k: int = 1
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A trained classifier: predict(features [N, D]) -> int64 labels [N]."""
+
+    predict: Callable[[np.ndarray], np.ndarray]
+    hyper: dict
+    val_accuracy: float | None
+
+
+def standardizer(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """z -> (z - mean) / std with the statistics of x; constant features stay at zero."""
+    mean = x.mean(axis=0)
+    std = x.std(axis=0)
+    std = np.where(std > 1e-6, std, 1.0)
+    return lambda z: ((z - mean) / std).astype(np.float32)
+
+
+def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.asarray(predicted) == np.asarray(labels)))
+
+
+def logistic_regression(x: np.ndarray, y: np.ndarray, c: float, num_classes: int,
+                        max_iter: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression: W [D, K], b [K] minimising
+
+        sum_i (logsumexp(x_i W + b) - (x_i W + b)[y_i]) + ||W||^2 / (2 C)
+
+    (b not penalised), solved by scikit-learn's L-BFGS in float64. When N < D the optimum lies
+    in the row space of X: with X X^T = U S^2 U^T (rank r) and V = X^T U S^-1 (orthonormal
+    columns), W = V B and ||W|| = ||B||, so the same problem is solved on the r coordinates
+    X V = U S, which is much faster for wide conv features and few labels. Classes absent
+    from y get a bias of -inf (never predicted). With two classes present scikit-learn fits
+    one vector w (binary logistic regression); the multinomial optimum is W = [-w/2, w/2] for
+    the binary problem at 2C, which is what is solved.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y)
+    n, d = x.shape
+    present = np.unique(y)
+    if len(present) < 2:
+        raise ValueError(f"logistic regression needs two classes or more; got {present}")
+    # Small problems: BLAS threads only contend (with TensorFlow's too) and slow L-BFGS down.
+    with threadpool_limits(limits=1 if n * d < 10_000_000 else None):
+        basis = None
+        if n < d:
+            eigenvalues, u = np.linalg.eigh(x @ x.T)
+            keep = eigenvalues > 1e-10 * max(eigenvalues.max(), 1e-300)
+            s, u = np.sqrt(eigenvalues[keep]), u[:, keep]
+            basis = x.T @ (u / s)  # [D, r]
+            x = u * s
+        binary = len(present) == 2
+        solver = LogisticRegression(C=2 * c if binary else c, l1_ratio=0.0, tol=1e-8,
+                                    max_iter=max_iter)
+        solver.fit(x, y)
+    coef, intercept = solver.coef_, solver.intercept_
+    if binary:
+        coef = np.concatenate([-coef, coef]) / 2
+        intercept = np.concatenate([-intercept, intercept]) / 2
+    w = np.zeros((x.shape[1], num_classes))
+    b = np.full(num_classes, -np.inf)
+    w[:, solver.classes_] = coef.T
+    b[solver.classes_] = intercept
+    return (w if basis is None else basis @ w), b
+
+
+def _fit_linear(x, y, c: float, cfg: LinearHead, num_classes: int):
+    standardize = standardizer(x)
+    w, b = logistic_regression(standardize(x), y, c, num_classes, cfg.max_iter)
+    return lambda z: np.argmax(standardize(z) @ w + b, axis=1).astype(np.int64)
+
+
+def fit_linear(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+               num_classes: int, cfg: LinearHead = LinearHead()) -> Fitted:
+    """Choose C on validation, then refit on fit + validation with that C."""
+    if len(y_val) == 0:
+        return Fitted(_fit_linear(x_fit, y_fit, cfg.default_c, cfg, num_classes),
+                      {"C": cfg.default_c}, None)
+    scores = [accuracy(_fit_linear(x_fit, y_fit, c, cfg, num_classes)(x_val), y_val)
+              for c in cfg.cs]
+    best = int(np.argmax(scores))  # first maximum: the smallest such C
+    c = cfg.cs[best]
+    predict = _fit_linear(np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]), c, cfg,
+                          num_classes)
+    return Fitted(predict, {"C": c}, scores[best])
+
+
+def fit_knn(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+            num_classes: int, cfg: KnnHead = KnnHead()) -> Fitted:
+    """k-NN by cosine similarity on fit + validation (nothing to select)."""
+    x = np.concatenate([x_fit, x_val]).astype(np.float64)
+    y = np.concatenate([y_fit, y_val]).astype(np.int64)
+    if not 1 <= cfg.k <= len(y):
+        raise ValueError(f"k={cfg.k} needs 1 <= k <= {len(y)} labelled examples")
+    bank = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def predict(z: np.ndarray) -> np.ndarray:
+        z = np.asarray(z, np.float64)
+        z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        nearest = y[np.argsort(-(z @ bank.T), axis=1, kind="stable")[:, :cfg.k]]  # [N, k]
+        rows = np.arange(len(z))
+        votes = np.zeros((len(z), num_classes), np.int64)
+        first = np.full((len(z), num_classes), cfg.k)  # rank of each class's nearest vote
+        for rank in range(cfg.k - 1, -1, -1):
+            np.add.at(votes, (rows, nearest[:, rank]), 1)
+            first[rows, nearest[:, rank]] = rank
+        # most votes; among tied classes, the one with the nearest neighbour
+        return np.argmax(votes * (cfg.k + 1) - first, axis=1).astype(np.int64)
+
+    return Fitted(predict, {"k": cfg.k}, None)
+
+
+def mlp_classifier(input_dim: int, num_classes: int, cfg: MLPHead, seed: int) -> keras.Model:
+    """The MLP head as a keras.Model: features [N, input_dim] -> logits [N, num_classes]."""
+    def dense(units, name, i):
+        return keras.layers.Dense(units, kernel_initializer=keras.initializers.HeNormal(seed + i),
+                                  name=name)
+
+    inputs = keras.Input((input_dim,), name="features")
+    x = inputs
+    for i, name in enumerate(("fc1", "fc2")):
+        x = dense(cfg.width, name, i)(x)
+        x = batch_norm(f"{name}_bn")(x)
+        x = keras.layers.ReLU(name=f"{name}_relu")(x)
+        x = keras.layers.Dropout(cfg.dropout, seed=seed + 10 + i, name=f"{name}_dropout")(x)
+    logits = keras.layers.Dense(num_classes, name="logits", dtype="float32",
+                                kernel_initializer=keras.initializers.GlorotUniform(seed + 2))(x)
+    return keras.Model(inputs, logits, name="mlp_probe")
+
+
+def fit_mlp(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+            num_classes: int, cfg: MLPHead = MLPHead(), seed: int = 0) -> Fitted:
+    """Train the MLP head; keep the weights of the epoch with the best validation accuracy
+    (the last epoch when there is no validation example)."""
+    standardize = standardizer(x_fit)
+    xf, xv = standardize(x_fit), standardize(x_val)
+    net = mlp_classifier(xf.shape[1], num_classes, cfg, seed)
+    optimizer = keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum,
+                                     weight_decay=cfg.weight_decay)
+    optimizer.build(net.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function(reduce_retracing=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, net(x, training=True))
+        optimizer.apply_gradients(zip(tape.gradient(loss, net.trainable_variables),
+                                      net.trainable_variables, strict=True))
+
+    @tf.function(reduce_retracing=True)
+    def infer(x):
+        return tf.argmax(net(x, training=False), axis=-1)
+
+    def predict(z):
+        return np.concatenate([infer(z[i:i + 1024]).numpy()
+                               for i in range(0, len(z), 1024)]).astype(np.int64)
+
+    rng = np.random.default_rng(seed)
+    best_acc, best_epoch, best_weights = -1.0, cfg.epochs, None
+    for epoch in range(1, cfg.epochs + 1):
+        order = rng.permutation(len(xf))
+        for i in range(0, len(order), cfg.batch_size):
+            batch = order[i:i + cfg.batch_size]
+            if len(batch) < 2 and len(order) > 1:
+                continue  # BN needs two examples
+            step(xf[batch], y_fit[batch])
+        if len(y_val):
+            acc = accuracy(predict(xv), y_val)
+            if acc > best_acc:
+                best_acc, best_epoch, best_weights = acc, epoch, net.get_weights()
+    if best_weights is not None:
+        net.set_weights(best_weights)
+    return Fitted(lambda z: predict(standardize(z)), {"epochs": best_epoch},
+                  best_acc if len(y_val) else None)
+
+
+def fit_classifier(head: str, x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray,
+                   y_val: np.ndarray, num_classes: int, *, linear: LinearHead = LinearHead(),
+                   mlp: MLPHead = MLPHead(), knn: KnnHead = KnnHead(), seed: int = 0) -> Fitted:
+    """Train the `head` classifier (one of HEADS) on fit, selecting on validation."""
+    if head == "linear":
+        return fit_linear(x_fit, y_fit, x_val, y_val, num_classes, linear)
+    if head == "mlp":
+        return fit_mlp(x_fit, y_fit, x_val, y_val, num_classes, mlp, seed)
+    if head == "knn":
+        return fit_knn(x_fit, y_fit, x_val, y_val, num_classes, knn)
+    raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")

@@ -1,0 +1,449 @@
+"""PASCAL VOC 2007 classification transfer (NAT Table 4, "Classification" columns).
+
+    python -m evaluation.voc.classification --model_dir=runs/voc_cls \
+        --init_checkpoint=runs/nat_alexnet --train_layers=fc6-8
+
+Protocol (the voc-classification code of Krahenbuhl et al. 2015, used by BiGAN and NAT):
+
+- Data: train on VOC 2007 trainval (tfds `train+validation`, 5011 images), test on `test`
+  (4952 images); see `data.voc`.
+- Network: the pretrained AlexNet (`models.alexnet`, head "none", input crop_size^2, the
+  preprocessing of the pretraining run) with conv1..conv5 loaded from the checkpoint, fc6 and
+  fc7 loaded when it holds them (`--fc_init=checkpoint`) or re-drawn, and a new 20-way `fc8`
+  (float32 logits) after dropout 0.5 on fc7.
+- `--train_layers`: `fc8` (only fc8 moves), `fc6-8` (fc6, fc7, fc8 on frozen convs: NAT 56.7
+  mAP) or `all` (everything: NAT 65.3). Frozen BN layers run in inference mode, which is the
+  same as folding them into the frozen weights.
+- Optional data-dependent init (`--fc_init=kmeans`, Krahenbuhl et al. 2015): each of fc6,
+  fc7, fc8 in turn gets k-means centroids of its centred inputs (on `--kmeans_images` training
+  crops) as unit-norm weight columns, random Gaussian columns where there are more units than
+  images, each column scaled so that its pre-activation has unit variance on those crops; fc8's
+  bias (fc6/fc7: their BN's moving statistics) centres the pre-activations.
+- Training crops: a random square of side s * min(H, W), s ~ U[min_scale, max_scale], at a
+  uniformly random position, resized (bilinear) to crop_size, flipped with probability 1/2;
+  pixels enter the network as uint8 * pixel_scale.
+- Loss: sigmoid cross-entropy over the 20 classes, summed over the classes whose label is 1
+  or -1 (a difficult-only label 0 is ignored) and averaged over the batch.
+- Solver: SGD, momentum 0.9, batch 16; the gradient is clipped to global norm 10, then L2
+  weight decay 1e-6 * w is added for kernels (not biases or BN parameters); lr 1e-3, halved
+  every 10k iterations, 80k iterations.
+- Test: for each test image, the logits of `--test_crops` (10) random training-style crops
+  are summed; the sum is the class score.
+- Report: per-class devkit 11-point AP and its mean (the headline, `voc07_map`) and, under its
+  own name, the sklearn AP the reference code printed (`sklearn_map`); printed as a table and
+  written to `<model_dir>/results.json` and `results.md`.
+
+The run (resume, checkpoints, config.json, the step loop, results files) is the VOC skeleton
+of `evaluation.voc.common`. Without `--init_checkpoint` the network stays at random
+initialisation: the "random init" baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from evaluation.voc import common
+from models import build_model, cli
+from models.cli import UsageError, option
+
+# TensorFlow loads after the flags are checked (models/cli.py).
+tf = cli.lazy_import("tensorflow")
+keras = cli.lazy_import("keras")
+voc_data = cli.lazy_import("data.voc")
+voc_metrics = cli.lazy_import("evaluation.voc.metrics")
+
+PROGRAM = "evaluation.voc.classification"
+TRAIN_LAYERS: dict[str, tuple[str, ...]] = {
+    "fc8": ("fc8",),
+    "fc6-8": ("fc6", "fc6_bn", "fc7", "fc7_bn", "fc8"),
+    "all": (),  # every layer (the empty tuple means "no restriction")
+}
+FC_INITS = ("checkpoint", "gaussian", "kmeans")
+BACKBONE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+
+@dataclass(frozen=True)
+class VocClassificationConfig(common.VocRunConfig):
+    """Every setting of a run (the flags, parsed once)."""
+
+    train_layers: str = option("fc6-8", "Layers that train: fc8, fc6-8 (frozen convs) or all.")
+    fc_init: str = option("checkpoint", "fc6/fc7 from the checkpoint, redrawn Gaussian, or "
+                          "k-means (fc6-8).")
+    kmeans_images: int = option(256, "Training crops for k-means init.")
+    crop_size: int = option(227, "Square crop side in pixels.")
+    min_scale: float = option(0.5, "Smallest crop side / shorter image side.")
+    max_scale: float = option(1.0, "Largest crop side / shorter image side.")
+    pixel_scale: float = option(1.0 / 255.0, "Network input = uint8 pixels * pixel_scale "
+                                "(match pretraining).")
+    batch_size: int = option(16, "Training batch size.")
+    learning_rate: float = option(1e-3, "Initial learning rate.")
+    lr_decay: float = option(0.5, "Learning-rate factor every lr_decay_steps.")
+    lr_decay_steps: int = option(10000, "Steps between lr decays.")
+    num_steps: int = option(80000, "Training iterations.")
+    momentum: float = option(0.9, "SGD momentum.")
+    weight_decay: float = option(1e-6, "L2 weight decay on kernels.")
+    clip_norm: float = option(10.0, "Global gradient-norm clipping.")
+    dropout: float = option(0.5, "Dropout after fc6 and fc7.")
+    test_crops: int = option(10, "Random crops per test image.")
+    test_batch_images: int = option(8, "Test images per batch.")
+
+    def validate(self) -> None:
+        """Raise UsageError (one line, naming the setting) for an inconsistent config."""
+        super().validate()
+        if self.train_layers not in TRAIN_LAYERS:
+            raise UsageError(f"train_layers={self.train_layers!r}: choose one of "
+                             f"{', '.join(TRAIN_LAYERS)}")
+        if self.fc_init not in FC_INITS:
+            raise UsageError(f"fc_init={self.fc_init!r}: choose one of {', '.join(FC_INITS)}")
+        if not 0 < self.min_scale <= self.max_scale <= 1:
+            raise UsageError(f"need 0 < min_scale <= max_scale <= 1; got {self.min_scale}, "
+                             f"{self.max_scale}")
+        if self.crop_size < 63:
+            raise UsageError(f"crop_size={self.crop_size}: AlexNet needs at least 63 pixels")
+        self.positive("batch_size", "num_steps", "lr_decay_steps", "test_crops",
+                      "test_batch_images", "checkpoint_every", "keep_checkpoints", "log_every",
+                      "kmeans_images")
+
+
+# --- the network ------------------------------------------------------------------------
+
+
+def build_classifier(crop_size: int = 227, preprocessing: str = "sobel",
+                     dropout: float = 0.5) -> keras.Model:
+    """AlexNet (head "none") plus dropout and a new 20-way fc8.
+
+    Returns a keras.Model: float images [N, crop_size, crop_size, 3] -> the AlexNet endpoints
+    (conv1..conv5, pool5, fc6, fc7) plus "logits" [N, 20] float32 = fc8(dropout(fc7)). The
+    layers are those of `models.alexnet`, so pretraining checkpoints load by name.
+    """
+    backbone = build_model("alexnet", input_shape=(crop_size, crop_size, 3),
+                           preprocessing=preprocessing, head="none", dropout=dropout)
+    endpoints = dict(backbone.output)
+    # With head "none" the backbone graph ends at fc7, before its dropout.
+    x = keras.layers.Dropout(dropout, name="fc7_dropout")(endpoints["fc7"])
+    endpoints["logits"] = keras.layers.Dense(
+        voc_data.NUM_CLASSES, name="fc8", dtype="float32",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+        bias_initializer="zeros")(x)
+    return keras.Model(backbone.input, endpoints, name="alexnet_voc")
+
+
+def set_trainable(net: keras.Model, train_layers: str) -> list[keras.Variable]:
+    """Freeze every layer outside `TRAIN_LAYERS[train_layers]`; return the trained variables."""
+    chosen = TRAIN_LAYERS[train_layers]
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.InputLayer) or not layer.weights:
+            continue
+        # The fixed preprocessing front has no trainable weight and stays so.
+        if chosen and layer.name not in chosen:
+            layer.trainable = False
+    return list(net.trainable_variables)
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def random_crop(image: tf.Tensor, seed: tf.Tensor, crop_size: int, min_scale: float,
+                max_scale: float, pixel_scale: float) -> tf.Tensor:
+    """One training crop: uint8 [H, W, 3] -> float32 [crop_size, crop_size, 3].
+
+    A square of side floor(s * min(H, W)), s ~ U[min_scale, max_scale], at a uniform random
+    position, resized bilinearly, mirrored with probability 1/2, times pixel_scale. `seed` is
+    a stateless seed [2] int32.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    scale = tf.random.stateless_uniform([], seeds[0], min_scale, max_scale)
+    side = tf.cast(scale * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+    side = tf.clip_by_value(side, 1, tf.minimum(height, width))
+    top = tf.random.stateless_uniform([], seeds[1], 0, height - side + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[2], 0, width - side + 1, dtype=tf.int32)
+    crop = image[top:top + side, left:left + side]
+    crop = tf.image.resize(tf.cast(crop, tf.float32), (crop_size, crop_size), "bilinear")
+    flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
+    crop = tf.cond(flip, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+    return crop * pixel_scale
+
+
+def training_dataset(examples: tf.data.Dataset, config: VocClassificationConfig,
+                     start_step: int = 0) -> tf.data.Dataset:
+    """(images [B, S, S, 3] float32, labels [B, 20] int32) batches, endlessly.
+
+    Shuffled per epoch; each crop draws from a stateless seed (seed, start_step, k) for the
+    k-th element, so a run (and a resumed run) is reproducible.
+    """
+    def crop(index, example):
+        seed = tf.stack([tf.cast(config.seed, tf.int64) * 1_000_003 + start_step, index])
+        image = random_crop(example["image"], tf.cast(seed, tf.int32), config.crop_size,
+                            config.min_scale, config.max_scale, config.pixel_scale)
+        return image, example["labels"]
+
+    dataset = examples.shuffle(1024, seed=config.seed + start_step,
+                               reshuffle_each_iteration=True).repeat().enumerate()
+    dataset = dataset.map(crop, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def test_dataset(examples: tf.data.Dataset, config: VocClassificationConfig) -> tf.data.Dataset:
+    """(crops [B, test_crops, S, S, 3], labels [B, 20], image_id [B]) batches, in file order."""
+    def crops(index, example):
+        base = tf.cast(tf.stack([config.seed + 7919, index]), tf.int32)
+        seeds = tf.random.experimental.stateless_split(base, config.test_crops)
+        images = tf.map_fn(
+            lambda s: random_crop(example["image"], s, config.crop_size, config.min_scale,
+                                  config.max_scale, config.pixel_scale),
+            seeds, fn_output_signature=tf.float32)
+        return images, example["labels"], example["image_id"]
+
+    dataset = examples.enumerate().map(crops, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(config.test_batch_images).prefetch(tf.data.AUTOTUNE)
+
+
+# --- loss and data-dependent init -------------------------------------------------------
+
+
+def masked_sigmoid_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """Per-example loss [B]: sum over classes with label != 0 of the sigmoid cross-entropy.
+
+    Args:
+      logits: [B, 20] float.
+      labels: [B, 20] int, 1 / -1 / 0 (0: difficult only, ignored).
+    """
+    logits = tf.cast(logits, tf.float32)
+    targets = tf.cast(labels > 0, tf.float32)
+    mask = tf.cast(tf.not_equal(labels, 0), tf.float32)
+    per_class = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
+    return tf.reduce_sum(per_class * mask, axis=1)
+
+
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 20) -> np.ndarray:
+    """Lloyd's k-means on the rows of x [N, D] (k <= N), seeded by k-means++ (scikit-learn,
+    one initialisation, `iterations` iterations at most): centroids [k, D]."""
+    from sklearn.cluster import KMeans
+
+    solver = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=iterations,
+                    random_state=int(rng.integers(2**31 - 1)))
+    return solver.fit(np.asarray(x, np.float64)).cluster_centers_
+
+
+def kmeans_dense_init(inputs: np.ndarray, units: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Data-dependent weights of a dense layer (Krahenbuhl et al. 2015, k-means variant).
+
+    Args:
+      inputs: [N, D] the layer's inputs on N training crops.
+      units: the layer's width.
+
+    Returns:
+      (kernel [D, units], mean [units], var [units]): columns are the unit-norm k-means
+      centroids of the centred inputs (min(N, units) of them; Gaussian directions for the
+      rest), scaled so that inputs @ kernel has unit variance per column; mean and var are
+      the statistics of inputs @ kernel (var is 1 up to rounding).
+    """
+    x = np.asarray(inputs, dtype=np.float64)
+    centred = x - x.mean(axis=0)
+    k = min(units, x.shape[0])
+    columns = kmeans(centred, k, rng)
+    if units > k:
+        columns = np.concatenate([columns, rng.normal(size=(units - k, x.shape[1]))], axis=0)
+    columns /= np.maximum(np.linalg.norm(columns, axis=1, keepdims=True), 1e-12)
+    kernel = columns.T
+    std = (x @ kernel).std(axis=0)
+    kernel = kernel / np.maximum(std, 1e-8)
+    out = x @ kernel
+    return kernel.astype(np.float32), out.mean(axis=0), out.var(axis=0)
+
+
+def apply_kmeans_init(net: keras.Model, images: np.ndarray, seed: int) -> None:
+    """Re-initialise fc6, fc7 and fc8 in turn with `kmeans_dense_init` on `images`.
+
+    fc6 and fc7 have no bias: their BN layers get the pre-activation statistics as moving
+    mean and variance (gamma 1, beta 0), so BN outputs are centred and unit-variance. fc8 gets
+    bias -mean. Each layer sees the outputs of the layers initialised before it.
+    """
+    rng = np.random.default_rng(seed)
+
+    def endpoint_inputs(name: str) -> np.ndarray:
+        outputs = net.predict(images, batch_size=32, verbose=0)
+        return np.asarray(outputs[name]).reshape(len(images), -1)
+
+    for layer_name, source in (("fc6", "pool5"), ("fc7", "fc6")):
+        layer, bn = net.get_layer(layer_name), net.get_layer(f"{layer_name}_bn")
+        kernel, mean, var = kmeans_dense_init(endpoint_inputs(source), layer.units, rng)
+        layer.kernel.assign(kernel)
+        bn.moving_mean.assign(mean.astype(np.float32))
+        bn.moving_variance.assign(var.astype(np.float32))
+        bn.gamma.assign(np.ones_like(mean, dtype=np.float32))
+        bn.beta.assign(np.zeros_like(mean, dtype=np.float32))
+    fc8 = net.get_layer("fc8")
+    kernel, mean, _ = kmeans_dense_init(endpoint_inputs("fc7"), fc8.units, rng)
+    fc8.kernel.assign(kernel)
+    fc8.bias.assign((-mean).astype(np.float32))
+
+
+def reinit_fc(net: keras.Model, seed: int) -> None:
+    """Redraw fc6 and fc7 (kernels He-normal, BN reset): the "classifier from scratch" init."""
+    for offset, name in enumerate(("fc6", "fc7")):
+        layer, bn = net.get_layer(name), net.get_layer(f"{name}_bn")
+        init = keras.initializers.HeNormal(seed=seed + offset)
+        layer.kernel.assign(init(layer.kernel.shape))
+        bn.gamma.assign(np.ones(bn.gamma.shape, np.float32))
+        bn.beta.assign(np.zeros(bn.beta.shape, np.float32))
+        bn.moving_mean.assign(np.zeros(bn.moving_mean.shape, np.float32))
+        bn.moving_variance.assign(np.ones(bn.moving_variance.shape, np.float32))
+
+
+# --- training and evaluation ------------------------------------------------------------
+
+
+def make_train_step(net: keras.Model, optimizer: keras.optimizers.Optimizer,
+                    variables: list[keras.Variable], config: VocClassificationConfig
+                    ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """A tf.function (images, labels) -> mean loss, applying one SGD step."""
+    decay = [config.weight_decay if "kernel" in v.path else 0.0 for v in variables]
+
+    @tf.function(reduce_retracing=True)
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = net(images, training=True)["logits"]
+            loss = tf.reduce_mean(masked_sigmoid_loss(logits, labels))
+        grads = tape.gradient(loss, variables)
+        grads, _ = tf.clip_by_global_norm(grads, config.clip_norm)
+        grads = [g + d * v.value if d else g for g, d, v in zip(grads, decay, variables,
+                                                                  strict=True)]
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return loss
+
+    return step
+
+
+def evaluate(net: keras.Model, examples: tf.data.Dataset, config: VocClassificationConfig
+             ) -> dict:
+    """Scores of the test images (logits summed over random crops) and their APs.
+
+    Returns {"voc07_map", "sklearn_map", "per_class": {class: {"voc07_ap", "sklearn_ap"}},
+    "num_images"}; a class without any positive test image gets NaN and is left out of
+    the means.
+    """
+    @tf.function(reduce_retracing=True)
+    def scores_of(crops):
+        shape = tf.shape(crops)
+        flat = tf.reshape(crops, tf.concat([[-1], shape[2:]], axis=0))
+        logits = net(flat, training=False)["logits"]
+        return tf.reduce_sum(tf.reshape(logits, [shape[0], shape[1], -1]), axis=1)
+
+    scores, labels = [], []
+    for crops, batch_labels, _ in test_dataset(examples, config):
+        scores.append(scores_of(crops).numpy())
+        labels.append(batch_labels.numpy())
+    if not scores:
+        raise ValueError("the test split is empty")
+    scores, labels = np.concatenate(scores), np.concatenate(labels)
+    per_class = {}
+    for index, name in enumerate(voc_data.VOC_CLASSES):
+        if np.any(labels[:, index] > 0):
+            per_class[name] = {
+                "voc07_ap": voc_metrics.classification_ap(scores[:, index], labels[:, index]),
+                "sklearn_ap": voc_metrics.sklearn_ap(scores[:, index], labels[:, index]),
+            }
+        else:
+            per_class[name] = {"voc07_ap": float("nan"), "sklearn_ap": float("nan")}
+    present = {c: v for c, v in per_class.items() if not np.isnan(v["voc07_ap"])}
+    return {
+        "voc07_map": voc_metrics.mean_ap({c: v["voc07_ap"] for c, v in present.items()}),
+        "sklearn_map": voc_metrics.mean_ap({c: v["sklearn_ap"] for c, v in present.items()}),
+        "per_class": per_class,
+        "num_images": len(labels),
+    }
+
+
+def results_table(results: dict) -> str:
+    """The markdown table of the per-class APs (percent) and their means."""
+    present = {c: v for c, v in results["per_class"].items() if not np.isnan(v["voc07_ap"])}
+    return voc_metrics.format_ap_table({
+        "VOC07 11-point AP": {c: v["voc07_ap"] for c, v in present.items()},
+        "sklearn AP (reference code)": {c: v["sklearn_ap"] for c, v in present.items()},
+    })
+
+
+def _kmeans_batch(examples, config: VocClassificationConfig) -> np.ndarray:
+    crops = training_dataset(examples, dataclasses.replace(config, batch_size=1), start_step=-1)
+    images = [image[0] for image, _ in crops.take(config.kmeans_images).as_numpy_iterator()]
+    return np.stack(images)
+
+
+class ClassificationProtocol:
+    """VOC 2007 classification for `evaluation.voc.common.run`."""
+
+    title = "VOC 2007 classification"
+
+    def __init__(self):
+        self.train_examples = self.test_examples = None
+
+    def build(self, config: VocClassificationConfig, preprocessing: str):
+        net = build_classifier(config.crop_size, preprocessing, config.dropout)
+        schedule = keras.optimizers.schedules.ExponentialDecay(
+            config.learning_rate, config.lr_decay_steps, config.lr_decay, staircase=True)
+        return net, schedule, set_trainable(net, config.train_layers)
+
+    def model_kwargs(self, preprocessing: str) -> dict:
+        return {"preprocessing": preprocessing, "head": "none"}
+
+    def initialize(self, net, config: VocClassificationConfig) -> None:
+        from absl import logging
+
+        from models.weights import load_weights
+
+        # fc6/fc7 come from the checkpoint only with fc_init=checkpoint; otherwise only the
+        # convolutional part (up to pool5) is read, so a pretraining run at another input
+        # size still loads.
+        target = net if config.fc_init == "checkpoint" else keras.Model(
+            net.input, net.get_layer("pool5").output, name=net.name)
+        report = load_weights(target, config.init_checkpoint, require=BACKBONE_LAYERS)
+        logging.info("loaded %d weights from %s", len(report.loaded), report.checkpoint)
+
+    def prepare(self, net, config: VocClassificationConfig, resumed: bool) -> None:
+        if not resumed and config.fc_init == "gaussian":
+            reinit_fc(net, config.seed)
+        self.train_examples = voc_data.load_classification("trainval", shuffle_files=True,
+                                                           **config.data_args)
+        self.test_examples = voc_data.load_classification("test", **config.data_args)
+        if not resumed and config.fc_init == "kmeans":
+            apply_kmeans_init(net, _kmeans_batch(self.train_examples, config), config.seed)
+
+    def train_step(self, net, optimizer, variables, config) -> Callable:
+        step = make_train_step(net, optimizer, variables, config)
+        return lambda batch: {"loss": step(*batch)}
+
+    def batches(self, config, start_step: int):
+        return iter(training_dataset(self.train_examples, config, start_step=start_step))
+
+    def evaluate(self, net, config) -> dict:
+        results = evaluate(net, self.test_examples, config)
+        results["train_layers"] = config.train_layers
+        return results
+
+    def report(self, results: dict, config) -> tuple[str, str]:
+        summary = (f"VOC07 11-point mAP: {100 * results['voc07_map']:.1f}  (sklearn AP of the "
+                   f"reference code: {100 * results['sklearn_map']:.1f}) on "
+                   f"{results['num_images']} test images, train_layers={config.train_layers}")
+        return results_table(results), summary
+
+
+def run(config: VocClassificationConfig) -> dict:
+    """Train and evaluate as the module docstring says; returns the results dict."""
+    return common.run(ClassificationProtocol(), config)
+
+
+def main(argv=None) -> None:
+    cli.main(PROGRAM, VocClassificationConfig, run, module_name=PROGRAM, doc=__doc__,
+             argv=argv)
+
+
+if __name__ == "__main__":
+    main()

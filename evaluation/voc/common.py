@@ -1,0 +1,198 @@
+"""The run of a PASCAL VOC 2007 transfer protocol, shared by classification and detection.
+
+    config  ->  the pretraining run's preprocessing  ->  the network (seeded)
+            ->  SGD with the protocol's schedule; resume from <model_dir>/ckpt-* if any,
+                else initialise from --init_checkpoint (a pretraining run or a prefix)
+            ->  the protocol's data (and data-dependent init)  ->  <model_dir>/config.json
+            ->  the step loop: a log line every --log_every steps, a checkpoint every
+                --checkpoint_every steps and at the end
+            ->  evaluation on the test split  ->  results.json, results.md, printed table
+
+A protocol (`VocProtocol`) supplies what differs: its network, initialisation, data, train
+step, evaluation and report. Checkpoints hold the network (by name, models/weights.py), the
+optimizer and its step; the training stream is re-seeded with the step, so a resumed run is
+deterministic (not bit-identical to an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from models import PREPROCESSINGS, cli
+from models.cli import UsageError, option
+
+tf = cli.lazy_import("tensorflow")
+keras = cli.lazy_import("keras")
+
+
+@dataclass(frozen=True)
+class VocRunConfig:
+    """The settings every VOC protocol run has (each protocol's config extends it)."""
+
+    model_dir: str = option("", "Output folder: checkpoints, config.json, results.")
+    init_checkpoint: str = option("", "Pretraining run folder or checkpoint prefix ('' = "
+                                  "random init).")
+    preprocessing: str = option("", "Input front; default: the pretraining run's "
+                                "config.json, else sobel.")
+    checkpoint_every: int = option(5000, "Steps between checkpoints.", lower=1)
+    keep_checkpoints: int = option(2, "Checkpoints to keep.", lower=1)
+    log_every: int = option(100, "Steps between log lines.", lower=1)
+    seed: int = option(0, "Random seed.")
+    data_dir: str = option("", "tfds data_dir ('' = tfds default).")
+    manual_dir: str = option("", "tfds manual_dir for --download.")
+    download: bool = option(False, "Prepare voc/2007 first (may download).")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UsageError (one line, naming the setting) for an inconsistent config."""
+        cli.require("model_dir", self.model_dir)
+        if self.preprocessing and self.preprocessing not in PREPROCESSINGS:
+            raise UsageError(f"preprocessing={self.preprocessing!r}: choose one of "
+                             f"{', '.join(PREPROCESSINGS)}")
+
+    def positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name}={getattr(self, name)} must be positive")
+
+    @property
+    def data_args(self) -> dict:
+        return dict(data_dir=self.data_dir or None, manual_dir=self.manual_dir or None,
+                    download=self.download)
+
+
+def resolve_preprocessing(config: VocRunConfig) -> str:
+    """The flag if set, else the pretraining run's, else "sobel" (the NAT input).
+
+    Raises UsageError if the pretraining run is not an AlexNet.
+    """
+    from models.runs import pretraining_config
+
+    pretraining = pretraining_config(config.init_checkpoint)
+    if pretraining is not None and pretraining.get("model", "alexnet") != "alexnet":
+        raise UsageError(f"init_checkpoint {config.init_checkpoint} is a "
+                         f"{pretraining.get('model')!r} run, not an AlexNet")
+    if config.preprocessing:
+        return config.preprocessing
+    if pretraining is not None:
+        return pretraining.get("model_kwargs", {}).get("preprocessing", "sobel")
+    return "sobel"
+
+
+class VocProtocol(typing.Protocol):
+    """What a VOC protocol supplies to `run`."""
+
+    title: str
+
+    def build(self, config, preprocessing: str):
+        """(network, learning-rate schedule, trained variables)."""
+
+    def model_kwargs(self, preprocessing: str) -> dict:
+        """The build_model kwargs of the AlexNet inside the network (for config.json)."""
+
+    def initialize(self, net, config) -> None:
+        """Initialise a fresh (not resumed) network from config.init_checkpoint."""
+
+    def prepare(self, net, config, resumed: bool) -> None:
+        """Open the data (and any data-dependent initialisation) before training."""
+
+    def train_step(self, net, optimizer, variables, config) -> Callable:
+        """batch -> {loss name: scalar} applying one step."""
+
+    def batches(self, config, start_step: int) -> Iterator:
+        """The endless training stream, seeded by (seed, start_step)."""
+
+    def evaluate(self, net, config) -> dict:
+        """Results on the test split (JSON-serialisable, NaN allowed)."""
+
+    def report(self, results: dict, config) -> tuple[str, str]:
+        """(markdown table, one-line summary); may write figures to the run folder."""
+
+
+def train_loop(step_fn: Callable, batches: Iterator, manager, schedule, start: int,
+               config) -> float | None:
+    """Steps start+1 .. num_steps: a log line every log_every steps, a checkpoint every
+    checkpoint_every steps and at the last one. Returns the mean seconds per step."""
+    from absl import logging
+
+    tick, timed, seconds_per_step = time.time(), 0, None
+    for step in range(start + 1, config.num_steps + 1):
+        losses = step_fn(next(batches))
+        timed += 1
+        if step % config.log_every == 0 or step == config.num_steps:
+            seconds_per_step = (time.time() - tick) / timed
+            text = " ".join(f"{k} {float(v):.4f}" for k, v in losses.items())
+            logging.info("step %d %s lr %.3g (%.3f s/step)", step, text,
+                         float(schedule(step - 1)), seconds_per_step)
+            tick, timed = time.time(), 0
+        if step % config.checkpoint_every == 0 or step == config.num_steps:
+            manager.save(checkpoint_number=step)
+    return seconds_per_step
+
+
+def _jsonable(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None  # NaN (a class without test positives) is not JSON
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def write_results(config, results: dict, table: str, summary: str, title: str) -> None:
+    """results.json (NaN as null) and results.md in the run folder."""
+    from models.runs import write_json_atomic
+
+    write_json_atomic(os.path.join(config.model_dir, "results.json"), _jsonable(results))
+    with open(os.path.join(config.model_dir, "results.md"), "w") as f:
+        f.write(f"# {title}, step {results['step']}\n\n{table}\n\n{summary}\n")
+
+
+def run(protocol: VocProtocol, config) -> dict:
+    """Train and evaluate `protocol` as the module docstring says; returns the results.
+
+    Raises UsageError / ValueError for a bad setting or an incompatible checkpoint and
+    FileNotFoundError for a missing checkpoint or unprepared data, each with one line.
+    """
+    from models.runs import open_checkpoints, write_config
+    from models.weights import named_variables
+
+    config.validate()
+    preprocessing = resolve_preprocessing(config)
+    keras.utils.set_random_seed(config.seed)
+    net, schedule, variables = protocol.build(config, preprocessing)
+    optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
+    optimizer.build(variables)
+    _, manager, latest = open_checkpoints(
+        config.model_dir, {"model": named_variables(net), "optimizer": optimizer},
+        config.keep_checkpoints)
+    if latest is not None:
+        from absl import logging
+
+        logging.info("resumed from %s at step %d", latest, int(optimizer.iterations.numpy()))
+    elif config.init_checkpoint:
+        protocol.initialize(net, config)
+    protocol.prepare(net, config, resumed=latest is not None)
+    write_config(config.model_dir, {**dataclasses.asdict(config), "model": "alexnet",
+                                    "model_kwargs": protocol.model_kwargs(preprocessing)})
+    start = int(optimizer.iterations.numpy())
+    seconds = None
+    if start < config.num_steps:
+        step_fn = protocol.train_step(net, optimizer, variables, config)
+        seconds = train_loop(step_fn, protocol.batches(config, start), manager, schedule,
+                             start, config)
+    results = protocol.evaluate(net, config)
+    results["step"] = int(optimizer.iterations.numpy())
+    results["seconds_per_step"] = seconds
+    table, summary = protocol.report(results, config)
+    write_results(config, results, table, summary, protocol.title)
+    print(table)
+    print(summary)
+    return results

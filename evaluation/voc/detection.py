@@ -1,0 +1,401 @@
+"""PASCAL VOC 2007 detection transfer with Fast R-CNN (NAT Table 4, "Detection" column).
+
+    python -m evaluation.voc.detection --model_dir=runs/voc_det \
+        --init_checkpoint=runs/nat_alexnet --proposal_workers=2
+
+Protocol (Fast R-CNN, Girshick 2015, as used by NAT and the papers it compares with; NAT
+reports 49.4 mAP, 56.8 with ImageNet labels):
+
+- Data: train on VOC 2007 trainval (5011 images, difficult objects left out), test on `test`
+  (4952 images); see `data.voc`.
+- Proposals: selective search in "fast" mode (OpenCV contrib), at most 2000 per image,
+  computed once and cached in `--proposal_cache` (default `<model_dir>/proposals`) by
+  `--proposal_workers` processes with a progress bar; or read from `--proposals` (a Fast R-CNN
+  `.mat`, a `.npz` or a directory of `.npy`, see `evaluation.voc.fast_rcnn.proposals`).
+  `--only_proposals` computes the cache and exits.
+- Network (`evaluation.voc.fast_rcnn.model`): the pretrained AlexNet convs (`--init_checkpoint`;
+  conv1..conv5 required, fc6/fc7 loaded when present), RoI max-pooling of conv5 to 6 x 6,
+  fc6, fc7, a 21-way classifier and per-class box regression. All layers are fine-tuned
+  unless `--freeze_through` names the last frozen conv. BN runs in inference mode.
+- Training: 2 images per step, 128 RoIs each, 25% foreground (IoU >= 0.5), background IoU in
+  [0.1, 0.5); shorter side drawn from `--scales` (600), longer side <= 1000; horizontal flip.
+  Loss: softmax cross-entropy + smooth-L1 on normalised box targets (foreground only). SGD,
+  momentum 0.9, weight decay 5e-4 on kernels (added to the gradient), lr 1e-3 divided by 10
+  at each of `--lr_steps` (30000), 40000 steps.
+- Test: one scale (600 / 1000); per class, detections with probability > 0.05, NMS at IoU 0.3,
+  then the 100 best of the image over all classes.
+- Report: devkit 11-point AP per class (`evaluation.voc.metrics.detection_ap`) and the mAP,
+  printed and written to `<model_dir>/results.json` and `results.md`, and the detections drawn
+  on a few test images in `<model_dir>/detections.png`.
+
+The run (resume, checkpoints, config.json, the step loop, results files) is the VOC skeleton
+of `evaluation.voc.common`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from absl import logging
+
+from evaluation.voc import common
+from evaluation.voc.fast_rcnn import proposals as det_proposals
+from models import cli
+from models.cli import UsageError, option
+
+# TensorFlow loads after the flags are checked (models/cli.py).
+tf = cli.lazy_import("tensorflow")
+keras = cli.lazy_import("keras")
+voc_data = cli.lazy_import("data.voc")
+voc_metrics = cli.lazy_import("evaluation.voc.metrics")
+det_data = cli.lazy_import("evaluation.voc.fast_rcnn.data")
+det_model = cli.lazy_import("evaluation.voc.fast_rcnn.model")
+inference = cli.lazy_import("evaluation.voc.fast_rcnn.inference")
+
+PROGRAM = "evaluation.voc.detection"
+FREEZE_CHOICES = ("none", "conv1", "conv2", "conv3", "conv4", "conv5")
+
+
+@dataclass(frozen=True)
+class VocDetectionConfig(common.VocRunConfig):
+    """Every setting of a run (the flags, parsed once)."""
+
+    proposals: str = option("", "Proposal file (.mat of Fast R-CNN, .npz) or directory of "
+                            ".npy ('' = selective search, cached in --proposal_cache).")
+    proposal_cache: str = option("", "Selective-search cache directory ('' = "
+                                 "<model_dir>/proposals).")
+    proposal_workers: int = option(0, "Processes computing selective search (0 = in this "
+                                   "process).")
+    compute_proposals: bool = option(True, "Compute missing proposals into the cache (else: "
+                                     "an error).")
+    only_proposals: bool = option(False, "Only fill the proposal cache for trainval and test, "
+                                  "then exit.")
+    search_mode: str = option("fast", "Selective search mode.", choices=det_proposals.MODES)
+    max_proposals: int = option(2000, "Proposals kept per image (0 = all).")
+    scales: tuple[int, ...] = option((600,), "Training shorter sides (one drawn per image).")
+    max_size: int = option(1000, "Longest image side.")
+    test_scale: int = option(600, "Test shorter side.")
+    images_per_batch: int = option(2, "Images per step.")
+    rois_per_image: int = option(128, "RoIs per image.")
+    fg_fraction: float = option(0.25, "Foreground fraction of the RoIs.")
+    fg_threshold: float = option(0.5, "Foreground: IoU >= this.")
+    bg_low: float = option(0.1, "Background: IoU >= this ...")
+    bg_high: float = option(0.5, "... and < this.")
+    flip: bool = option(True, "Random horizontal flips in training.")
+    pixel_scale: float = option(1.0 / 255.0, "Network input = uint8 pixels * pixel_scale "
+                                "(match pretraining).")
+    learning_rate: float = option(1e-3, "Initial learning rate.")
+    lr_steps: tuple[int, ...] = option((30000,), "Steps after which the lr is multiplied by "
+                                       "lr_decay.")
+    lr_decay: float = option(0.1, "Learning-rate factor at each lr_step.")
+    num_steps: int = option(40000, "Training iterations.")
+    momentum: float = option(0.9, "SGD momentum.")
+    weight_decay: float = option(5e-4, "L2 weight decay on kernels.")
+    freeze_through: str = option("none", "Freeze the convs up to this one (none: fine-tune "
+                                 "all).", choices=FREEZE_CHOICES)
+    dropout: float = option(0.5, "Dropout after fc6 and fc7.")
+    fc_units: int = option(4096, "Width of fc6/fc7 (4096: AlexNet's, pretrained when "
+                           "available).")
+    score_threshold: float = option(0.05, "Test: minimum probability.")
+    nms_threshold: float = option(0.3, "Test: NMS IoU threshold.")
+    max_per_image: int = option(100, "Test: detections per image.")
+    test_roi_chunk: int = option(500, "Test: RoIs per head call.")
+    num_test_images: int = option(0, "Test on the first N test images (0 = all).")
+    num_visualize: int = option(4, "Test images drawn in detections.png.")
+    shuffle_buffer: int = option(256, "Training shuffle buffer.")
+    log_every: int = option(20, "Steps between log lines.")
+
+    def validate(self) -> None:
+        """Raise UsageError (one line, naming the setting) for an inconsistent config."""
+        super().validate()
+        if self.freeze_through not in FREEZE_CHOICES:
+            raise UsageError(f"freeze_through={self.freeze_through!r}: choose one of "
+                             f"{', '.join(FREEZE_CHOICES)}")
+        if self.search_mode not in det_proposals.MODES:
+            raise UsageError(f"search_mode={self.search_mode!r}: choose one of "
+                             f"{', '.join(det_proposals.MODES)}")
+        if not self.scales or min(self.scales) < 63:
+            raise UsageError(f"scales={','.join(map(str, self.scales))}: each shorter side "
+                             "must be at least 63 pixels")
+        if self.test_scale < 63 or self.max_size < max((*self.scales, self.test_scale)):
+            raise UsageError(f"test_scale={self.test_scale} must be >= 63 and max_size="
+                             f"{self.max_size} at least every scale")
+        if not 0 <= self.bg_low <= self.bg_high <= self.fg_threshold <= 1:
+            raise UsageError(f"need 0 <= bg_low <= bg_high <= fg_threshold <= 1; got "
+                             f"{self.bg_low}, {self.bg_high}, {self.fg_threshold}")
+        if not 0 <= self.fg_fraction <= 1:
+            raise UsageError(f"fg_fraction={self.fg_fraction} must be in [0, 1]")
+        if list(self.lr_steps) != sorted(self.lr_steps) or any(s < 1 for s in self.lr_steps):
+            raise UsageError(f"lr_steps={','.join(map(str, self.lr_steps))} must be increasing "
+                             "positive steps")
+        self.positive("images_per_batch", "rois_per_image", "num_steps", "max_per_image",
+                      "test_roi_chunk", "checkpoint_every", "keep_checkpoints", "log_every",
+                      "fc_units", "shuffle_buffer")
+        for name in ("proposal_workers", "max_proposals", "num_test_images", "num_visualize"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name}={getattr(self, name)} must be >= 0")
+
+
+# --- pieces -----------------------------------------------------------------------------
+
+
+def learning_rate_schedule(config: VocDetectionConfig
+                           ) -> keras.optimizers.schedules.LearningRateSchedule:
+    """lr * lr_decay^(number of lr_steps already passed), as a function of the step (0-based:
+    step t uses the rate of iteration t + 1)."""
+    boundaries = [s - 1 for s in config.lr_steps] or [config.num_steps]  # none: constant
+    values = [config.learning_rate * config.lr_decay ** i for i in range(len(config.lr_steps) + 1)]
+    values += values[-1:] * (len(boundaries) + 1 - len(values))
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def make_train_step(net: keras.Model, optimizer: keras.optimizers.Optimizer,
+                    variables: list[keras.Variable], weight_decay: float):
+    """A tf.function (batch) -> (classification loss, box loss) applying one SGD step; the
+    L2 weight decay `weight_decay * w` is added to the gradient of every kernel."""
+    decay = [weight_decay if v.path.endswith("kernel") else 0.0 for v in variables]
+
+    @tf.function(input_signature=[det_data.BATCH_SIGNATURE])
+    def step(batch):
+        with tf.GradientTape() as tape:
+            out = net({k: batch[k] for k in ("images", "rois", "roi_indices")}, training=True)
+            cls, box = det_model.detection_loss(out["cls_logits"], out["bbox_deltas"],
+                                                batch["labels"], batch["targets"])
+            loss = cls + box
+        grads = tape.gradient(loss, variables)
+        grads = [g + d * v.value if d else g
+                 for g, d, v in zip(grads, decay, variables, strict=True)]
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return cls, box
+
+    return step
+
+
+def proposal_source(config: VocDetectionConfig):
+    """The proposals of the run: `--proposals` if set, else the selective-search cache."""
+    if config.proposals:
+        return det_proposals.load_proposal_file(config.proposals)
+    return det_proposals.ProposalCache(config.proposal_cache
+                                       or os.path.join(config.model_dir, "proposals"))
+
+
+def tfds_numpy(dataset: tf.data.Dataset) -> Iterator[dict]:
+    """The examples of `dataset` as NumPy structures."""
+    return dataset.as_numpy_iterator()
+
+
+def load_examples(split: str, config: VocDetectionConfig, shuffle: bool = False
+                  ) -> tf.data.Dataset:
+    """The tfds examples of a split (the test split cut to num_test_images when set)."""
+    examples = voc_data.load_split(split, data_dir=config.data_dir or None,
+                                   manual_dir=config.manual_dir or None,
+                                   download=config.download, shuffle_files=shuffle)
+    if split == "test" and config.num_test_images:
+        examples = examples.take(config.num_test_images)
+    return examples
+
+
+def prepare_proposals(config: VocDetectionConfig, source, splits: tuple[str, ...]) -> None:
+    """Make sure every image of `splits` has proposals: compute the missing ones into the
+    cache (selective search) or raise ProposalError naming the first image without any."""
+    for split in splits:
+        examples = load_examples(split, config)
+        if isinstance(source, det_proposals.ProposalCache) and config.compute_proposals:
+            ids: list[str] = []
+
+            def images(examples=examples, ids=ids):
+                for e in tfds_numpy(examples):
+                    ids.append(voc_data.image_id(e))
+                    yield ids[-1], e["image"]
+
+            total = None if split == "test" and config.num_test_images else \
+                voc_data.NUM_IMAGES.get(split)
+            counts = det_proposals.compute_proposals(
+                images(), source, workers=config.proposal_workers, mode=config.search_mode,
+                max_proposals=config.max_proposals, total=total)
+            logging.info("%s proposals: %d computed, %d cached in %s", split,
+                         counts["computed"], counts["cached"], source.directory)
+        else:
+            filenames = examples.map(lambda e: e["image/filename"]).as_numpy_iterator()
+            ids = [voc_data.image_id({"image/filename": f}) for f in filenames]
+        for image_id in ids:
+            source.get(image_id)  # raises for a missing or empty entry
+
+
+def training_stream(config: VocDetectionConfig, source, start_step: int
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """Endless training mini-batches (`evaluation.voc.fast_rcnn.data`), seeded by (seed,
+    step)."""
+    rng = np.random.default_rng([config.seed, start_step])
+    examples = load_examples("trainval", config, shuffle=True)
+    examples = examples.shuffle(config.shuffle_buffer, seed=config.seed + start_step,
+                                reshuffle_each_iteration=True).repeat()
+    items = (det_data.detection_image(e, source.get) for e in tfds_numpy(examples))
+    return det_data.training_batches(
+        items, rng, images_per_batch=config.images_per_batch, scales=config.scales,
+        max_size=config.max_size, flip=config.flip, pixel_scale=config.pixel_scale,
+        num_rois=config.rois_per_image, fg_fraction=config.fg_fraction,
+        fg_threshold=config.fg_threshold, bg_low=config.bg_low, bg_high=config.bg_high)
+
+
+def evaluate(net: keras.Model, config: VocDetectionConfig, source) -> dict:
+    """Detect on the test split and score it with the devkit AP.
+
+    Returns {"map", "per_class": {class: AP (NaN without positives)}, "num_images",
+    "num_detections", "examples": the first num_visualize (image, detections)}.
+    """
+    @tf.function(input_signature=[{k: det_data.BATCH_SIGNATURE[k]
+                                   for k in ("images", "rois", "roi_indices")}])
+    def net_fn(inputs):
+        out = net(inputs, training=False)
+        return {"cls_logits": out["cls_logits"], "bbox_deltas": out["bbox_deltas"]}
+
+    examples = load_examples("test", config)
+    detections: dict[str, list] = {c: [] for c in voc_data.VOC_CLASSES}
+    truth: dict[str, dict] = {c: {} for c in voc_data.VOC_CLASSES}
+    shown, count, num_detections = [], 0, 0
+    tick = time.time()
+    for example in tfds_numpy(examples):
+        image_id = voc_data.image_id(example)
+        for name, per_image in voc_data.detection_ground_truth([example]).items():
+            truth[name].update(per_image)
+        probs, boxes = inference.score_proposals(
+            net_fn, example["image"], source.get(image_id), config.test_scale,
+            config.max_size, config.pixel_scale, config.test_roi_chunk)
+        found = inference.postprocess(probs, boxes, config.score_threshold,
+                                      config.nms_threshold, config.max_per_image)
+        for k, score, box in found:
+            detections[voc_data.VOC_CLASSES[k - 1]].append((image_id, score, box))
+        num_detections += len(found)
+        if len(shown) < config.num_visualize:
+            shown.append((example["image"], found))
+        count += 1
+        if count % 100 == 0:
+            logging.info("tested %d images (%.2f s/image)", count, (time.time() - tick) / 100)
+            tick = time.time()
+    if not count:
+        raise ValueError("the test split is empty")
+    per_class = {}
+    for name in voc_data.VOC_CLASSES:
+        has_positive = any(np.any(~difficult) for _, difficult in truth[name].values())
+        per_class[name] = (voc_metrics.detection_ap(detections[name], truth[name])
+                           if has_positive else float("nan"))
+    present = {c: ap for c, ap in per_class.items() if not np.isnan(ap)}
+    return {"map": voc_metrics.mean_ap(present) if present else float("nan"),
+            "per_class": per_class, "num_images": count, "num_detections": num_detections,
+            "examples": shown}
+
+
+def draw_detections(examples: list, path: str, min_score: float = 0.3) -> None:
+    """A PNG of test images with their detections scoring >= min_score (class and score)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    columns = max(len(examples), 1)
+    fig, axes = plt.subplots(1, columns, figsize=(4 * columns, 4), squeeze=False)
+    for ax, (image, found) in zip(axes[0], examples, strict=False):
+        ax.imshow(image)
+        for k, score, (x1, y1, x2, y2) in found:
+            if score < min_score:
+                continue
+            # Devkit boxes are 1-based inclusive; imshow puts pixel i at [i - 0.5, i + 0.5].
+            ax.add_patch(plt.Rectangle((x1 - 1.5, y1 - 1.5), x2 - x1 + 1, y2 - y1 + 1,
+                                       fill=False, edgecolor="yellow", linewidth=1.5))
+            ax.text(x1 - 1.5, y1 - 2, f"{voc_data.VOC_CLASSES[k - 1]} {score:.2f}",
+                    color="black", fontsize=7, backgroundcolor="yellow")
+        ax.axis("off")
+    for ax in axes[0][len(examples):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def results_table(per_class: dict[str, float]) -> str:
+    """The markdown table of the per-class APs (percent) and their mean."""
+    present = {c: ap for c, ap in per_class.items() if not np.isnan(ap)}
+    return voc_metrics.format_ap_table({"VOC07 11-point AP": present})
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+class DetectionProtocol:
+    """VOC 2007 detection with Fast R-CNN for `evaluation.voc.common.run`."""
+
+    title = "VOC 2007 detection (Fast R-CNN)"
+
+    def __init__(self, config: VocDetectionConfig):
+        self.source = proposal_source(config)
+        self.examples: list = []
+
+    def build(self, config: VocDetectionConfig, preprocessing: str):
+        net = det_model.build_detector(preprocessing, dropout=config.dropout,
+                                       fc_units=config.fc_units)
+        return (net, learning_rate_schedule(config),
+                det_model.set_frozen(net, config.freeze_through))
+
+    def model_kwargs(self, preprocessing: str) -> dict:
+        return {"preprocessing": preprocessing, "head": "none"}
+
+    def initialize(self, net, config: VocDetectionConfig) -> None:
+        report, fc_note = det_model.load_pretrained(net, config.init_checkpoint)
+        logging.info("loaded %d conv weights from %s; %s", len(report.loaded),
+                     report.checkpoint, fc_note)
+
+    def prepare(self, net, config: VocDetectionConfig, resumed: bool) -> None:
+        prepare_proposals(config, self.source, ("trainval", "test"))
+
+    def train_step(self, net, optimizer, variables, config) -> Callable:
+        step = make_train_step(net, optimizer, variables, config.weight_decay)
+
+        def losses(batch):
+            cls, box = step(batch)
+            return {"loss_cls": cls, "loss_box": box}
+
+        return losses
+
+    def batches(self, config: VocDetectionConfig, start_step: int) -> Iterator:
+        stream = tf.data.Dataset.from_generator(
+            lambda: training_stream(config, self.source, start_step),
+            output_signature=det_data.BATCH_SIGNATURE).prefetch(2)
+        return iter(stream)
+
+    def evaluate(self, net, config: VocDetectionConfig) -> dict:
+        results = evaluate(net, config, self.source)
+        self.examples = results.pop("examples")
+        return results
+
+    def report(self, results: dict, config: VocDetectionConfig) -> tuple[str, str]:
+        draw_detections(self.examples, os.path.join(config.model_dir, "detections.png"))
+        summary = (f"VOC07 detection 11-point mAP: {100 * results['map']:.1f} on "
+                   f"{results['num_images']} test images (step {results['step']})")
+        return results_table(results["per_class"]), summary
+
+
+def run(config: VocDetectionConfig) -> dict:
+    """Train and evaluate as the module docstring says (or, with only_proposals, fill the
+    proposal cache); returns the results dict."""
+    config.validate()
+    protocol = DetectionProtocol(config)
+    if config.only_proposals:
+        if not isinstance(protocol.source, det_proposals.ProposalCache) or config.proposals:
+            raise UsageError("only_proposals computes the selective-search cache: set "
+                             "--proposal_cache, not --proposals")
+        prepare_proposals(config, protocol.source, ("trainval", "test"))
+        return {"proposal_cache": protocol.source.directory}
+    return common.run(protocol, config)
+
+
+def main(argv=None) -> None:
+    cli.main(PROGRAM, VocDetectionConfig, run, module_name=PROGRAM, doc=__doc__, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

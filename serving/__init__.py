@@ -1,0 +1,1 @@
+"""The TensorFlow Serving contract, both sides: the SavedModel export and its clients."""

@@ -1,0 +1,245 @@
+"""Extract features with an exported feature extractor (`serving.export`).
+
+    python -m serving.extract_features --images_dir=DIR --saved_model=EXPORT/name/1 \
+        --output_dir=OUT
+    python -m serving.extract_features --tfds=cifar10:test --server=localhost:8501 \
+        --model_name=nin_cifar10 --output_dir=OUT              # TensorFlow Serving, REST
+    ... --server=localhost:8500 --grpc                          # TensorFlow Serving, gRPC
+
+Protocol: every image is sent encoded (file contents, or PNG for tfds images) to the export's
+`image_bytes` signature, so decoding, resizing and the model's preprocessing all happen in the
+served graph. Images go in batches of `--batch_size`, in sorted path order (tfds: split order).
+A batch the model rejects (a file that is not an image) is retried image by image, and the
+images that still fail are skipped; files that cannot be read are skipped too.
+
+Output, in `--output_dir`:
+
+    <output>.npy   float32 [n, ...] features of each signature output (e.g. sc.npy)
+    index.txt      n lines: row i of every .npy comes from this image (path, or
+                   tfds:<name>/<split>/<position>)
+    skipped.txt    one line per skipped image: "<path>\t<reason>"
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from models import cli
+from models.cli import UsageError, option
+from serving.client import GrpcClient, RestClient, SavedModelClient, ServingError
+
+PROGRAM = "serving.extract_features"
+
+
+@dataclass
+class Extracted:
+    """Features of the images that went through, in order, and the images skipped."""
+
+    features: dict[str, np.ndarray]
+    index: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def folder_items(paths: Iterable[str]) -> Iterator[tuple[str, bytes | Exception]]:
+    """(path, file contents), or (path, the OSError) for a file that cannot be read."""
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                yield path, f.read()
+        except OSError as err:
+            yield path, err
+
+
+def tfds_items(name: str, split: str, data_dir: str | None = None
+               ) -> tuple[int | None, Iterator[tuple[str, bytes | Exception]]]:
+    """(count or None, (key, PNG bytes)) of a prepared tfds split; nothing is downloaded.
+
+    Raises FileNotFoundError when the split is not prepared in `data_dir`.
+    """
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        dataset = builder.as_dataset(split=split, shuffle_files=False)
+    except (AssertionError, tfds.core.registered.DatasetNotFoundError) as err:
+        raise FileNotFoundError(f"--tfds {name}:{split} is not available in "
+                                f"{data_dir or 'the default data_dir'}: "
+                                f"{str(err).splitlines()[0]}") from None
+    try:
+        count = builder.info.splits[split].num_examples
+    except KeyError:  # no recorded split sizes: the progress bar runs without a total
+        count = None
+
+    def items():
+        for i, example in enumerate(dataset):
+            yield f"tfds:{name}/{split}/{i}", tf.io.encode_png(example["image"]).numpy()
+
+    return count, items()
+
+
+def extract(predict: Callable[[list[bytes]], dict[str, np.ndarray]],
+            items: Iterable[tuple[str, bytes | Exception]], batch_size: int = 64,
+            total: int | None = None, progress: bool = True) -> Extracted:
+    """Run `predict` (a client's predict_bytes) over `items` in batches.
+
+    A batch rejected as bad input (ServingError with bad_input) is retried one image at a
+    time; images that fail alone are skipped with the server's reason. Other errors (server
+    unreachable) propagate.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    import keras
+
+    bar = keras.utils.Progbar(total, unit_name="image") if progress else None
+    chunks: dict[str, list[np.ndarray]] = {}
+    index: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    done = 0
+
+    def run(keys: list[str], blobs: list[bytes]) -> None:
+        try:
+            out = predict(blobs)
+        except ServingError as err:
+            if not err.bad_input:
+                raise
+            if len(blobs) == 1:
+                skipped.append((keys[0], str(err)))
+                return
+            for key, blob in zip(keys, blobs, strict=True):
+                run([key], [blob])
+            return
+        for name, value in out.items():
+            chunks.setdefault(name, []).append(np.asarray(value, dtype=np.float32))
+        index.extend(keys)
+
+    keys: list[str] = []
+    blobs: list[bytes] = []
+    for key, blob in items:
+        if isinstance(blob, Exception):
+            skipped.append((key, f"cannot read: {blob}"))
+        else:
+            keys.append(key)
+            blobs.append(blob)
+        if len(blobs) == batch_size:
+            run(keys, blobs)
+            done += len(keys)
+            keys, blobs = [], []
+        if bar is not None:
+            bar.update(done + len(keys) + len(skipped))
+    if blobs:
+        run(keys, blobs)
+    if bar is not None:
+        bar.update(len(index) + len(skipped), finalize=True)
+    features = {name: np.concatenate(parts) for name, parts in chunks.items()}
+    return Extracted(features, index, skipped)
+
+
+def write_outputs(result: Extracted, output_dir: str) -> list[str]:
+    """Write <output>.npy, index.txt and skipped.txt; returns the paths written."""
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    for name, value in result.features.items():
+        path = os.path.join(output_dir, f"{name}.npy")
+        np.save(path, value)
+        written.append(path)
+    for filename, lines in (("index.txt", result.index),
+                            ("skipped.txt", [f"{k}\t{r}" for k, r in result.skipped])):
+        path = os.path.join(output_dir, filename)
+        with open(path, "w") as f:
+            f.writelines(line.replace("\n", " ") + "\n" for line in lines)
+        written.append(path)
+    return written
+
+
+def read_index(output_dir: str) -> list[str]:
+    """The image keys of index.txt, one per feature row."""
+    with open(os.path.join(output_dir, "index.txt")) as f:
+        return [line.rstrip("\n") for line in f]
+
+
+# ----------------------------------------------------------------------------- binary
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The flags of `python -m serving.extract_features`."""
+
+    images_dir: str = option("", "A folder of images (searched recursively).")
+    tfds: str = option("", "A prepared tfds split instead, as name:split.")
+    data_dir: str = option("", "tfds data_dir.")
+    saved_model: str = option("", "An export version directory, run in-process.")
+    server: str = option("", "TensorFlow Serving host:port (REST, or gRPC with --grpc).")
+    model_name: str = option("", "The served model name (with --server).")
+    version: int | None = option(None, "A served version (default: the latest).")
+    grpc: bool = option(False, "Use the gRPC PredictionService instead of REST.")
+    columnar: bool = option(False, "REST: send the columnar 'inputs' format.")
+    output_dir: str = option("", "Where to write the .npy files and the index.")
+    batch_size: int = option(64, "Images per request.", lower=1)
+
+    def __post_init__(self):
+        if bool(self.images_dir) == bool(self.tfds):
+            raise UsageError("give exactly one of --images_dir and --tfds (see --help)")
+        if self.tfds and ":" not in self.tfds:
+            raise UsageError(f"--tfds must be name:split; got {self.tfds!r}")
+        if bool(self.saved_model) == bool(self.server):
+            raise UsageError("give exactly one of --saved_model and --server (see --help)")
+        if self.server and not self.model_name:
+            raise UsageError("--server needs --model_name")
+        if self.grpc and not self.server:
+            raise UsageError("--grpc needs --server")
+        cli.require("output_dir", self.output_dir)
+        cli.check_range("batch_size", self.batch_size, 1)
+
+
+def make_client(config: ExtractConfig):
+    """The client the config names (SavedModelClient, RestClient or GrpcClient)."""
+    if config.saved_model:
+        return SavedModelClient(config.saved_model)
+    if config.grpc:
+        return GrpcClient(config.server, config.model_name, config.version)
+    return RestClient(config.server, config.model_name, config.version,
+                      columnar=config.columnar)
+
+
+def extract_all(config: ExtractConfig, progress: bool = True) -> Extracted:
+    """Extract and write the outputs of `config`."""
+    from data.images import list_images
+
+    client = make_client(config)
+    if config.images_dir:
+        paths = list_images(config.images_dir)
+        total, items = len(paths), folder_items(paths)
+    else:
+        name, _, split = config.tfds.partition(":")
+        total, items = tfds_items(name, split or "train", config.data_dir or None)
+    result = extract(client.predict_bytes, items, config.batch_size, total, progress)
+    write_outputs(result, config.output_dir)
+    return result
+
+
+def run(config: ExtractConfig) -> Extracted:
+    """The binary: extract, write config.json and the outputs, print a summary line."""
+    from models.runs import write_json_atomic
+
+    try:
+        result = extract_all(config)
+    except ServingError as err:
+        raise UsageError(str(err)) from None
+    write_json_atomic(os.path.join(config.output_dir, "config.json"), asdict(config))
+    shapes = ", ".join(f"{k} {v.shape}" for k, v in result.features.items())
+    print(f"{len(result.index)} images -> {shapes}; {len(result.skipped)} skipped "
+          f"(listed in {os.path.join(config.output_dir, 'skipped.txt')})")
+    return result
+
+
+def main(argv=None) -> None:
+    cli.main(PROGRAM, ExtractConfig, run, module_name=PROGRAM, doc=__doc__, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The classifiers on frozen features, against exact optimality conditions and brute force."""
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+
+from evaluation import classifiers
+from evaluation.classifiers import KnnHead, MLPHead
+
+
+def _objective_gradient(x, y, w, b, c):
+    """The gradient of sum_i (logsumexp(x_i W + b) - (x_i W + b)[y_i]) + ||W||^2 / (2 C)."""
+    onehot = np.eye(w.shape[1])[y]
+    residual = softmax(x @ w + b, axis=1) - onehot
+    return x.T @ residual + w / c, residual.sum(axis=0)
+
+
+@pytest.mark.parametrize("n, d", [(30, 80), (120, 6)])
+def test_logistic_regression_solves_its_objective(n, d):
+    """At the optimum the gradient vanishes; with N < D the row-space reduction must not
+    change that (the optimum of the full problem lies in the row space)."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, d))
+    y = np.arange(n) % 3
+    w, b = classifiers.logistic_regression(x, y, c=0.5, num_classes=3)
+    assert w.shape == (d, 3) and b.shape == (3,)
+    grad_w, grad_b = _objective_gradient(x, y, w, b, 0.5)
+    assert np.abs(grad_w).max() < 1e-4 and np.abs(grad_b).max() < 1e-4
+
+
+def test_logistic_regression_two_classes_and_an_absent_class():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 5))
+    y = (x[:, 0] > 0).astype(int) * 2  # classes 0 and 2; class 1 never appears
+    w, b = classifiers.logistic_regression(x, y, c=10.0, num_classes=3)
+    assert b[1] == -np.inf
+    keep = [0, 2]
+    grad_w, grad_b = _objective_gradient(x, y // 2, w[:, keep], b[keep], 10.0)
+    assert np.abs(grad_w).max() < 1e-4 and np.abs(grad_b).max() < 1e-4
+    assert np.array_equal(np.argmax(x @ w + b, axis=1), y)
+
+
+def test_fit_linear_chooses_c_on_validation_ties_to_the_smallest():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(60, 4))
+    y = (x[:, 0] > 0).astype(int)
+    fitted = classifiers.fit_linear(x[:40], y[:40], x[40:], y[40:], 2)
+    scores = [classifiers.accuracy(
+        classifiers._fit_linear(x[:40], y[:40], c, classifiers.LinearHead(), 2)(x[40:]), y[40:])
+        for c in classifiers.LinearHead().cs]
+    assert fitted.hyper["C"] == classifiers.LinearHead().cs[int(np.argmax(scores))]
+    assert fitted.val_accuracy == max(scores)
+
+
+def test_knn_matches_brute_force_cosine_neighbours():
+    rng = np.random.default_rng(3)
+    bank, labels = rng.normal(size=(25, 6)), rng.integers(0, 4, 25)
+    queries = rng.normal(size=(40, 6))
+    unit = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    for k in (1, 3, 5):
+        fitted = classifiers.fit_knn(bank[:20], labels[:20], bank[20:], labels[20:], 4,
+                                     KnnHead(k=k))
+        got = fitted.predict(queries)
+        for i in range(len(queries)):
+            order = np.argsort(-(unit @ q[i]), kind="stable")[:k]
+            counts = np.bincount(labels[order], minlength=4)
+            best = np.flatnonzero(counts == counts.max())
+            # ties between classes go to the class of the nearer neighbour
+            expected = next(labels[j] for j in order if labels[j] in best)
+            assert got[i] == expected, (k, i)
+    with pytest.raises(ValueError, match="k=30 needs 1 <= k <= 25"):
+        classifiers.fit_knn(bank[:20], labels[:20], bank[20:], labels[20:], 4, KnnHead(k=30))
+
+
+def test_mlp_classifier_is_fc_bn_relu_dropout_twice():
+    net = classifiers.mlp_classifier(12, 5, MLPHead(width=8), seed=0)
+    kinds = [type(layer).__name__ for layer in net.layers[1:]]
+    assert kinds == ["Dense", "BatchNormalization", "ReLU", "Dropout"] * 2 + ["Dense"]
+    assert [tuple(w.shape) for w in net.layers[1].get_weights()] == [(12, 8), (8,)]
+    assert net.output.shape[-1] == 5
+    assert net.layers[4].rate == 0.5
+    assert net.layers[2].momentum == 0.9 and net.layers[2].epsilon == 1e-5  # the zoo's BN
+
+
+def test_unknown_head_names_the_choices():
+    with pytest.raises(ValueError, match="unknown head 'svm'; choose one of linear, mlp, knn"):
+        classifiers.fit_classifier("svm", np.zeros((2, 2)), np.zeros(2, int), np.zeros((0, 2)),
+                                   np.zeros(0, int), 2)

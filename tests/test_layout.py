@@ -1,0 +1,73 @@
+"""The layout keeps one home per concept: data flows down the package list, modules and
+functions stay small. Imports are read from the source (lazy ones included)."""
+
+import ast
+import os
+
+import pytest
+
+from tests.helpers import ROOT
+
+# Which of the zoo's packages each package may import.
+ALLOWED = {
+    "data": {"data"},
+    "models": {"models"},
+    "losses": {"losses"},
+    "train": {"data", "models", "losses", "train"},
+    "serving": {"data", "models", "serving"},
+    "evaluation": {"data", "models", "losses", "serving", "evaluation"},
+}
+# The composition root of pretraining builds the probe hook, the export and the final table.
+COMPOSITION_ROOTS = {"train/pretrain.py": {"serving", "evaluation"}}
+PACKAGES = set(ALLOWED) | {"benchmarks", "tests"}
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 60
+LONG_MODULES = {"losses/nat.py", "losses/spatial_contrasting.py"}
+
+
+def _sources():
+    for package in ALLOWED:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    yield package, os.path.relpath(path, ROOT), path
+
+
+def _imported_packages(tree: ast.AST) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "lazy_import"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            found.add(node.args[0].value.split(".")[0])
+    return found & PACKAGES
+
+
+SOURCES = list(_sources())
+
+
+@pytest.mark.parametrize("package, relative, path", SOURCES, ids=[s[1] for s in SOURCES])
+def test_imports_flow_down_the_package_list(package, relative, path):
+    with open(path) as f:
+        imported = _imported_packages(ast.parse(f.read()))
+    allowed = ALLOWED[package] | COMPOSITION_ROOTS.get(relative, set())
+    assert imported <= allowed, f"{relative} imports {sorted(imported - allowed)}"
+
+
+def test_modules_and_functions_stay_small():
+    too_long = []
+    for _, relative, path in SOURCES:
+        with open(path) as f:
+            source = f.read()
+        if source.count("\n") > MAX_MODULE_LINES and relative not in LONG_MODULES:
+            too_long.append(f"{relative}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{relative}:{node.lineno} {node.name}: {length} lines")
+    assert not too_long, too_long

@@ -1,0 +1,194 @@
+"""`TrainConfig`: every setting of a pretraining run. Its fields ARE the flags of
+`python -m train.pretrain` (models/cli.py generates them), so a config built in code and one
+built on the command line have the same defaults. It is written to `<model_dir>/config.json`.
+
+This module imports neither TensorFlow nor Keras.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from data import CROPS, PRETRAIN_DATASETS, is_pretrain_dataset
+from losses import NAT_SCOPES, SC_POOLS
+from models import MODEL_NAMES, PREPROCESSINGS
+from models.cli import UsageError, check_choice, check_range, option
+
+METHODS = ("nat", "sc")
+FINAL_EVALS = ("probe", "finetune", "none")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+
+
+def parse_sc_endpoints(text: str) -> tuple[tuple[str, float], ...]:
+    """'sc:1,block1:0.5' -> (("sc", 1.0), ("block1", 0.5)); a bare name has weight 1."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, weight = item.partition(":")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise UsageError(f"--sc_endpoints: bad weight in {item!r}") from None
+        if not value >= 0 or value == float("inf"):
+            raise UsageError(f"--sc_endpoints: weights must be finite and >= 0; got {item!r}")
+        out.append((name, value))
+    if not out:
+        raise UsageError("--sc_endpoints names no endpoint")
+    return tuple(out)
+
+
+def parse_sc_patch(text: str) -> float | tuple[int, int]:
+    """'0.3' (fraction of the map area) or '3x3' (cells)."""
+    try:
+        if "x" in text.lower():
+            h, w = (int(v) for v in text.lower().split("x"))
+            if h < 1 or w < 1:
+                raise ValueError
+            return (h, w)
+        value = float(text)
+        if not 0 < value <= 1:
+            raise ValueError
+        return value
+    except ValueError:
+        raise UsageError(f"--sc_patch={text!r}: give an area fraction in (0, 1] or HxW "
+                         "cells") from None
+
+
+def parse_input_shape(text: str | None) -> tuple[int, int, int] | None:
+    """'H,W,C' -> (H, W, C); None or '' -> None (the model's own)."""
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError
+        return shape
+    except ValueError:
+        raise UsageError(f"--input_shape={text!r}: expected H,W,C") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings of a pretraining run (see train/trainer.py for what each one does)."""
+
+    method: str = option("nat", "Pretraining method.", choices=METHODS)
+    model: str = option("nin_mnist", "Network to pretrain.", choices=MODEL_NAMES)
+    dataset: str = option("digits", "Pretraining images: one of "
+                          f"{', '.join(PRETRAIN_DATASETS)}.")
+    data_dir: str | None = option(None, "tfds data directory (default: tfds's).")
+    manual_dir: str | None = option(None, "tfds manual directory (ImageNet tars).")
+    model_dir: str = option("", "The run folder: checkpoints, summaries, config.json, results "
+                            "(default runs/<method>_<model>_<dataset>).")
+    input_shape: str | None = option(None, "H,W,C of the model input (default: the model's).")
+    preprocessing: str | None = option(None, "AlexNet's fixed front (default sobel).",
+                                       choices=PREPROCESSINGS)
+    batch_size: int = option(128, "Global batch size (split over the replicas).", lower=1)
+    epochs: int = option(15, "Epochs over the dataset.", lower=1)
+    lr: float = option(0.05, "Initial learning rate l0.")
+    momentum: float = option(0.9, "SGD momentum.", lower=0.0)
+    weight_decay: float = option(5e-4, "L2 penalty wd/2 ||W||^2 on the kernels.", lower=0.0)
+    lr_t0: int = option(0, "Batches at constant lr before the decay l0/(1+g(t-t0)).", lower=0)
+    lr_gamma: float = option(0.0, "gamma of the decay l0/(1+gamma(t-t0)); 0 = constant.",
+                             lower=0.0)
+    plateau_patience: int = option(0, "Epochs without loss improvement before the lr is cut "
+                                   "by --plateau_factor (0 = never).", lower=0)
+    plateau_factor: float = option(0.1, "Learning-rate cut on a plateau, in (0, 1).")
+    plateau_min_delta: float = option(1e-3, "Smallest fall of the epoch loss that counts as an "
+                                      "improvement.", lower=0.0)
+    nat_dim: int = option(64, "NAT target dimension d.", lower=1)
+    nat_reassign_every: int = option(3, "Re-assign targets every k epochs (0 = fixed P).",
+                                     lower=0)
+    nat_scope: str = option("replica", "Hungarian problem per replica or global.",
+                            choices=NAT_SCOPES)
+    sc_endpoints: str = option("sc:1", "SC endpoints with weights, 'name:w,name:w'.")
+    sc_patch: str = option("0.3", "SC window: a fraction of the map area, or HxW cells.")
+    sc_squared: bool = option(False, "SC on squared L2 distances.")
+    sc_symmetric: bool = option(True, "Average SC with its transposed form.")
+    sc_pool: str = option("flatten", "How an SC window becomes a vector.", choices=SC_POOLS)
+    crop: str = option("pad", "Random crop: pad-and-crop, resized crop or none.", choices=CROPS)
+    crop_pad: int = option(2, "Padding (pixels) of --crop=pad.", lower=0)
+    crop_min_scale: float = option(0.35, "Smallest area fraction of --crop=resize.")
+    flip: bool = option(False, "Random horizontal flips.")
+    strategy: str = option("auto", "tf.distribute strategy.", choices=STRATEGIES)
+    cpu_replicas: int = option(1, "Split the CPU into N logical devices (testing).", lower=1)
+    steps_per_loop: int = option(10, "Steps per tf.function call.", lower=1)
+    checkpoint_every: int = option(100, "Steps between checkpoints (also at epoch ends).",
+                                   lower=1)
+    keep_checkpoints: int = option(3, "Checkpoints kept in the run folder.", lower=1)
+    seed: int = option(0, "Seed of the targets, the data order and the augmentation.", lower=0)
+    init_checkpoint: str | None = option(None, "Backbone weights to start from (no resume).")
+    export_dir: str | None = option(None, "SavedModel base directory (default "
+                                    "<model_dir>/export; 'none' skips the export).")
+    probe_every_epochs: int = option(5, "Linear probe every k epochs (0 = never).", lower=0)
+    probe_dataset: str | None = option(None, "Labelled dataset of the probes (default: "
+                                       "--dataset).")
+    probe_labels_per_class: int = option(10, "Labels per class of the probes.", lower=1)
+    probe_splits: int = option(5, "Label draws of the probes.", lower=1)
+    final_eval: str = option("probe", "Final table: probe, finetune or none.",
+                             choices=FINAL_EVALS)
+    inject_nan_at_step: int = option(-1, "Testing aid: make the loss of that step NaN.")
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get("choices")
+            value = getattr(self, field.name)
+            if choices and value is not None:
+                check_choice(field.name, value, choices)
+            lower = field.metadata.get("lower")
+            if lower is not None:
+                check_range(field.name, value, lower)
+        if not is_pretrain_dataset(self.dataset):
+            raise UsageError(f"--dataset={self.dataset}: choose one of "
+                             f"{', '.join(PRETRAIN_DATASETS)}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr={self.lr}: must be > 0")
+        if not 0 < self.plateau_factor < 1:
+            raise UsageError(f"--plateau_factor={self.plateau_factor}: must be in (0, 1)")
+        if not 0 < self.crop_min_scale <= 1:
+            raise UsageError(f"--crop_min_scale={self.crop_min_scale}: must be in (0, 1]")
+        if self.preprocessing is not None and self.model != "alexnet":
+            raise UsageError("--preprocessing applies to --model=alexnet only")
+        parse_sc_endpoints(self.sc_endpoints)
+        parse_sc_patch(self.sc_patch)
+        parse_input_shape(self.input_shape)
+        if not self.model_dir:
+            name = self.dataset.replace(":", "_").replace("/", "_")
+            object.__setattr__(self, "model_dir",
+                               os.path.join("runs", f"{self.method}_{self.model}_{name}"))
+
+    @property
+    def sc_weights(self) -> dict[str, float]:
+        """{endpoint: weight} of `sc_endpoints`."""
+        return dict(parse_sc_endpoints(self.sc_endpoints))
+
+    @property
+    def sc_window(self) -> float | tuple[int, int]:
+        """The SC window of `sc_patch`: an area fraction or (h, w) cells."""
+        return parse_sc_patch(self.sc_patch)
+
+    @property
+    def augment(self):
+        """The data.pretrain.Augment of the crop and flip settings."""
+        from data.pretrain import Augment
+
+        return Augment(crop=self.crop, pad=self.crop_pad, min_scale=self.crop_min_scale,
+                       flip=self.flip)
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of `build_model` for the pretraining network."""
+        kwargs: dict = {}
+        if self.method == "nat":
+            kwargs.update(head="nat", feature_dim=self.nat_dim)
+        else:
+            kwargs.update(head="none")
+        shape = parse_input_shape(self.input_shape)
+        if shape is not None:
+            kwargs["input_shape"] = shape
+        if self.preprocessing is not None:
+            kwargs["preprocessing"] = self.preprocessing
+        return kwargs
+
+    def to_json(self) -> dict:
+        """config.json: every setting, plus the model's kwargs."""
+        return {**dataclasses.asdict(self), "model_kwargs": self.model_kwargs()}
