@@ -1,9 +1,29 @@
 """The run directory: what every binary that trains writes, and what every reader rebuilds.
 
     <model_dir>/
+        .lock               held (fcntl.flock) by the one process that owns the folder
+        fingerprint.json    every setting that changes the result, written once, at the start
         config.json         the run's settings; "model" and "model_kwargs" rebuild its network
         checkpoint, ckpt-N.*  name-keyed checkpoints (models/weights.py): the network under
                             the key "model", plus whatever else the run resumes from
+
+Ownership (`claim_run`, then `start_run`), shared by every binary that writes a run or an
+output folder:
+
+1. lock: an exclusive `fcntl.flock` on `<model_dir>/.lock`, held until the process ends (the
+   OS releases it on any death, SIGKILL included, so a lock is never stale). A second process
+   fails at once with `RunLocked`, naming the folder and the holder's PID.
+2. fingerprint: the binary's settings minus those it lists as resumable (`fingerprint_of`),
+   plus facts it derives (e.g. the number of images). It is compared with fingerprint.json
+   before anything is restored or written; a difference fails with `RunMismatch`, naming
+   every differing field with its recorded and its new value.
+3. clean-up: temporaries that only a dead process can have left (checkpoint `ckpt-N_temp/`
+   folders and `.tempstate` files, half-written state and JSON files) are removed, and named.
+4. `start_run`: only now is anything written: fingerprint.json at the first start (never
+   again), config.json (the current settings, resumable ones included) when it changed.
+
+A start that is refused or fails before `start_run` leaves the folder as it found it
+(`abandon_run` removes the lock file, and the folder, if this process created them).
 
 `write_config` / `read_config` handle config.json (written atomically: a reader never sees
 half a file); `open_checkpoints` is the checkpoint manager of a run, restored from its latest
@@ -13,26 +33,68 @@ checkpoint; `load_run_model` rebuilds a run's network and loads its weights, and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+import pathlib
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 
 CONFIG_FILE = "config.json"
+FINGERPRINT_FILE = "fingerprint.json"
+LOCK_FILE = ".lock"
 
 
 def config_path(model_dir: str) -> str:
     return os.path.join(model_dir, CONFIG_FILE)
 
 
+def temporary_path(path: str) -> str:
+    """A hidden name beside `path` for writing it before the rename (same extension, so
+    writers that go by it still work). `clean_temporaries` knows the pattern."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.tmp{os.getpid()}{os.path.splitext(name)[1]}")
+
+
+def write_atomic(path: str, write) -> None:
+    """`write(temporary path)`, then the rename: a reader never sees half a file. The
+    temporary file is removed if `write` fails."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` atomically (`write_atomic`)."""
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def json_text(payload) -> str:
+    """Indented, key-sorted JSON (what every JSON file of a run holds)."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_json_atomic(path: str, payload) -> None:
     """Write `payload` as indented, key-sorted JSON: to a temporary file, then renamed."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json_text(payload))
+
+
+def write_json_if_changed(path: str, payload) -> bool:
+    """`write_json_atomic` unless the file already holds exactly this JSON; True if written."""
+    text = json_text(payload)
+    if os.path.exists(path) and pathlib.Path(path).read_text() == text:
+        return False
+    write_text_atomic(path, text)
+    return True
 
 
 def write_config(model_dir: str, config: Mapping) -> str:
@@ -164,3 +226,224 @@ def open_checkpoints(model_dir: str, objects: Mapping, keep: int, directory: str
     if latest is not None:
         checkpoint.restore(latest).assert_existing_objects_matched()
     return checkpoint, manager, latest
+
+
+# ------------------------------------------------------------------------------- ownership
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked; the one-line message names it and what to do."""
+
+
+class RunLocked(RunFolderError):
+    """Another process owns the folder."""
+
+
+class RunMismatch(RunFolderError):
+    """The folder holds a run (or outputs) made with other settings."""
+
+
+_HELD: dict[str, int] = {}  # real path of an owned folder -> descriptor of its locked .lock
+_TEMPORARIES = (
+    (True, re.compile(r".+-\d+_temp")),          # checkpoint being written: ckpt-N_temp/
+    (False, re.compile(r".+\.tempstate\d*")),    # a tensor bundle being written
+    (False, re.compile(r".+\.tmp[0-9a-f]{32}")),  # TensorFlow's atomic write of `checkpoint`
+    (False, re.compile(r"\..+\.tmp\d+(\.\w+)?")),  # write_atomic of this module
+)
+
+
+def fingerprint_of(config, resumable, **facts) -> dict:
+    """The fingerprint of a config dataclass: every field not in `resumable`, plus `facts`
+    (what the binary derives, e.g. the number of images), as JSON values."""
+    skip = set(resumable)
+    values = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in skip}
+    values.update(facts)
+    return json.loads(json.dumps(values, default=str))
+
+
+def differences(recorded: Mapping, current: Mapping) -> list[str]:
+    """'field: recorded -> current' for every field whose value differs."""
+    missing = object()
+    out = []
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key, missing), current.get(key, missing)
+        if old != new:
+            show = [("(none)" if v is missing else json.dumps(v)) for v in (old, new)]
+            out.append(f"{key}: {show[0]} -> {show[1]}")
+    return out
+
+
+def _lock_holder(path: str) -> str:
+    """The PID holding the flock of `path`: from /proc/locks, else from the file itself."""
+    try:
+        inode = str(os.stat(path).st_ino)
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()  # "3: FLOCK  ADVISORY  WRITE 4242 00:2a:123456 0 EOF"
+                if len(parts) > 5 and parts[1] == "FLOCK" and \
+                        parts[5].rsplit(":", 1)[-1] == inode:
+                    return parts[4]
+    except OSError:
+        pass
+    try:
+        with open(path) as f:
+            return f.read().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _lock(folder: str, what: str) -> tuple[int, bool]:
+    """An exclusive, non-blocking flock on `<folder>/.lock`: (descriptor, file created)."""
+    path = os.path.join(folder, LOCK_FILE)
+    while True:
+        try:
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:  # removed meanwhile by a start that gave up
+                continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLocked(f"{folder} is in use by another process (PID "
+                            f"{_lock_holder(path)}): wait for it to end, or use another "
+                            f"{what}") from None
+        # A start that gives a folder up removes the lock file it created; a process that
+        # opened that file before its removal would hold a lock nobody else sees. Keep the
+        # lock only on the file that is there now.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd, created
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@dataclass
+class Claim:
+    """A folder this process owns (`claim_run`)."""
+
+    folder: str
+    fingerprint: dict
+    fresh: bool  # no fingerprint.json yet: the first start
+    removed: tuple[str, ...] = ()  # temporaries of earlier deaths, removed
+    created_folder: bool = False
+    created_lock: bool = False
+    acquired: bool = False  # this claim took the lock (not an earlier one of this process)
+    started: bool = False
+
+
+def holds_run(folder: str) -> bool:
+    """True when `folder` holds a run or outputs: a fingerprint, a config or checkpoints."""
+    return any(os.path.exists(os.path.join(folder, name))
+               for name in (FINGERPRINT_FILE, CONFIG_FILE, "checkpoint"))
+
+
+def read_fingerprint(folder: str) -> dict | None:
+    path = pathlib.Path(folder, FINGERPRINT_FILE)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def claim_run(folder: str, fingerprint: Mapping | Callable[[], Mapping],
+              what: str = "--model_dir") -> Claim:
+    """Lock `folder`, compare its fingerprint and remove dead processes' temporaries (steps 1-3
+    of the module docstring); the folder is created if needed.
+
+    `fingerprint` may be a function, called once the lock is held (e.g. one that must open the
+    data first, so that a second process stops before that). `what` names the flag that chose
+    the folder, for the messages. Raises RunLocked, RunMismatch, or OSError for a folder that
+    cannot be written; the folder is then as it was (as is it after any error of
+    `fingerprint`).
+    """
+    folder = os.path.normpath(folder)
+    key = os.path.realpath(folder)
+    claim = Claim(folder, {}, fresh=False, created_folder=not os.path.isdir(folder))
+    os.makedirs(folder, exist_ok=True)
+    try:
+        if key not in _HELD:
+            _HELD[key], claim.created_lock = _lock(folder, what)
+            claim.acquired = True
+        found = fingerprint() if callable(fingerprint) else fingerprint
+        claim.fingerprint = json.loads(json.dumps(dict(found), default=str))
+        recorded = read_fingerprint(folder)
+        if recorded is None and holds_run(folder):
+            raise RunMismatch(f"{folder} holds a run without {FINGERPRINT_FILE} (written by an "
+                              f"earlier version of the zoo): use another {what}")
+        if recorded is not None and differences(recorded, claim.fingerprint):
+            raise RunMismatch(f"{folder} holds a run with other settings ("
+                              f"{'; '.join(differences(recorded, claim.fingerprint))}): rerun "
+                              f"with the recorded settings, or use another {what}")
+    except BaseException:
+        abandon_run(claim)
+        raise
+    claim.fresh = recorded is None
+    claim.removed = clean_temporaries(folder)
+    fd = _HELD[key]
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return claim
+
+
+def start_run(claim: Claim, config: Mapping | None = None) -> None:
+    """Step 4: write fingerprint.json (first start only) and config.json (if it changed)."""
+    if claim.fresh and read_fingerprint(claim.folder) is None:
+        write_json_atomic(os.path.join(claim.folder, FINGERPRINT_FILE), claim.fingerprint)
+    if config is not None:
+        write_json_if_changed(config_path(claim.folder), dict(config))
+    claim.started = True
+
+
+def abandon_run(claim: Claim) -> None:
+    """After a refused or failed start: give the lock up and remove the lock file and the
+    folder if this claim created them (and nothing else is in the folder). No-op once the run
+    has started."""
+    if claim.started:
+        return
+    key = os.path.realpath(claim.folder)
+    if claim.acquired and key in _HELD:
+        if claim.created_lock:
+            os.remove(os.path.join(claim.folder, LOCK_FILE))
+        os.close(_HELD.pop(key))
+    if claim.created_folder:
+        try:
+            os.rmdir(claim.folder)
+        except OSError:
+            pass
+
+
+def release_run(folder: str) -> None:
+    """Give up the lock of a folder this process claimed (the end of the process does too)."""
+    fd = _HELD.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def clean_temporaries(folder: str) -> tuple[str, ...]:
+    """Remove the temporaries of the module docstring (step 3) from `folder`; their names.
+
+    Only the owner of the folder may call this: it must be sure no live process is writing.
+    """
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        for is_dir, pattern in _TEMPORARIES:
+            if pattern.fullmatch(name) and os.path.isdir(path) == is_dir:
+                (shutil.rmtree if is_dir else os.remove)(path)
+                removed.append(name)
+                break
+    return tuple(removed)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+    """Hold an exclusive flock on `<folder>/.lock` (waiting for it) inside the block: for
+    short critical sections shared by processes, e.g. publishing an export version."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
