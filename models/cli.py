@@ -24,6 +24,7 @@ import dataclasses
 import errno
 import importlib
 import os
+import re
 import sys
 import tempfile
 import types
@@ -175,6 +176,32 @@ def describe_os_error(error: OSError) -> str:
     return f"{path}: {error.strerror or error}"
 
 
+# File-system failures inside TensorFlow ops arrive as text ("<path>; No space left on
+# device"): the errno each stands for.
+_OS_FAILURES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES,
+                "No such file or directory": errno.ENOENT}
+
+
+def _visible_path(path: str) -> str:
+    """`path` up to the first temporary component (a checkpoint's `ckpt-N_temp`, a `.tempstate`
+    file, an export's `.tmp-V-PID`): the folder the user chose, not TensorFlow's scratch."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if part.endswith("_temp") or ".tempstate" in part or part.startswith(".tmp-"):
+            return "/".join(parts[:i]) or path
+    return path
+
+
+def _os_failure(line: str) -> OSError | None:
+    """The OSError a TensorFlow message line stands for, with the path it names, or None."""
+    for text, code in _OS_FAILURES.items():
+        match = re.search(rf"(\S+?)\s*[;:]?\s*{text}", line)
+        if match:
+            return OSError(code, os.strerror(code), _visible_path(match.group(1)))
+    return None
+
+
 def describe(error: BaseException) -> str | None:
     """The one-line message of an error the user can act on, or None for a bug."""
     if isinstance(error, OSError) and error.errno is not None:
@@ -187,7 +214,10 @@ def describe(error: BaseException) -> str | None:
         lines = [line.strip() for line in str(error.message).splitlines() if line.strip()]
         useful = [line for line in lines if not line.startswith(("Graph execution error",
                                                                  "Detected at node"))]
-        return (useful or lines or [type(error).__name__])[0]
+        line = (useful or lines or [type(error).__name__])[0]
+        line = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]$", "", line)
+        failure = _os_failure(line)
+        return describe_os_error(failure) if failure is not None else line
     return None
 
 
