@@ -13,8 +13,22 @@ the dataset; SC ignores it. Sources (`open_source`):
 
 Images are float32 in [0, 1] at the model's input shape (H, W, C), by the rule of
 `data.images`. Folder images are checked once when the source is opened: files that cannot be
-decoded (corrupt, truncated, not images) are skipped, counted and listed in
-`PretrainSource.skipped`.
+decoded (corrupt, truncated, not images) are left out and listed with their reasons in
+`PretrainSource.skipped`. A run records the files it uses (index i is line i) and reopens
+the folder from that list (`open_source(..., files=...)`), so its indices never move.
+
+A folder can still change during a run. Its files are read and decoded at training time
+through `PretrainSource.load`, which never raises: a file that is gone or no longer decodes
+is dropped from the stream, recorded with its reason in `PretrainSource.failures`, and the
+batch is REFILLED with the next images of the epoch's order (each epoch's order repeats after
+its end, which always holds enough images). Refilling rather than shortening keeps every
+replica's batch at B / replicas images, so the batch shape is fixed, the cross-replica
+collectives (BN statistics, SC contrasts, NAT's global scope) always match, and the loss keeps
+its normalisation by the global batch; each pipeline refills from its own shard, so replicas
+need no extra communication. Indices in a global batch stay distinct (the refill comes from
+the remainder of the epoch first, then from its first batches). The stream stays a function
+of (seed, epoch, index) and of the set of unreadable files, so a run resumes exactly as long
+as the same files fail, and consistently when more fail.
 
 The stream (`pretrain_dataset`), per input pipeline (one per worker under tf.distribute):
 
@@ -37,7 +51,9 @@ epoch and continues with the same stream.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -82,6 +98,28 @@ class Augment:
             raise DataError(f"bad augmentation: pad={self.pad}, min_scale={self.min_scale}")
 
 
+class SkipLog:
+    """Files that failed to load during training, each with its first reason. The input
+    pipeline's threads add to it; the training loop drains what is new."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self._new: list[tuple[str, str]] = []
+
+    def add(self, path: str, reason: str) -> None:
+        with self._lock:
+            if path not in self._seen:
+                self._seen.add(path)
+                self._new.append((path, reason))
+
+    def drain(self) -> list[tuple[str, str]]:
+        """(path, reason) of the files that failed since the last call."""
+        with self._lock:
+            new, self._new = self._new, []
+        return new
+
+
 @dataclass(frozen=True)
 class PretrainSource:
     """An opened pretraining dataset.
@@ -89,8 +127,11 @@ class PretrainSource:
     elements: () -> unbatched Dataset of (index int64, raw), in a fixed order.
     decode: raw -> float32 [h, w, C] in [0, 1] (any h, w).
     fixed_size: decoded images already have the model's H x W.
-    skipped: folder files that could not be decoded.
-    paths: for a folder, `paths[i]` is the file of index i.
+    skipped: (path, reason) of the folder files left out when the folder was scanned.
+    paths: for a folder, `paths[i]` is the file of index i; `root` is the folder.
+    load: for sources whose files may fail at training time (folders): raw -> (float32
+      [h, w, C], ok bool) that never raises; a failure is added to `failures` (module
+      docstring). None: `decode` cannot fail.
     """
 
     name: str
@@ -99,8 +140,11 @@ class PretrainSource:
     elements: Callable[[], tf.data.Dataset]
     decode: Callable[[tf.Tensor], tf.Tensor]
     fixed_size: bool
-    skipped: tuple[str, ...] = field(default=())
-    paths: tuple[str, ...] = field(default=())  # folder: the file of each index
+    skipped: tuple[tuple[str, str], ...] = field(default=())
+    paths: tuple[str, ...] = field(default=())
+    root: str = ""
+    load: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
+    failures: SkipLog | None = None
 
 
 def _digits(input_shape) -> PretrainSource:
@@ -150,32 +194,50 @@ def _tfds(name: str, input_shape, data_dir, manual_dir) -> PretrainSource:
     return PretrainSource(name, n, input_shape, elements, decode, fixed_size=fixed)
 
 
-def _readable(path: str) -> bool:
+def load_file(path: str) -> tuple[tf.Tensor | None, str]:
+    """(float32 [h, w, 3] in [0, 1], "") for an image file, or (None, why it cannot be used)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as error:
+        return None, f"cannot read: {error.strerror or error}"
+    try:
+        return decode_image(tf.constant(raw)), ""
+    except tf.errors.OpError as error:  # eager messages wrap the decoder's in op details
+        text = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:.*$", "", str(error.message))
+        return None, " ".join(text.split("\n")[0].split()) or "cannot decode"
+
+
+def _unreadable(path: str) -> str:
+    """Why the scan leaves `path` out ("" if it is readable)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.load()  # decodes everything: catches truncated files too
-        raw = tf.io.read_file(path)
-        tf.io.decode_image(raw, expand_animations=False)
-        return True
-    except Exception:  # any failure means the file is skipped, and listed
-        return False
+    except Exception as error:  # any failure means the file is left out, with its reason
+        return " ".join(str(error).split()) or type(error).__name__
+    return load_file(path)[1]
 
 
-def _folder(root: str, input_shape) -> PretrainSource:
+def _folder(root: str, input_shape, files: Sequence[str] | None) -> PretrainSource:
     if not os.path.isdir(root):
         raise DataError(f"dataset folder:{root}: no such directory")
-    candidates = list_images(root)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        ok = list(pool.map(_readable, candidates))
-    paths = [p for p, good in zip(candidates, ok, strict=True) if good]
-    skipped = tuple(p for p, good in zip(candidates, ok, strict=True) if not good)
+    skipped: tuple[tuple[str, str], ...] = ()
+    if files is not None:  # the run's own list: no scan, the indices stay where they were
+        paths = [os.path.join(root, f) for f in files]
+    else:
+        candidates = list_images(root)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            reasons = list(pool.map(_unreadable, candidates))
+        paths = [p for p, why in zip(candidates, reasons, strict=True) if not why]
+        skipped = tuple((p, why) for p, why in zip(candidates, reasons, strict=True) if why)
     if not paths:
         raise DataError(f"dataset folder:{root}: no readable image "
                         f"({', '.join(IMAGE_EXTENSIONS)}) under it"
                         f"{f'; {len(skipped)} unreadable files skipped' if skipped else ''}")
     channels = input_shape[-1]
+    failures = SkipLog()
 
     def elements():
         return tf.data.Dataset.from_tensor_slices(
@@ -184,13 +246,32 @@ def _folder(root: str, input_shape) -> PretrainSource:
     def decode(path):
         return to_channels(decode_image(tf.io.read_file(path)), channels)
 
+    def fetch(path):
+        name = path.numpy().decode()
+        image, reason = load_file(name)
+        if image is None:
+            failures.add(name, reason)
+            return tf.zeros([1, 1, 3]), False
+        return image, True
+
+    def load(path):
+        # Python, so that a failure is caught and named instead of ending the input pipeline.
+        image, ok = tf.py_function(fetch, [path], [tf.float32, tf.bool])
+        return to_channels(tf.ensure_shape(image, [None, None, 3]), channels), \
+            tf.ensure_shape(ok, [])
+
     return PretrainSource(f"folder:{root}", len(paths), input_shape, elements, decode,
-                          fixed_size=False, skipped=skipped, paths=tuple(paths))
+                          fixed_size=False, skipped=skipped, paths=tuple(paths), root=root,
+                          load=load, failures=failures)
 
 
 def open_source(name: str, input_shape: tuple[int, int, int], data_dir: str | None = None,
-                manual_dir: str | None = None) -> PretrainSource:
+                manual_dir: str | None = None, files: Sequence[str] | None = None
+                ) -> PretrainSource:
     """Open the pretraining dataset `name` (see the module docstring) for a model input shape.
+
+    `files`: for a folder, the paths (relative to it) a run recorded, in index order; the
+    folder is then not scanned.
 
     Raises DataError with a one-line message for an unknown name, unprepared tfds data (naming
     the command to run) or a folder without readable images.
@@ -201,7 +282,7 @@ def open_source(name: str, input_shape: tuple[int, int, int], data_dir: str | No
     if name in TFDS_PRETRAIN_SPLIT:
         return _tfds(name, input_shape, data_dir, manual_dir)
     if name.startswith("folder:"):
-        return _folder(name[len("folder:"):], input_shape)
+        return _folder(name[len("folder:"):], input_shape, files)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(PRETRAIN_DATASETS)}")
 
 
@@ -300,16 +381,21 @@ def pretrain_dataset(source: PretrainSource, global_batch: int, augment: Augment
     elements = source.elements().shard(pipelines, pipeline_id)
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-        def prepare(index, raw):
+        def prepare(index, image):
             example_seed = tf.stack([tf.constant(seed, tf.int64),
                                      epoch * source.num_examples + index])
-            image = _augment(source.decode(raw), example_seed, source, augment)
-            return tf.cast(index, tf.int32), image
+            return tf.cast(index, tf.int32), _augment(image, example_seed, source, augment)
 
-        ds = (_shuffled(elements, seed, epoch, shard_size)
-              .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-              .batch(per_replica, drop_remainder=True)
-              .take(batches_per_epoch))
+        parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = _shuffled(elements, seed, epoch, shard_size)
+        if source.load is None:
+            ds = ds.map(lambda index, raw: prepare(index, source.decode(raw)), **parallel)
+        else:  # drop what fails to load and refill from the epoch's order (module docstring)
+            ds = (ds.map(lambda index, raw: (index, *source.load(raw)), **parallel)
+                  .filter(lambda index, image, ok: ok)
+                  .map(lambda index, image, ok: prepare(index, image), **parallel)
+                  .repeat())
+        ds = ds.batch(per_replica, drop_remainder=True).take(batches_per_epoch)
         # The first epoch of a resumed run skips the batches done before the interruption.
         first = tf.cast(tf.equal(epoch, start_epoch), tf.int64)
         return ds.skip(first * done_in_epoch * (replicas // pipelines))

@@ -158,7 +158,11 @@ def test_folder_converts_modes_and_skips_unreadable_files(tmp_path):
     _write_images(root)
     source = open_source(f"folder:{root}", (16, 16, 3))
     assert source.num_examples == 6  # rgb, gray, rgba, palette, 16-bit, full
-    assert sorted(os.path.basename(p) for p in source.skipped) == ["corrupt.png", "truncated.jpg"]
+    (corrupt, corrupt_why), (truncated, truncated_why) = source.skipped  # with the reasons
+    assert (corrupt, corrupt_why) == (f"{root}/corrupt.png",
+                                      f"cannot identify image file '{root}/corrupt.png'")
+    assert truncated == f"{root}/truncated.jpg"
+    assert truncated_why.startswith("image file is truncated (")
     ds = _stream(source, 6, Augment(crop="none"), seed=0)
     indices, images = _take(ds, 1)[0]
     assert images.shape == (6, 16, 16, 3)
@@ -171,6 +175,53 @@ def test_folder_converts_modes_and_skips_unreadable_files(tmp_path):
     gray_source = open_source(f"folder:{root}", (16, 16, 1))
     assert _take(_stream(gray_source, 6, Augment(crop="none"), 0), 1)[0][1].shape == (
         6, 16, 16, 1)
+
+
+def _grey_folder(root, n: int) -> list[str]:
+    """n grey 8x8 PNGs; image i is filled with the value 5 * i, so a pixel names its file."""
+    os.makedirs(root)
+    for i in range(n):
+        Image.fromarray(np.full((8, 8), 5 * i, np.uint8)).save(os.path.join(root, f"{i:02d}.png"))
+    return sorted(os.listdir(root))
+
+
+def _batches(source, global_batch, epochs, **kwargs):
+    ds = _stream(source, global_batch, Augment(crop="none"), seed=4, epochs=epochs, **kwargs)
+    return [(i.numpy(), np.round(x.numpy()[:, 0, 0, 0] * 255 / 5).astype(int)) for i, x in ds]
+
+
+def test_a_file_that_vanishes_is_skipped_and_its_batch_refilled(tmp_path):
+    root = str(tmp_path / "images")
+    files = _grey_folder(root, 23)
+    source = open_source(f"folder:{root}", (8, 8, 1))
+    assert [os.path.relpath(p, root) for p in source.paths] == files
+    before = _batches(source, 5, 2)
+    order = np.concatenate([i for i, _ in _batches(source, 1, 2)])  # every image, in order
+    os.remove(os.path.join(root, "07.png"))
+    (tmp_path / "images" / "11.png").write_bytes(b"\x89PNG\r\n\x1a\n now broken")
+    # Reopened from the run's own list: indices stay put, nothing is rescanned.
+    again = open_source(f"folder:{root}", (8, 8, 1), files=files)
+    assert again.num_examples == 23 and again.paths == source.paths
+    after = _batches(again, 5, 2)
+    assert sorted(again.failures.drain()) == [
+        (os.path.join(root, "07.png"), "cannot read: No such file or directory"),
+        (os.path.join(root, "11.png"), "Invalid PNG. Failed to initialize decoder.")]
+    assert again.failures.drain() == []  # each file is reported once
+    assert len(after) == len(before) == 8  # 4 full batches per epoch, as before
+    for indices, pixels in after:
+        assert len(indices) == 5 and len(set(indices)) == 5
+        np.testing.assert_array_equal(pixels, indices)  # each image is its index's file
+        assert not {7, 11} & set(indices)
+    for epoch in range(2):
+        new = np.concatenate([i for i, _ in after[4 * epoch:4 * epoch + 4]])
+        # The epoch's order without the two files: refilled from the 3 images it left out.
+        epoch_order = order[23 * epoch:23 * (epoch + 1)]
+        assert list(new) == [i for i in epoch_order if i not in (7, 11)][:20]
+    # A resumed stream (after 3 steps) continues the same refilled stream.
+    resumed = _batches(again, 5, 2, start_step=3)
+    for (i_a, x_a), (i_b, x_b) in zip(after[3:], resumed, strict=True):
+        np.testing.assert_array_equal(i_a, i_b)
+        np.testing.assert_array_equal(x_a, x_b)
 
 
 def test_folder_errors(tmp_path):
