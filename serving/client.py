@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -191,7 +192,10 @@ class SavedModelClient:
         try:
             out = self.signatures[signature](**inputs)
         except self._tf.errors.InvalidArgumentError as err:
-            raise ServingError(_first_line(err.message), bad_input=True) from None
+            line = _first_line(err.message)
+            if not line.startswith(f"{signature}:"):  # a decoder's own message
+                line = f"{signature}: {line}"
+            raise ServingError(line, bad_input=True) from None
         return {name: value.numpy() for name, value in out.items()}
 
     def predict_bytes(self, images: Sequence[bytes]) -> dict[str, np.ndarray]:
@@ -318,10 +322,14 @@ class GrpcClient:
 
 
 def _first_line(message: str) -> str:
+    """The sentence of a TensorFlow error that says what is wrong: TensorFlow puts it after
+    "Graph execution error:" and "Detected at node ..." lines, and wraps the export's own
+    checks (serving/graph.py) as "assertion failed: [<message>]"."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    # TensorFlow puts the useful sentence after "Graph execution error:" / "Detected at node".
-    for line in lines:
-        if line.startswith(("assertion failed", "Unknown image file format", "Invalid",
-                            "cannot compute", "Trying to decode")):
-            return line
-    return lines[0] if lines else "unknown error"
+    useful = [line for line in lines if not line.startswith(
+        ("Graph execution error", "Detected at node", "<stack traces", "[[", "Improper call"))]
+    line = (useful or lines or ["unknown error"])[0]
+    line = re.sub(r"\s*\[(\[\{\{node|Op:).*$", "", line)  # where it happened: no use here
+    if line.startswith("assertion failed: [") and line.endswith("]"):
+        line = line[len("assertion failed: ["):-1]
+    return line

@@ -6,8 +6,16 @@
         saved_model.pb, variables/
         assets/features.json                     model, endpoints, input size, checkpoint, ...
 
-The version directory is written under a hidden temporary name and renamed when complete, so a
-model server polling `<export_base>/<model_name>` never loads a half-written version.
+The version directory is written under a hidden temporary name (`.tmp-<version>-<pid>`) and
+renamed when complete, so a model server polling `<export_base>/<model_name>` never loads a
+half-written version. Exports into one model base take turns (an flock on its `.lock`, which
+the server ignores); whoever holds it first removes staging folders that dead exports left.
+
+Exporting is idempotent: when the latest version holds the same export (same model and
+build_model kwargs, input size, endpoints with their poolings, and the same checkpoint: its
+path and a digest of its `.index`, which holds a checksum of every tensor), nothing new is
+published and that version is returned. An export without a checkpoint (random init) is
+always a new version.
 
 Signatures (serving/signatures.py; every output is a dict {endpoint name: float32 features}):
 
@@ -23,9 +31,16 @@ the graph:
 - uint8 is cast to float32 and divided by 255; float32 is taken as already in [0, 1];
 - C must be 1 or 3, else the call fails with "images must have 1 (grayscale) or 3 (RGB)
   channels"; then the channel and resize rule of `data.images.resize_to_input`;
+- float32 images must be finite: a NaN or Inf pixel fails the call ("... holds NaN or Inf
+  pixels") instead of giving meaningless features; values outside [0, 1] are used as given;
 - encoded images are decoded by `data.images.decode_image`, one by one since their sizes
-  differ, then follow the same rules. Bytes that are not an image fail the call with
-  TensorFlow's "Unknown image file format" error.
+  differ, then follow the same rules;
+- a batch of 0 images returns features [0, ...] on every signature (the network is not run).
+Input errors fail the call with InvalidArgumentError and one message that names the signature
+and what it expects: a wrong rank (images not [N, H, W, C], image_bytes not [N]), an empty
+string, bytes that do not start like a JPEG, PNG, GIF, BMP or WebP file ("image 3 of the batch
+is not ..."). A file whose header is right but whose data is corrupt fails with the decoder's
+own message (e.g. "Invalid JPEG data or crop window").
 The model's fixed preprocessing (Sobel, grayscale, high-pass) is one of its layers, so a
 client sends plain images. Nothing exported calls back into Python (no `py_function`): the
 SavedModel loads in any TensorFlow process, and in TensorFlow Serving.
@@ -44,33 +59,31 @@ compares); any other 4-D endpoint defaults to `flatten` and a 2-D one to `none`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 from models import MODEL_NAMES, TRANSFER_ENDPOINT, cli
 from models.cli import UsageError, option
-from serving.signatures import (
-    BYTES_INPUT,
-    BYTES_SIGNATURE,
-    FLOAT_SIGNATURE,
-    IMAGES_INPUT,
-    INPUTS,
-    METADATA_FILE,
-    UINT8_SIGNATURE,
-)
+from models.runs import folder_lock
+from serving.graph import endpoint_shape, feature_module, input_size, output_shapes, signatures
+from serving.signatures import INPUTS, METADATA_FILE
 
 # TensorFlow loads after the flags are checked (models/cli.py).
 tf = cli.lazy_import("tensorflow")
-data_images = cli.lazy_import("data.images")
 pooling_lib = cli.lazy_import("models.pooling")
 
 PROGRAM = "serving.export"
 _DEFAULT_TRANSFER_POOLING = {"alexnet": ("max", 6, 6)}
+_STAGING = re.compile(r"\.tmp-\d+-\d+")
+# What makes two exports the same (module docstring).
+IDENTITY = ("model", "model_kwargs", "input_size", "endpoints", "checkpoint",
+            "checkpoint_digest")
 
 
 def default_endpoints(model, architecture: str | None = None) -> dict[str, str]:
@@ -86,7 +99,7 @@ def default_endpoints(model, architecture: str | None = None) -> dict[str, str]:
 def default_pooling(model, endpoint: str, architecture: str | None = None) -> str:
     """The pooling used when none is stated (see the module docstring)."""
     architecture = architecture or model.name
-    shape = _endpoint_shape(model, endpoint)
+    shape = endpoint_shape(model, endpoint)
     if TRANSFER_ENDPOINT.get(architecture) == endpoint and architecture in \
             _DEFAULT_TRANSFER_POOLING:
         # maxKxL, with K, L capped by a smaller map (conv5 of a small input).
@@ -95,130 +108,65 @@ def default_pooling(model, endpoint: str, architecture: str | None = None) -> st
     return "flatten" if len(shape) == 3 else "none"
 
 
-def _endpoint_shape(model, endpoint: str) -> tuple:
-    outputs = model.output
-    if not isinstance(outputs, Mapping) or endpoint not in outputs:
-        known = ", ".join(outputs) if isinstance(outputs, Mapping) else "none"
-        raise ValueError(f"model {model.name} has no endpoint {endpoint!r}; endpoints: {known}")
-    return tuple(outputs[endpoint].shape[1:])
-
-
-def input_size(model) -> tuple[int, int, int]:
-    """(H, W, C) of the model input; all three must be known."""
-    shape = tuple(model.inputs[0].shape[1:])
-    if len(shape) != 3 or any(d is None for d in shape) or shape[-1] not in (1, 3):
-        raise ValueError(f"export needs a model with a static input (H, W, 1 or 3); "
-                         f"{model.name} has input shape {shape}")
-    return shape
-
-
-def output_shapes(model, endpoints: Mapping[str, str]) -> dict[str, list[int]]:
-    """{endpoint: shape of one example's features after pooling}."""
-    shapes = {}
-    for endpoint, pooling in endpoints.items():
-        shape = _endpoint_shape(model, endpoint)
-        pooling_lib.check_pooling(pooling, shape)
-        probe = tf.zeros((1, *shape))
-        shapes[endpoint] = list(pooling_lib.pool_features(probe, pooling).shape[1:])
-    return shapes
-
-
-def _checked_images(images):
-    """`images` after run-time checks of rank 4 and of 1 or 3 channels (clear messages).
-
-    Restored signatures do not enforce their input shape, and a static rank in the signature
-    would let graph optimisation fold a rank check away, so the image signatures declare an
-    unknown shape and these checks run in the graph, before everything downstream.
-    """
-    shape = tf.shape(images)
-    rank_ok = tf.debugging.Assert(
-        tf.equal(tf.size(shape), 4),
-        ["images must be a batch [N, H, W, C] (rank 4); got shape", shape])
-    with tf.control_dependencies([rank_ok]):
-        channels = tf.shape(images)[-1]
-        channels_ok = tf.debugging.Assert(
-            tf.logical_or(tf.equal(channels, 1), tf.equal(channels, 3)),
-            ["images must have 1 (grayscale) or 3 (RGB) channels; got shape", shape])
-    with tf.control_dependencies([channels_ok]):
-        return tf.ensure_shape(tf.identity(images), [None, None, None, None])
-
-
-def _feature_module(model, endpoints: Mapping[str, str], metadata_json: str, asset_path: str):
-    """The exported tf.Module: the signatures, `features`, `metadata` and the variables."""
-    size = input_size(model)
-    endpoints = dict(endpoints)
-    module = tf.Module(name="feature_extractor")
-    module.metadata_asset = tf.saved_model.Asset(asset_path)
-
-    def extract(images):
-        inputs = data_images.resize_to_input(_checked_images(images), size)
-        outputs = model(inputs, training=False)
-        return {name: pooling_lib.pool_features(outputs[name], pooling)
-                for name, pooling in endpoints.items()}
-
-    def from_float(images):
-        return extract(tf.cast(images, tf.float32))
-
-    def from_uint8(images):
-        return extract(tf.cast(images, tf.float32) / 255.0)
-
-    def features(images):
-        if images.dtype == tf.uint8:
-            return from_uint8(images)
-        if images.dtype == tf.float32:
-            return from_float(images)
-        raise TypeError(f"images must be uint8 or float32; got {images.dtype.name}")
-
-    def decode_one(data):
-        image = data_images.resize_to_input(data_images.decode_image(data), (*size[:2], 3))
-        return tf.ensure_shape(image, [size[0], size[1], 3])
-
-    def from_bytes(image_bytes):
-        images = tf.map_fn(decode_one, image_bytes,
-                           fn_output_signature=tf.TensorSpec([*size[:2], 3], tf.float32))
-        return extract(images)
-
-    image_spec = None  # [N, H, W, C], checked at run time (see _checked_images)
-    module.serve_float = tf.function(from_float, input_signature=[
-        tf.TensorSpec(image_spec, tf.float32, name=IMAGES_INPUT)])
-    module.serve_uint8 = tf.function(from_uint8, input_signature=[
-        tf.TensorSpec(image_spec, tf.uint8, name=IMAGES_INPUT)])
-    module.serve_bytes = tf.function(from_bytes, input_signature=[
-        tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
-    module.features = tf.function(features)
-    for dtype in (tf.float32, tf.uint8):
-        module.features.get_concrete_function(tf.TensorSpec(image_spec, dtype))
-    module.metadata = tf.function(lambda: tf.constant(metadata_json), input_signature=[])
-    # Track the tf.Variables the traces capture (not the Keras variables that wrap them): the
-    # graph-mode loader of saved_model_cli and TensorFlow Serving restores only variables
-    # tracked as such, and fails with "Could not find variable" otherwise. The Keras model
-    # itself stays in the closures and is not serialised.
-    captured = {}
-    for function in (module.serve_float, module.serve_uint8, module.serve_bytes):
-        for variable in function.get_concrete_function().variables:
-            captured.setdefault(id(variable), variable)
-    module.model_variables = list(captured.values())
-    return module
-
-
-def _signatures(module) -> dict:
-    return {FLOAT_SIGNATURE: module.serve_float, UINT8_SIGNATURE: module.serve_uint8,
-            BYTES_SIGNATURE: module.serve_bytes}
-
-
 def next_version(model_base: str) -> int:
     """1 + the largest integer directory name in `model_base` (1 when there is none)."""
-    if not tf.io.gfile.isdir(model_base):
-        return 1
-    versions = [int(name.rstrip("/")) for name in tf.io.gfile.listdir(model_base)
-                if name.rstrip("/").isdigit()]
+    versions = _versions(model_base)
     return max(versions, default=0) + 1
+
+
+def _versions(model_base: str) -> list[int]:
+    if not os.path.isdir(model_base):
+        return []
+    return [int(name) for name in os.listdir(model_base) if name.isdigit()]
+
+
+def checkpoint_digest(prefix: str | None) -> str | None:
+    """sha256 of a checkpoint's `.index` (it holds a checksum of every tensor), or None."""
+    if not prefix or not os.path.exists(f"{prefix}.index"):
+        return None
+    with open(f"{prefix}.index", "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def same_export(model_base: str, info: Mapping) -> str | None:
+    """The latest version in `model_base` if it holds the export `info` describes (the IDENTITY
+    fields; a checkpoint is required), else None."""
+    versions = _versions(model_base)
+    if info.get("checkpoint") is None or not versions:
+        return None
+    latest = os.path.join(model_base, str(max(versions)))
+    try:
+        found = read_metadata(latest)
+    except (OSError, ValueError):  # an export of another tool, or damaged: not the same
+        return None
+    return latest if all(found.get(k) == info.get(k) for k in IDENTITY) else None
+
+
+def clean_staging(model_base: str, log: Callable[[str], None] | None = None) -> tuple[str, ...]:
+    """Remove the staging folders that dead exports left in `model_base` (waiting for a live
+    export there to finish first); returns their names."""
+    if not os.path.isdir(model_base):
+        return ()
+    with folder_lock(model_base):
+        return _remove_staging(model_base, log)
+
+
+def _remove_staging(model_base: str, log) -> tuple[str, ...]:
+    removed = tuple(sorted(n for n in os.listdir(model_base) if _STAGING.fullmatch(n)))
+    for name in removed:
+        shutil.rmtree(os.path.join(model_base, name))
+    if removed and log is not None:
+        log(f"removed {len(removed)} unfinished export(s) of an interrupted process from "
+            f"{model_base}: {', '.join(removed)}")
+    return removed
 
 
 def export_features(model, export_base: str, model_name: str,
                     endpoints: dict[str, str] | None = None,
-                    metadata: dict | None = None) -> str:
-    """Write the feature extractor of `model` as `<export_base>/<model_name>/<version>/`.
+                    metadata: dict | None = None,
+                    log: Callable[[str], None] | None = None) -> str:
+    """Write the feature extractor of `model` as `<export_base>/<model_name>/<version>/`,
+    unless the latest version already holds this export (module docstring).
 
     Args:
       model: a zoo model (output: a dict of endpoints; static input [H, W, 1 or 3]).
@@ -228,9 +176,10 @@ def export_features(model, export_base: str, model_name: str,
         pooling. A pooling of None or "" also takes the default.
       metadata: extra JSON-serialisable facts for the asset (for example "checkpoint",
         "model_kwargs"); "model" names the architecture when `model.name` is not one.
+      log: where to say that an existing version was reused, or staging folders removed.
 
     Returns:
-      The version directory written.
+      The version directory written (or reused).
     """
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", model_name or ""):
         raise ValueError(f"model_name must match [A-Za-z0-9_.-]+; got {model_name!r}")
@@ -244,7 +193,7 @@ def export_features(model, export_base: str, model_name: str,
     endpoints = {name: pooling or default_pooling(model, name, architecture)
                  for name, pooling in endpoints.items()}
     shapes = output_shapes(model, endpoints)
-
+    checkpoint = metadata.pop("checkpoint", None)
     info = {
         "model_name": model_name,
         "model": architecture,
@@ -252,26 +201,39 @@ def export_features(model, export_base: str, model_name: str,
         "endpoints": {name: {"pooling": pooling, "shape": shapes[name]}
                       for name, pooling in endpoints.items()},
         "signatures": INPUTS,
-        "checkpoint": metadata.pop("checkpoint", None),
+        "checkpoint": checkpoint,
+        "checkpoint_digest": checkpoint_digest(checkpoint),
         **{k: v for k, v in metadata.items() if k != "model"},
     }
     text = json.dumps(info, indent=2, sort_keys=True)
-
     model_base = os.path.join(export_base, model_name)
-    tf.io.gfile.makedirs(model_base)
+    with folder_lock(model_base):
+        _remove_staging(model_base, log)
+        existing = same_export(model_base, json.loads(text))
+        if existing is not None:
+            if log is not None:
+                log(f"{existing} already holds this export (checkpoint {checkpoint}): nothing "
+                    "new published")
+            return existing
+        return _write_version(model, model_base, endpoints, text)
+
+
+def _write_version(model, model_base: str, endpoints: dict, text: str) -> str:
+    """Stage the SavedModel, then rename it to the next version (the caller holds the lock)."""
     version = next_version(model_base)
     final = os.path.join(model_base, str(version))
     staging = os.path.join(model_base, f".tmp-{version}-{os.getpid()}")
-    with tempfile.TemporaryDirectory() as scratch:
-        asset = os.path.join(scratch, METADATA_FILE)
-        with open(asset, "w") as f:
-            f.write(text + "\n")
-        module = _feature_module(model, endpoints, text, asset)
-        tf.saved_model.save(module, staging, signatures=_signatures(module))
-    if tf.io.gfile.exists(final):  # another export took this version meanwhile
-        shutil.rmtree(staging, ignore_errors=True)
-        raise FileExistsError(f"export version {final} appeared while writing; retry")
-    tf.io.gfile.rename(staging, final)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            asset = os.path.join(scratch, METADATA_FILE)
+            with open(asset, "w") as f:
+                f.write(text + "\n")
+            module = feature_module(model, endpoints, text, asset)
+            tf.saved_model.save(module, staging, signatures=signatures(module))
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # e.g. a full disk: leave nothing half-done
+        raise
     return final
 
 
@@ -358,7 +320,7 @@ def run(config: ExportConfig) -> str:
             metadata[key] = loaded.config[key]
     base = config.export_base or os.path.join(config.model_dir, "export")
     path = export_features(loaded.model, base, config.model_name or loaded.name,
-                           parse_endpoints(config.endpoints), metadata)
+                           parse_endpoints(config.endpoints), metadata, log=print)
     print(path)
     return path
 

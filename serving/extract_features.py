@@ -10,7 +10,9 @@ Protocol: every image is sent encoded (file contents, or PNG for tfds images) to
 `image_bytes` signature, so decoding, resizing and the model's preprocessing all happen in the
 served graph. Images go in batches of `--batch_size`, in sorted path order (tfds: split order).
 A batch the model rejects (a file that is not an image) is retried image by image, and the
-images that still fail are skipped; files that cannot be read are skipped too.
+images that still fail are skipped with the model's reason (e.g. "image_bytes: image 0 of the
+batch is an empty string; ..."); files that cannot be read are skipped too. When no image at
+all could be used, the binary says so and exits with status 1 (skipped.txt still lists why).
 
 Output, in `--output_dir`:
 
@@ -208,11 +210,14 @@ def make_client(config: ExtractConfig):
 
 def extract_all(config: ExtractConfig, progress: bool = True) -> Extracted:
     """Extract and write the outputs of `config`."""
-    from data.images import list_images
+    from data.images import IMAGE_EXTENSIONS, list_images
 
     client = make_client(config)
     if config.images_dir:
         paths = list_images(config.images_dir)
+        if not paths:
+            raise UsageError(f"--images_dir={config.images_dir} holds no image file "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
         total, items = len(paths), folder_items(paths)
     else:
         name, _, split = config.tfds.partition(":")
@@ -230,10 +235,14 @@ def run(config: ExtractConfig) -> Extracted:
         result = extract_all(config)
     except ServingError as err:
         raise UsageError(str(err)) from None
+    skipped = os.path.join(config.output_dir, "skipped.txt")
+    if not result.index:
+        raise UsageError(f"no image could be used: all {len(result.skipped)} were skipped, "
+                         f"each with its reason in {skipped}")
     write_json_atomic(os.path.join(config.output_dir, "config.json"), asdict(config))
     shapes = ", ".join(f"{k} {v.shape}" for k, v in result.features.items())
     print(f"{len(result.index)} images -> {shapes}; {len(result.skipped)} skipped "
-          f"(listed in {os.path.join(config.output_dir, 'skipped.txt')})")
+          f"(listed in {skipped})")
     return result
 
 

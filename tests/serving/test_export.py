@@ -1,5 +1,6 @@
 """serving/export.py: layout, signatures, bad input, consumers, the binary."""
 
+import io
 import json
 import os
 import subprocess
@@ -17,6 +18,8 @@ from models.cli import UsageError
 from models.pooling import pool_features
 from serving.export import (
     ExportConfig,
+    checkpoint_digest,
+    clean_staging,
     default_endpoints,
     default_pooling,
     export_features,
@@ -113,8 +116,9 @@ def test_layout_and_metadata(grey, rgb):
     assert read_metadata(rgb[1])["endpoints"] == {"sc": {"pooling": "flatten",
                                                          "shape": [4 * 4 * 192]}}
     assert read_metadata(rgb[1])["checkpoint"] is None
-    # Nothing half-written is left beside the version.
-    assert os.listdir(os.path.dirname(path)) == ["1"]
+    # Nothing half-written is left beside the version; the exports' lock file is ignored by
+    # TF Serving, which serves integer-named folders only.
+    assert sorted(os.listdir(os.path.dirname(path))) == [".lock", "1"]
 
 
 def test_second_export_is_version_2(rgb):
@@ -123,6 +127,47 @@ def test_second_export_is_version_2(rgb):
     second = export_features(model, base, "cifar", {"block1": "avg"})
     assert second == os.path.join(base, "cifar", "2")
     assert read_metadata(second)["endpoints"]["block1"] == {"pooling": "avg", "shape": [96]}
+
+
+def test_exporting_the_same_checkpoint_again_publishes_nothing(tmp_path):
+    run_dir, model = make_run_dir(tmp_path / "run", input_shape=(12, 12, 1), head="none")
+    prefix = tf.train.latest_checkpoint(run_dir)
+    base, said = str(tmp_path / "export"), []
+    meta = {"checkpoint": prefix, "model_kwargs": {"head": "none"}}
+    first = export_features(model, base, "m", None, dict(meta), log=said.append)
+    assert first == os.path.join(base, "m", "1") and said == []
+    assert read_metadata(first)["checkpoint_digest"] == checkpoint_digest(prefix)
+    again = export_features(model, base, "m", None, dict(meta, method="sc"), log=said.append)
+    assert again == first and said == [
+        f"{first} already holds this export (checkpoint {prefix}): nothing new published"]
+    # Another pooling, other kwargs or another checkpoint: a new version each.
+    assert export_features(model, base, "m", {"sc": "avg"}, dict(meta)).endswith("/2")
+    assert export_features(model, base, "m", {"sc": "avg"}, dict(
+        meta, model_kwargs={"head": "none", "input_shape": [12, 12, 1]})).endswith("/3")
+    tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(tmp_path / "run" / "ckpt-2"))
+    other = str(tmp_path / "run" / "ckpt-2")
+    assert export_features(model, base, "m", {"sc": "avg"}, dict(
+        meta, model_kwargs={"head": "none", "input_shape": [12, 12, 1]},
+        checkpoint=other)).endswith("/4")
+    # Without a checkpoint (random init) every export is new.
+    assert export_features(model, base, "m").endswith("/5")
+    assert export_features(model, base, "m").endswith("/6")
+
+
+def test_staging_left_by_a_dead_export_is_removed(tmp_path):
+    model = build_model("nin_mnist", input_shape=(12, 12, 1), head="none")
+    base = tmp_path / "export" / "m"
+    (base / ".tmp-1-4242" / "variables").mkdir(parents=True)
+    (base / ".tmp-1-4242" / "saved_model.pb").write_bytes(b"half")
+    (base / "notes").mkdir()
+    said = []
+    assert clean_staging(str(base), said.append) == (".tmp-1-4242",)
+    assert said == [f"removed 1 unfinished export(s) of an interrupted process from {base}: "
+                    ".tmp-1-4242"]
+    assert sorted(os.listdir(base)) == [".lock", "notes"]
+    (base / ".tmp-1-4243").mkdir()
+    assert export_features(model, str(tmp_path / "export"), "m").endswith("/1")
+    assert sorted(os.listdir(base)) == [".lock", "1", "notes"]
 
 
 def test_signatures_match_the_model(grey):
@@ -170,21 +215,87 @@ def test_resize_and_channel_rules(grey, rgb):
     np.testing.assert_allclose(got, want, atol=TOL)
 
 
-def test_bad_input_gives_clear_errors(grey):
+FLOAT_EXPECTED = "expected input images, float32 [N, H, W, C] in [0, 1]"
+BYTES_EXPECTED = "expected input image_bytes, string [N], encoded JPEG/PNG/GIF/BMP/WebP"
+
+
+def _fails_with(call, message: str) -> None:
+    """`call()` fails with InvalidArgumentError carrying exactly the check's `message`."""
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        call()
+    assert f"assertion failed: [{message}]" in err.value.message, err.value.message
+
+
+def test_bad_input_gives_one_clear_error_naming_the_signature(grey):
     _, _, loaded = grey
-    serve = loaded.signatures["serving_default"]
+    serve, uint8 = loaded.signatures["serving_default"], loaded.signatures["serving_uint8"]
+    encoded = loaded.signatures["image_bytes"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a float tensor"):
         serve(images=tf.zeros([1, 16, 16, 1], tf.int32))
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[N, H, W, C\] \(rank 4\)"):
-        serve(images=tf.zeros([16, 16, 1]))
+    _fails_with(lambda: serve(images=tf.zeros([16, 16, 1])),
+                f"serving_default: {FLOAT_EXPECTED} (rank 4); got shape [16 16 1]")
+    _fails_with(lambda: uint8(images=tf.zeros([1, 1, 16, 16, 1], tf.uint8)),
+                "serving_uint8: expected input images, uint8 [N, H, W, C] (rank 4); got shape "
+                "[1 1 16 16 1]")
     for channels in (2, 4):
-        with pytest.raises(tf.errors.InvalidArgumentError,
-                           match=r"1 \(grayscale\) or 3 \(RGB\) channels"):
-            serve(images=tf.zeros([1, 16, 16, channels]))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="Unknown image file format"):
-        loaded.signatures["image_bytes"](image_bytes=tf.constant([b"not an image"]))
+        _fails_with(lambda c=channels: uint8(images=tf.zeros([1, 16, 16, c], tf.uint8)),
+                    "serving_uint8: images must have 1 (grayscale) or 3 (RGB) channels; got "
+                    f"shape [1 16 16 {channels}]")
+    for bad in (np.nan, np.inf, -np.inf):
+        images = np.zeros([2, 16, 16, 1], np.float32)
+        images[1, 3, 4, 0] = bad
+        _fails_with(lambda x=images: serve(images=tf.constant(x)),
+                    f"serving_default: images holds NaN or Inf pixels; {FLOAT_EXPECTED}")
+    png = tf.io.encode_png(_images((16, 16, 1))).numpy()
+    _fails_with(lambda: encoded(image_bytes=tf.constant(png)),
+                f"image_bytes: {BYTES_EXPECTED}; got shape []")
+    _fails_with(lambda: encoded(image_bytes=tf.constant([[png]])),
+                f"image_bytes: {BYTES_EXPECTED}; got shape [1 1]")
+    _fails_with(lambda: encoded(image_bytes=tf.constant([png, b""])),
+                f"image_bytes: image 1 of the batch is an empty string; {BYTES_EXPECTED}")
+    _fails_with(lambda: encoded(image_bytes=tf.constant([b"not an image", png])),
+                "image_bytes: image 0 of the batch is not a JPEG, PNG, GIF, BMP or WebP file; "
+                f"{BYTES_EXPECTED}")
+    # A right header on corrupt data: the decoder's own message (the module docstring says so).
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Invalid PNG"):
+        encoded(image_bytes=tf.constant([png[:30]]))
     with pytest.raises(ValueError, match="Could not find matching concrete function"):
         loaded.features(tf.zeros([1, 16, 16, 1], tf.float64))
+
+
+def test_empty_batches_give_empty_features_on_every_signature(grey):
+    _, path, loaded = grey
+    want = {name: (0, *e["shape"]) for name, e in read_metadata(path)["endpoints"].items()}
+    calls = {
+        "float": loaded.signatures["serving_default"](images=tf.zeros([0, 16, 16, 1])),
+        "float, another size": loaded.signatures["serving_default"](
+            images=tf.zeros([0, 20, 24, 3])),
+        "uint8": loaded.signatures["serving_uint8"](images=tf.zeros([0, 16, 16, 1], tf.uint8)),
+        "bytes": loaded.signatures["image_bytes"](image_bytes=tf.zeros([0], tf.string)),
+        "features": loaded.features(tf.zeros([0, 16, 16, 1], tf.uint8)),
+    }
+    for label, got in calls.items():
+        assert {k: tuple(v.shape) for k, v in got.items()} == want, label
+        assert all(v.dtype == tf.float32 for v in got.values()), label
+
+
+def test_every_documented_format_passes_the_format_check(grey):
+    model, _, loaded = grey
+    from PIL import Image, features
+
+    pixels = _images((16, 16), 11)
+    formats = ["PNG", "BMP", "GIF", "JPEG"] + (["WEBP"] if features.check("webp") else [])
+    blobs = []
+    for name in formats:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=name, **({"lossless": True}
+                                                               if name == "WEBP" else {}))
+        blobs.append(buffer.getvalue())
+    got = loaded.signatures["image_bytes"](image_bytes=tf.constant(blobs))["sc"].numpy()
+    want = _expected(model, np.repeat(pixels[None, :, :, None] / np.float32(255), 2, axis=0),
+                     [("sc", "max2x2")])["sc"][0]
+    lossless = [i for i, name in enumerate(formats) if name != "JPEG"]
+    np.testing.assert_allclose(got[lossless], np.tile(want, (len(lossless), 1)), atol=TOL)
 
 
 def test_export_rejects_bad_arguments(grey, tmp_path):

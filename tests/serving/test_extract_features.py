@@ -36,7 +36,8 @@ def test_extract_skips_bad_files_and_matches_the_model(exported, image_folder, t
     assert result.index == good
     skipped = dict(result.skipped)
     assert sorted(skipped) == [str(image_folder / "c.png"), str(image_folder / "sub" / "e.png")]
-    assert skipped[str(image_folder / "c.png")] == "Invalid PNG. Failed to initialize decoder."
+    assert skipped[str(image_folder / "c.png")] == ("image_bytes: Invalid PNG. Failed to "
+                                                    "initialize decoder.")
     assert skipped[str(image_folder / "sub" / "e.png")].startswith("cannot read:")
     want = features_of(model, np.stack([decoded(p) for p in good]))
     for name in want:
