@@ -132,3 +132,33 @@ def test_live_tensorflow_serving(exported, image_folder, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_nothing_usable_is_a_one_line_failure_with_the_reasons(exported, tmp_path, capsys):
+    from serving import extract_features as binary
+
+    folder, out = tmp_path / "bad", tmp_path / "out"
+    folder.mkdir()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (folder / "text.png").write_bytes(b"hello")
+    with pytest.raises(SystemExit) as exit_info:
+        binary.main(["extract_features", f"--images_dir={folder}",
+                     f"--saved_model={exported[2]}", f"--output_dir={out}"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "serving.extract_features: error: no image could be used: all 3 were skipped, each "
+        f"with its reason in {out}/skipped.txt"]
+    expected = "expected input image_bytes, string [N], encoded JPEG/PNG/GIF/BMP/WebP"
+    assert (out / "skipped.txt").read_text().splitlines() == [
+        f"{folder}/empty.jpg\timage_bytes: image 0 of the batch is an empty string; {expected}",
+        f"{folder}/text.png\timage_bytes: image 0 of the batch is not a JPEG, PNG, GIF, BMP "
+        f"or WebP file; {expected}",
+        f"{folder}/truncated.png\timage_bytes: Invalid PNG. Failed to initialize decoder."]
+    (tmp_path / "none").mkdir()
+    with pytest.raises(SystemExit):
+        binary.main(["extract_features", f"--images_dir={tmp_path / 'none'}",
+                     f"--saved_model={exported[2]}", f"--output_dir={out}"])
+    assert capsys.readouterr().err.startswith(
+        f"serving.extract_features: error: --images_dir={tmp_path / 'none'} holds no image "
+        "file (.jpg, .jpeg, .png")
