@@ -2,6 +2,11 @@
 `python -m train.pretrain` (models/cli.py generates them), so a config built in code and one
 built on the command line have the same defaults. It is written to `<model_dir>/config.json`.
 
+Every field is either in the run's fingerprint (`FINGERPRINT_GROUPS`: it changes the result,
+so a run folder refuses a restart where it differs; models/runs.py) or in `RESUMABLE`: what a
+restart may change (e.g. more --epochs to extend a finished run, --checkpoint_every, the
+probe period, where data and exports live).
+
 This module imports neither TensorFlow nor Keras.
 """
 
@@ -10,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 from data import CROPS, PRETRAIN_DATASETS, is_pretrain_dataset
 from losses import NAT_SCOPES, SC_POOLS
 from models import MODEL_NAMES, PREPROCESSINGS
 from models.cli import UsageError, check_choice, check_range, option
+from models.runs import fingerprint_of
 
 METHODS = ("nat", "sc")
 FINAL_EVALS = ("probe", "finetune", "none")
@@ -129,6 +136,32 @@ class TrainConfig:
                              choices=FINAL_EVALS)
     inject_nan_at_step: int = option(-1, "Testing aid: make the loss of that step NaN.")
 
+    # What a run's fingerprint holds, by group; names that are not fields are facts the run
+    # derives: the build_model kwargs, the number of images (and, for a folder, a digest of
+    # its file list), the input pipelines (workers shard the data) and the size of NAT's
+    # Hungarian problems (per replica or global).
+    FINGERPRINT_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "method": ("method",),
+        "model": ("model", "input_shape", "preprocessing", "nat_dim", "model_kwargs"),
+        "data": ("dataset", "images", "files"),
+        "batch": ("batch_size",),
+        "seed": ("seed",),
+        "loss": ("nat_reassign_every", "nat_scope", "sc_endpoints", "sc_patch", "sc_squared",
+                 "sc_symmetric", "sc_pool"),
+        "schedule": ("lr", "momentum", "weight_decay", "lr_t0", "lr_gamma", "plateau_patience",
+                     "plateau_factor", "plateau_min_delta"),
+        "augmentation": ("crop", "crop_pad", "crop_min_scale", "flip"),
+        "init": ("init_checkpoint",),
+        "evaluation": ("probe_dataset", "probe_labels_per_class", "probe_splits", "final_eval"),
+        "distribution": ("workers", "nat_problem"),
+    }
+    # What a restart may change: the length of the run, how often it saves and probes, where
+    # its data and exports are, the device split (its effect is in the facts above).
+    RESUMABLE: ClassVar[tuple[str, ...]] = (
+        "model_dir", "epochs", "data_dir", "manual_dir", "strategy", "cpu_replicas",
+        "steps_per_loop", "checkpoint_every", "keep_checkpoints", "export_dir",
+        "probe_every_epochs", "inject_nan_at_step")
+
     def __post_init__(self):
         for field in dataclasses.fields(self):
             choices = field.metadata.get("choices")
@@ -188,6 +221,16 @@ class TrainConfig:
         if self.preprocessing is not None:
             kwargs["preprocessing"] = self.preprocessing
         return kwargs
+
+    def fingerprint(self, images: int, files: str | None, workers: int, replicas: int) -> dict:
+        """The run's fingerprint (FINGERPRINT_GROUPS) for a dataset of `images` images (a
+        folder's file-list digest `files`), `workers` input pipelines and `replicas`."""
+        problem = None
+        if self.method == "nat":
+            problem = self.batch_size // replicas if self.nat_scope == "replica" else \
+                self.batch_size
+        return fingerprint_of(self, self.RESUMABLE, model_kwargs=self.model_kwargs(),
+                              images=images, files=files, workers=workers, nat_problem=problem)
 
     def to_json(self) -> dict:
         """config.json: every setting, plus the model's kwargs."""

@@ -13,13 +13,19 @@ SavedModel (serving/export.py) and the final table compares the pretrained netwo
 same network at random init: a linear probe (--final_eval=probe) or whole-network fine-tuning
 with labels (--final_eval=finetune, the SC protocol).
 
+The run folder belongs to one process and one set of settings (models/runs.py): a second
+process on it, or a restart with a setting that changes the result (train/config.py lists
+those a restart may change, e.g. --epochs), stops at once with one line and writes nothing.
+probe_history.json, probe.png and results.json are rebuilt from everything the run recorded
+(train/records.py); rerunning a finished run retrains and re-exports nothing and reprints its
+table from results.json.
+
 This module is the composition root: it builds the strategy, the trainer with its probe hook,
 the export and the final table. Bad flags stop with one line and exit status 1.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 from models import cli
@@ -32,8 +38,8 @@ class ProbeHook:
     """The periodic linear probe of the trained network (NAT Figure 2), as an epoch-end hook.
 
     Every `every` epochs (on the chief) it probes the transfer endpoint, logs the accuracy as
-    the summary "probe/accuracy", and keeps `history` [(epochs done, accuracy)], also written
-    to `<model_dir>/probe_history.json` (entries of earlier processes are kept).
+    the summary "probe/accuracy" and records it in `<model_dir>/probe_history.json`;
+    `history` [(epochs done, accuracy)] is the whole history, earlier processes' included.
     """
 
     def __init__(self, config: TrainConfig, dataset: str):
@@ -51,14 +57,9 @@ class ProbeHook:
         self.history.append((epochs_done, accuracy))
         with trainer.writer.as_default(step=trainer.step):
             tf.summary.scalar("probe/accuracy", accuracy)
-        path = os.path.join(self.config.model_dir, "probe_history.json")
-        previous = []
-        if os.path.exists(path):
-            with open(path) as f:
-                previous = [tuple(p) for p in json.load(f) if p[0] < epochs_done]
-        from models.runs import write_json_atomic
+        from train.records import record_probe
 
-        write_json_atomic(path, [*previous, (epochs_done, accuracy)])
+        self.history = record_probe(self.config.model_dir, epochs_done, accuracy)
         trainer.log(f"\nepoch {epochs_done}: probe accuracy {100 * accuracy:.1f}%")
 
 
@@ -162,36 +163,68 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run(config: TrainConfig, strategy=None) -> dict:
-    """Train, probe, export and report; returns the summary written to results.json."""
-    from models.runs import write_json_atomic
+    """Train, probe, export and report; returns the summary written to results.json. A rerun
+    of a finished run returns its results.json and reprints its table (module docstring)."""
+    from train import records
     from train.strategy import make_strategy
-    from train.trainer import Trainer, write_run_config
+    from train.trainer import Trainer
 
     strategy = strategy or make_strategy(config.strategy, config.cpu_replicas)
-    write_run_config(config)
     dataset = probe_dataset(config)
     hook = ProbeHook(config, dataset) if dataset is not None else None
     trainer = Trainer(config, strategy, hooks=[hook] if hook else [])
+    start = trainer.step
     try:
+        if trainer.chief:
+            _clean_export_staging(config, trainer.log)
         summary = trainer.train()
     finally:
         trainer.close()
-    summary["probe_history"] = hook.history if hook else []
-    if trainer.chief and summary["probe_history"]:
-        plot_probe_history(summary["probe_history"], os.path.join(config.model_dir, "probe.png"))
-    export_base = config.export_dir or os.path.join(config.model_dir, "export")
-    if export_base != "none":
+    if not trainer.chief:
+        return summary
+    finished = records.finished_results(config.model_dir, start) if summary["steps"] == start \
+        else None
+    if finished is not None:
+        trainer.log(f"the run finished at step {start}: results from {records.RESULTS}, "
+                    "nothing retrained or exported")
+        records.write_probe_plot(config.model_dir, finished.get("probe_history", []),
+                                 plot_probe_history)
+        if finished.get("final"):
+            print("\n" + format_table(finished["final"]))
+        return finished
+    return _report(config, trainer, summary)
+
+
+def _export_base(config: TrainConfig) -> str:
+    return config.export_dir or os.path.join(config.model_dir, "export")
+
+
+def _clean_export_staging(config: TrainConfig, log) -> None:
+    """Remove the export staging folders a dead process of this run left."""
+    if _export_base(config) != "none":
+        from serving.export import clean_staging
+
+        clean_staging(os.path.join(_export_base(config), config.model), log)
+
+
+def _report(config: TrainConfig, trainer, summary: dict) -> dict:
+    """The chief's end of a run: probe plot, export, final table, results.json."""
+    from train import records
+
+    summary["probe_history"] = records.probe_history(config.model_dir, summary["epochs"])
+    records.write_probe_plot(config.model_dir, summary["probe_history"], plot_probe_history)
+    if _export_base(config) != "none":
         from serving.export import export_features
 
         summary["export"] = export_features(
-            trainer.model, export_base, config.model,
-            metadata={"checkpoint": trainer.manager.latest_checkpoint, "method": config.method})
-    rows = final_table(config, trainer.model) if trainer.chief else []
+            trainer.model, _export_base(config), config.model,
+            metadata={"checkpoint": trainer.manager.latest_checkpoint, "method": config.method,
+                      "model_kwargs": config.model_kwargs()}, log=trainer.log)
+    rows = final_table(config, trainer.model)
     summary["final"] = rows
-    if trainer.chief:
-        write_json_atomic(os.path.join(config.model_dir, "results.json"), summary)
-        if rows:
-            print("\n" + format_table(rows))
+    records.write_results(config.model_dir, summary)
+    if rows:
+        print("\n" + format_table(rows))
     return summary
 
 

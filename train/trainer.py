@@ -20,13 +20,22 @@ Learning rate (NAT Sec. 3.3 and SC Sec. 5 combined):
 `scale` starts at 1 and is cut by `plateau_factor` when the epoch's mean loss has not gone
 below the best one by `plateau_min_delta` for `plateau_patience` epochs (0: never cut).
 
+The run folder belongs to the trainer (on the chief; other workers checkpoint to a temporary
+folder): it is locked, and its fingerprint (`TrainConfig.fingerprint`: every setting that
+changes the result, plus the number of images, a folder's file list, the input pipelines and
+NAT's problem size) is compared with the recorded one before anything is restored or written
+(models/runs.py). Only then are config.json, a folder's file list (images.txt) and the files
+the folder scan left out (skipped.json) written; temporaries of a dead process are removed
+first, and named.
+
 Checkpoints hold everything a resumed run needs: the model (name-keyed, models/weights.py), the
 optimizer (with its step counter), the NAT assignment, the epoch counter, the plateau state
-and the run's fingerprint (seed, dataset size, global batch). They are written every
-`checkpoint_every` steps and at each epoch end. The data stream and the SC patches are
+and the mean loss of the last loop (for the results of any later process). They are written
+every `checkpoint_every` steps and at each epoch end. The data stream and the SC patches are
 functions of (seed, step), so that is the whole random state. A run restarts from the latest
 checkpoint in `model_dir`; otherwise it loads the backbone of `init_checkpoint`; otherwise it
-starts fresh.
+starts fresh. Image files that fail to load during training are dropped and refilled
+(data/pretrain.py), logged and added to skipped.json.
 
 A non-finite loss stops the run (`NonFiniteLoss`, naming the step) without writing the
 corrupted weights: the last good checkpoint is what remains.
@@ -49,12 +58,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data.pretrain import PretrainSource, open_source, pretrain_dataset, steps_per_epoch
+from data.pretrain import (
+    DataError,
+    PretrainSource,
+    open_source,
+    pretrain_dataset,
+    steps_per_epoch,
+)
 from losses.nat import NoiseAsTargets
 from losses.spatial_contrasting import multi_endpoint_loss
 from models import build_model
-from models.runs import open_checkpoints, write_config
+from models.runs import abandon_run, claim_run, open_checkpoints, start_run
 from models.weights import load_weights, named_variables
+from train import records
 from train.config import TrainConfig
 
 
@@ -83,6 +99,15 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:
     """True on the worker that writes checkpoints, summaries and exports."""
     return bool(getattr(strategy.extended, "should_checkpoint", True))
+
+
+def _input_pipelines(strategy: tf.distribute.Strategy) -> int:
+    """Input pipelines of the strategy: one per worker of a cluster (each reads a shard)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    spec = resolver.cluster_spec()
+    return max(1, sum(spec.num_tasks(job) for job in spec.jobs if job in ("chief", "worker")))
 
 
 def _l2(model: keras.Model) -> tf.Tensor:
@@ -114,71 +139,117 @@ class Trainer:
         if config.batch_size % replicas:
             raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                              f"{replicas} replicas")
-        with strategy.scope():
+        self.claim = None
+        if self.chief:  # lock first: a second process stops before opening any data
+            self.claim = claim_run(config.model_dir, lambda: self._open_data(source))
+        else:
+            self._open_data(source)
+        try:
+            self._build_state()
+            if self.claim is not None:
+                start_run(self.claim, config.to_json())
+                self._record_data()
+        except BaseException:
+            if self.claim is not None:
+                abandon_run(self.claim)
+            raise
+        if self.claim is not None and self.claim.removed:
+            self.log(f"removed {len(self.claim.removed)} temporary files of an interrupted "
+                     f"process from {config.model_dir}: {', '.join(self.claim.removed)}")
+        # TensorBoard summaries, opened by `train` once there is a step to write about.
+        self.writer = tf.summary.create_noop_writer()
+        self._loop_fn = None
+
+    def _open_data(self, source: PretrainSource | None) -> dict:
+        """Build the (seeded) model, open the data; returns the run's fingerprint."""
+        cfg = self.config
+        with self.strategy.scope():
             # A seeded init: the same config gives the same network, so runs are reproducible
             # and a resumed run continues exactly the uninterrupted one.
-            keras.utils.set_random_seed(config.seed)
-            self.model = build_model(config.model, **config.model_kwargs())
+            keras.utils.set_random_seed(cfg.seed)
+            self.model = build_model(cfg.model, **cfg.model_kwargs())
         self.input_shape = tuple(int(d) for d in self.model.input.shape[1:])
-        self.source = source or open_source(config.dataset, self.input_shape, config.data_dir,
-                                            config.manual_dir)
-        if self.source.skipped:
-            self.log(f"dataset {self.source.name}: skipped {len(self.source.skipped)} "
-                     f"unreadable files (first: {self.source.skipped[0]})")
-        self.steps_per_epoch = steps_per_epoch(self.source.num_examples, config.batch_size)
+        self.source = source or open_source(cfg.dataset, self.input_shape, cfg.data_dir,
+                                            cfg.manual_dir, records.recorded_images(cfg.model_dir))
+        self.steps_per_epoch = steps_per_epoch(self.source.num_examples, cfg.batch_size)
         if self.steps_per_epoch < 1:
             raise ValueError(f"dataset {self.source.name} has {self.source.num_examples} "
-                             f"images, fewer than one batch of {config.batch_size}")
-        self.total_steps = self.steps_per_epoch * config.epochs
+                             f"images, fewer than one batch of {cfg.batch_size}")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        files = records.images_digest(self._files()) if self.source.paths else None
+        return cfg.fingerprint(self.source.num_examples, files, _input_pipelines(self.strategy),
+                               self.strategy.num_replicas_in_sync)
 
-        with strategy.scope():
+    def _files(self) -> list[str]:
+        return [os.path.relpath(p, self.source.root) for p in self.source.paths]
+
+    def _build_state(self) -> None:
+        """Variables, optimizer, NAT state and checkpoint, restored from the latest one."""
+        cfg = self.config
+        with self.strategy.scope():
             self.lr_scale = tf.Variable(1.0, trainable=False, name="lr_scale")
             self.best_loss = tf.Variable(np.inf, trainable=False, dtype=tf.float32,
                                          name="best_loss")
             self.bad_epochs = tf.Variable(0, trainable=False, dtype=tf.int64, name="bad_epochs")
             self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="epoch")
-            self.fingerprint = tf.Variable(
-                [config.seed, self.source.num_examples, config.batch_size], trainable=False,
-                dtype=tf.int64, name="fingerprint")
-            self.schedule = LearningRate(config.lr, config.lr_t0, config.lr_gamma, self.lr_scale)
+            self.last_loss = tf.Variable(np.nan, trainable=False, dtype=tf.float64,
+                                         name="last_loss")
+            self.schedule = LearningRate(cfg.lr, cfg.lr_t0, cfg.lr_gamma, self.lr_scale)
             self.optimizer = keras.optimizers.SGD(learning_rate=self.schedule,
-                                                  momentum=config.momentum)
+                                                  momentum=cfg.momentum)
             self.optimizer.build(self.model.trainable_variables)
             self.nat = None
-            if config.method == "nat":
-                self.nat = NoiseAsTargets(self.source.num_examples, config.nat_dim, config.seed,
-                                          scope=config.nat_scope)
+            if cfg.method == "nat":
+                self.nat = NoiseAsTargets(self.source.num_examples, cfg.nat_dim, cfg.seed,
+                                          scope=cfg.nat_scope)
             objects = dict(model=named_variables(self.model), optimizer=self.optimizer,
                            epoch=self.epoch, lr_scale=self.lr_scale, best_loss=self.best_loss,
-                           bad_epochs=self.bad_epochs, fingerprint=self.fingerprint)
+                           bad_epochs=self.bad_epochs, last_loss=self.last_loss)
             if self.nat is not None:
                 objects["nat"] = self.nat
-            self._checkpoint_dir = config.model_dir if self.chief else tempfile.mkdtemp()
+            self._checkpoint_dir = cfg.model_dir if self.chief else tempfile.mkdtemp()
             self.checkpoint, self.manager, latest = open_checkpoints(
-                config.model_dir, objects, config.keep_checkpoints, self._checkpoint_dir)
-
+                cfg.model_dir, objects, cfg.keep_checkpoints, self._checkpoint_dir)
         self.restored_from = self._restore(latest)
-        self.writer = (tf.summary.create_file_writer(os.path.join(config.model_dir, "train"))
-                       if self.chief else tf.summary.create_noop_writer())
-        self._loop_fn = None
+
+    def _record_data(self) -> None:
+        """images.txt (first start) and the files the folder scan left out."""
+        if self.source.paths:
+            records.record_images(self.config.model_dir, self._files())
+        skipped = self.source.skipped
+        if skipped:
+            records.record_skipped(self.config.model_dir, skipped, "scan")
+            names = ", ".join(os.path.relpath(p, self.source.root) for p, _ in skipped[:3])
+            self.log(f"dataset {self.source.name}: {len(skipped)} unreadable files left out "
+                     f"({names}{', ...' if len(skipped) > 3 else ''}); each is listed with "
+                     f"its reason in {os.path.join(self.config.model_dir, records.SKIPPED)}")
+
+    def _note_failures(self) -> None:
+        """Log and record the files that failed to load since the last call."""
+        failures = self.source.failures
+        new = failures.drain() if failures is not None else []
+        if new and self.chief:
+            new = records.record_skipped(self.config.model_dir, new, "training")
+        for path, reason in new:
+            self.log(f"\nskipped {path}: {reason}; batches are refilled from the epoch's "
+                     f"other images (listed in {records.SKIPPED})")
 
     # ---------------------------------------------------------------------------------------
     # restore
 
     def _restore(self, latest: str | None) -> str:
         if latest:
-            expected = [self.config.seed, self.source.num_examples, self.config.batch_size]
-            found = [int(v) for v in self.fingerprint.numpy()]
-            if found != expected:
-                raise ValueError(
-                    f"model_dir {self.config.model_dir} holds a run with (seed, images, batch) = "
-                    f"{tuple(found)}, not {tuple(expected)}: use a new --model_dir")
             return f"resumed {latest} at step {self.step}"
         if self.config.init_checkpoint:
             report = load_weights(self.model, self.config.init_checkpoint)
             return (f"initialised {len(report.loaded)} weights from {report.checkpoint} "
                     f"({len(report.missing)} left at random init)")
         return "fresh start"
+
+    @property
+    def finished(self) -> bool:
+        """True when every step of the run's epochs is done."""
+        return self.step >= self.total_steps
 
     @property
     def step(self) -> int:
@@ -290,7 +361,7 @@ class Trainer:
     def train(self) -> dict:
         """Train up to `epochs` epochs (resuming where the checkpoint left off).
 
-        Returns a summary dict: steps, epochs, final epoch loss.
+        Returns a summary dict: steps, epochs, last_loss (the mean loss of the last loop).
         Raises NonFiniteLoss on a NaN/Inf loss (nothing is written after the last good step).
         """
         cfg = self.config
@@ -299,32 +370,24 @@ class Trainer:
                  f"{cfg.model}, {self.strategy.num_replicas_in_sync} replica(s), "
                  f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs; {self.restored_from}")
         if start >= self.total_steps:
-            return self._summary(float("nan"))
-
+            return self._summary()
+        if self.chief:
+            self.writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "train"))
         iterator = self.make_iterator(start)
         progbar = keras.utils.Progbar(self.total_steps, stateful_metrics=["loss", "img/s", "lr"],
                                       unit_name="step", verbose=1 if self.chief else 0)
         progbar.update(start)
         since_save = 0
         epoch_loss, epoch_steps = 0.0, 0
-        last_loss = float("nan")
         while self.step < self.total_steps:
             step = self.step
             epoch, in_epoch = divmod(step, self.steps_per_epoch)
             n = min(cfg.steps_per_loop, self.steps_per_epoch - in_epoch)
-            t0 = time.perf_counter()
-            result = self.run_steps(iterator, n, self._reassign(epoch))
-            elapsed = time.perf_counter() - t0
-            if result.bad_step >= 0:
-                raise NonFiniteLoss(
-                    f"loss is not finite at step {result.bad_step} (epoch {epoch + 1}); stopped "
-                    f"without saving: the last good checkpoint is "
-                    f"{self.manager.latest_checkpoint or 'none'}")
+            result, elapsed = self._loop(iterator, epoch, n)
             images_per_sec = result.steps * cfg.batch_size / max(elapsed, 1e-9)
             lr = float(self.schedule(self.optimizer.iterations))
             epoch_loss += result.loss * result.steps
             epoch_steps += result.steps
-            last_loss = result.loss
             with self.writer.as_default(step=self.step):
                 tf.summary.scalar("loss", result.loss)
                 tf.summary.scalar("lr", lr)
@@ -346,16 +409,34 @@ class Trainer:
                 self.manager.save(checkpoint_number=self.step)
                 since_save = 0
         self.writer.flush()
-        return self._summary(last_loss)
+        return self._summary()
 
-    def _summary(self, last_loss: float) -> dict:
-        return {"steps": self.step, "epochs": int(self.epoch.numpy()), "last_loss": last_loss}
+    def _loop(self, iterator, epoch: int, num_steps: int) -> tuple[LoopResult, float]:
+        """One call of the step loop: (its result, seconds). Stops the run on a NaN/Inf loss
+        or when the data runs out."""
+        step, t0 = self.step, time.perf_counter()
+        try:
+            result = self.run_steps(iterator, num_steps, self._reassign(epoch))
+        except tf.errors.OutOfRangeError:
+            self._note_failures()
+            raise DataError(f"the images of {self.source.name} ran out at step {step}: too many "
+                            f"can no longer be read (see {records.SKIPPED} in "
+                            f"{self.config.model_dir})") from None
+        elapsed = time.perf_counter() - t0
+        self._note_failures()
+        if result.bad_step >= 0:
+            raise NonFiniteLoss(
+                f"loss is not finite at step {result.bad_step} (epoch {epoch + 1}); stopped "
+                f"without saving: the last good checkpoint is "
+                f"{self.manager.latest_checkpoint or 'none'}")
+        self.last_loss.assign(result.loss)
+        return result, elapsed
+
+    def _summary(self) -> dict:
+        return {"steps": self.step, "epochs": int(self.epoch.numpy()),
+                "last_loss": float(self.last_loss.numpy())}
 
     def close(self) -> None:
+        self.writer.close()
         if not self.chief:
             shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
-
-
-def write_run_config(config: TrainConfig) -> str:
-    """Write the run's `<model_dir>/config.json`; returns its path."""
-    return write_config(config.model_dir, config.to_json())

@@ -1,11 +1,17 @@
 """The training loop on one device: schedules, checkpoints, exact resume, the NaN guard."""
 
+import dataclasses
+import json
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from models.cli import UsageError
-from tests.helpers import is_permutation, make_run_dir, scalars
+from models.runs import RunMismatch
+from tests.helpers import is_permutation, make_run_dir, scalars, two_replica_strategy
 from train.config import TrainConfig
 from train.trainer import LearningRate, NonFiniteLoss, Trainer
 
@@ -100,11 +106,96 @@ def test_plateau_cuts_the_learning_rate(tmp_path):
     assert int(trainer.epoch.numpy()) == 4
 
 
-def test_a_model_dir_of_another_run_is_refused(tmp_path):
-    _train(_config(tmp_path, steps_per_loop=9))
-    with pytest.raises(ValueError, match=r"holds a run with .* use a new --model_dir"):
-        Trainer(_config(tmp_path, batch_size=64), tf.distribute.get_strategy(),
-                log=lambda _: None)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished one-epoch NAT run: digits, batch 128, 9 steps."""
+    config = _config(tmp_path_factory.mktemp("finished"), steps_per_loop=9)
+    _train(config)
+    return config
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return found
+
+
+def test_every_setting_is_fingerprinted_or_resumable():
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    grouped = [name for names in TrainConfig.FINGERPRINT_GROUPS.values() for name in names]
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) & set(TrainConfig.RESUMABLE) == set()
+    assert (set(grouped) & fields) | set(TrainConfig.RESUMABLE) == fields
+    facts = set(grouped) - fields
+    assert facts == {"model_kwargs", "images", "files", "workers", "nat_problem"}
+
+
+def _folder_of(n: int, root) -> str:
+    os.makedirs(root)
+    for i in range(n):
+        Image.fromarray(np.full((8, 8), i % 256, np.uint8)).save(os.path.join(root, f"{i}.png"))
+    return f"folder:{root}"
+
+
+# For each group of the fingerprint, a restart that changes it, and the fields the refusal
+# names (a change can move derived facts too).
+CHANGES = {
+    "method": (dict(method="sc"), ["method", "model_kwargs", "nat_problem"]),
+    "model": (dict(nat_dim=8), ["model_kwargs", "nat_dim"]),
+    "data": (dict(dataset="folder"), ["dataset", "files", "images"]),
+    "batch": (dict(batch_size=64), ["batch_size", "nat_problem"]),
+    "seed": (dict(seed=1), ["seed"]),
+    "loss": (dict(nat_reassign_every=1), ["nat_reassign_every"]),
+    "schedule": (dict(lr=0.01), ["lr"]),
+    "augmentation": (dict(flip=True), ["flip"]),
+    "init": (dict(init_checkpoint="donor"), ["init_checkpoint"]),
+    "evaluation": (dict(probe_splits=2), ["probe_splits"]),
+    "distribution": (dict(), ["nat_problem"]),  # two replicas, per-replica NAT problems
+}
+
+
+@pytest.mark.parametrize("group", sorted(CHANGES))
+def test_a_restart_that_changes_the_result_is_refused_before_any_write(finished, tmp_path,
+                                                                       group):
+    assert set(CHANGES) == set(TrainConfig.FINGERPRINT_GROUPS)
+    change, named = CHANGES[group]
+    change = dict(change)
+    if "dataset" in change:
+        change["dataset"] = _folder_of(130, str(tmp_path / "images"))
+    if "init_checkpoint" in change:
+        change["init_checkpoint"], _ = make_run_dir(tmp_path / "donor")
+    strategy = two_replica_strategy() if group == "distribution" else tf.distribute.get_strategy()
+    before = _snapshot(finished.model_dir)
+    config = dataclasses.replace(finished, **change)
+    with pytest.raises(RunMismatch) as refused:
+        Trainer(config, strategy, log=lambda _: None)
+    message = str(refused.value)
+    assert message.startswith(f"{finished.model_dir} holds a run with other settings (")
+    assert message.endswith("): rerun with the recorded settings, or use another --model_dir")
+    listed = message[message.index("(") + 1:message.rindex(")")].split("; ")
+    assert [item.split(":")[0] for item in listed] == named
+    for name, value in change.items():
+        old = json.dumps(getattr(finished, name))
+        assert f"{name}: {old} -> {json.dumps(value)}" in listed
+    assert _snapshot(finished.model_dir) == before
+
+
+def test_a_restart_may_change_the_resumable_settings(finished):
+    before = _snapshot(finished.model_dir)
+    trainer = Trainer(dataclasses.replace(finished, epochs=2, checkpoint_every=4,
+                                          steps_per_loop=3, probe_every_epochs=1,
+                                          keep_checkpoints=2, strategy="mirrored"),
+                      tf.distribute.get_strategy(), log=lambda _: None)
+    assert trainer.restored_from.endswith("at step 9") and trainer.total_steps == 18
+    assert trainer.claim.removed == ()
+    after = _snapshot(finished.model_dir)
+    assert json.loads(after.pop("config.json"))["epochs"] == 2  # the current settings
+    before.pop("config.json")
+    assert after == before  # nothing else written at the start
+    trainer.close()
 
 
 def test_init_checkpoint_loads_the_backbone_only(tmp_path):

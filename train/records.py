@@ -1,0 +1,130 @@
+"""What a pretraining run records beside its checkpoints, rebuilt from every process it took.
+
+    <model_dir>/
+        images.txt          a folder dataset's files (relative to the folder), line i = index
+                            i: written at the first start; later starts reopen the folder from
+                            it, so indices never move (data/pretrain.py)
+        skipped.json        every image file the run could not use, with the reason and when
+                            ("scan": left out at the first start; "training": failed later),
+                            the union over all processes
+        probe_history.json  [[epochs done, probe accuracy], ...]: each process adds the epochs
+                            it probes; an epoch probed again after a resume replaces its entry
+        probe.png           drawn from the whole probe history
+        results.json        the finished run: steps, epochs, the mean loss of its last loop
+                            (kept in the checkpoint, so any process can report it), the probe
+                            history, the export and the final table
+
+Every file is written atomically and only when its content changes: rerunning a finished
+run leaves them byte for byte as they were.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+from models.runs import temporary_path, write_json_if_changed, write_text_atomic
+
+IMAGES = "images.txt"
+SKIPPED = "skipped.json"
+PROBE_HISTORY = "probe_history.json"
+PROBE_PLOT = "probe.png"
+RESULTS = "results.json"
+
+
+def _read_json(path: str, default):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------ the data
+
+
+def images_digest(files: Sequence[str]) -> str:
+    """sha256 of a folder's file list (in index order): the fingerprint's `files`."""
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()
+
+
+def recorded_images(model_dir: str) -> list[str] | None:
+    """The file list of images.txt, or None when the run has none."""
+    path = os.path.join(model_dir, IMAGES)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def record_images(model_dir: str, files: Sequence[str]) -> None:
+    """Write images.txt unless the run already has one (it never changes)."""
+    if recorded_images(model_dir) is None:
+        write_text_atomic(os.path.join(model_dir, IMAGES), "".join(f"{f}\n" for f in files))
+
+
+def record_skipped(model_dir: str, entries: Iterable[tuple[str, str]], when: str
+                   ) -> list[tuple[str, str]]:
+    """Add the (path, reason) entries whose path skipped.json lacks; returns those."""
+    path = os.path.join(model_dir, SKIPPED)
+    recorded = _read_json(path, [])
+    known = {entry["path"] for entry in recorded}
+    new = []
+    for name, reason in entries:
+        if name not in known:
+            known.add(name)
+            new.append((name, reason))
+    if new:
+        recorded += [{"path": name, "reason": reason, "when": when} for name, reason in new]
+        write_json_if_changed(path, sorted(recorded, key=lambda entry: entry["path"]))
+    return new
+
+
+# ------------------------------------------------------------------------------ the results
+
+
+def probe_history(model_dir: str, up_to: int | None = None) -> list[tuple[int, float]]:
+    """[(epochs done, accuracy)] of every probe the run recorded (up to epoch `up_to`)."""
+    history = [(int(e), float(a)) for e, a in _read_json(os.path.join(model_dir, PROBE_HISTORY),
+                                                         [])]
+    return [(e, a) for e, a in history if up_to is None or e <= up_to]
+
+
+def record_probe(model_dir: str, epochs_done: int, accuracy: float) -> list[tuple[int, float]]:
+    """Record the probe after `epochs_done` epochs (replacing later entries: they were made by
+    a process that died before checkpointing them); returns the whole history."""
+    history = [*probe_history(model_dir, epochs_done - 1), (epochs_done, float(accuracy))]
+    write_json_if_changed(os.path.join(model_dir, PROBE_HISTORY), [list(p) for p in history])
+    return history
+
+
+def write_probe_plot(model_dir: str, history: Sequence[tuple[int, float]],
+                     plot: Callable[[Sequence[tuple[int, float]], str], None]) -> bool:
+    """probe.png from `history` by `plot(history, path)`, replaced only if it changed."""
+    if not history:
+        return False
+    path = os.path.join(model_dir, PROBE_PLOT)
+    tmp = temporary_path(path)
+    try:
+        plot(history, tmp)
+        if os.path.exists(path) and filecmp.cmp(tmp, path, shallow=False):
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def finished_results(model_dir: str, steps: int) -> dict | None:
+    """results.json if it reports the run at `steps` steps (so it is the run's latest), else
+    None."""
+    results = _read_json(os.path.join(model_dir, RESULTS), None)
+    return results if results is not None and results.get("steps") == steps else None
+
+
+def write_results(model_dir: str, summary: dict) -> bool:
+    """results.json, replaced only if it changed."""
+    return write_json_if_changed(os.path.join(model_dir, RESULTS), summary)
