@@ -23,7 +23,12 @@ Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
   the network from scratch, and both are reported side by side (SC Tables 1-3).
 
 Writes config.json, finetune.json (every figure) and finetune.md to --output_dir (default
-`<init>/finetune`, or `runs/finetune_<model>_scratch` with --init=none).
+`<init>/finetune`, or `runs/finetune_<model>_scratch` with --init=none). The folder belongs to
+one configuration (models/runs.py): a second process on it stops at once, and a configuration
+that differs in anything but `RESUMABLE` (the output and data locations) is refused unless the
+folder is new. The same configuration recomputes and rewrites the outputs, for the weights
+--init holds then (finetune.json records how many were loaded). Nothing is written before the
+results are complete.
 
 Example:
 
@@ -37,6 +42,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -89,6 +95,10 @@ class FinetuneConfig:
     max_test_examples: int = option(0, "Score on the first n test examples (0: all).", lower=0)
     output_dir: str = option("", "Where config.json, finetune.json and finetune.md go "
                              "(default: <init>/finetune).")
+
+    # What may differ between two invocations writing one output folder (module docstring).
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("output_dir", "data_dir", "manual_dir",
+                                            "stl10_dir")
 
     def __post_init__(self):
         cli.require("init", self.init)
@@ -323,6 +333,39 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
     """Every seed, pretrained (unless --init=none) and, with compare_scratch, from scratch.
 
     Returns ({"pretrained"|"scratch": [RunResult per seed]}, console table)."""
+    from models.runs import abandon_run, claim_run, fingerprint_of, start_run
+
+    claim = claim_run(cfg.out, fingerprint_of(cfg, cfg.RESUMABLE), what="--output_dir")
+    try:
+        name, kwargs, results, seconds = _train_all(cfg)
+        start_run(claim, asdict(cfg))
+    except BaseException:
+        abandon_run(claim)
+        raise
+    labels = f"{cfg.labels}/class" if cfg.labels else "all"
+    headers = ["init", "model", "dataset", "labels", "seeds", "epochs", "test acc %",
+               "test error %"]
+    rows = []
+    for key, runs in results.items():
+        mean, std = report.mean_std([r.test_accuracy for r in runs])
+        rows.append(["pretrained" if key == "pretrained" else "none (scratch)", name,
+                     cfg.dataset, labels, str(len(runs)),
+                     f"{np.mean([r.epochs for r in runs]):.0f}",
+                     report.percent(mean, std), report.percent(1 - mean, std)])
+    title = f"fine-tuning {name} on {cfg.dataset} ({labels} labels, {len(cfg.seeds)} seeds)"
+    payload = {"config": asdict(cfg), "model": name, "model_kwargs": kwargs,
+               "seconds": seconds,
+               "runs": {key: [asdict(r) for r in runs] for key, runs in results.items()},
+               "summary": {key: dict(zip(("mean", "std"),
+                                         report.mean_std([r.test_accuracy for r in runs]),
+                                         strict=True))
+                           for key, runs in results.items()}}
+    table = report.write_report(cfg.out, "finetune", payload, headers, rows, title)
+    return results, f"{title}\n{table}"
+
+
+def _train_all(cfg: FinetuneConfig) -> tuple[str, dict, dict[str, list[RunResult]], float]:
+    """(model name, kwargs, {"pretrained"|"scratch": [RunResult per seed]}, seconds)."""
     from models import build_model
 
     name, kwargs = model_spec(cfg)
@@ -348,28 +391,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
             raise UsageError(f"--labels_per_class={cfg.labels}: {error}") from None
         for key, init in inits.items():  # same data, seed and schedule: only the init differs
             results[key].append(run_seed(cfg, name, kwargs, init, seed, data))
-
-    labels = f"{cfg.labels}/class" if cfg.labels else "all"
-    headers = ["init", "model", "dataset", "labels", "seeds", "epochs", "test acc %",
-               "test error %"]
-    rows = []
-    for key, runs in results.items():
-        mean, std = report.mean_std([r.test_accuracy for r in runs])
-        rows.append(["pretrained" if key == "pretrained" else "none (scratch)", name,
-                     cfg.dataset, labels, str(len(runs)),
-                     f"{np.mean([r.epochs for r in runs]):.0f}",
-                     report.percent(mean, std), report.percent(1 - mean, std)])
-    title = f"fine-tuning {name} on {cfg.dataset} ({labels} labels, {len(cfg.seeds)} seeds)"
-    payload = {"config": asdict(cfg), "model": name, "model_kwargs": kwargs,
-               "seconds": time.time() - tic,
-               "runs": {key: [asdict(r) for r in runs] for key, runs in results.items()},
-               "summary": {key: dict(zip(("mean", "std"),
-                                         report.mean_std([r.test_accuracy for r in runs]),
-                                         strict=True))
-                           for key, runs in results.items()}}
-    table = report.write_report(cfg.out, "finetune", payload, headers, rows, title)
-    report.write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
-    return results, f"{title}\n{table}"
+    return name, kwargs, results, time.time() - tic
 
 
 def run_and_print(cfg: FinetuneConfig):

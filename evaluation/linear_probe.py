@@ -13,7 +13,11 @@ Protocol (NAT Sec. 4 and Table 3; `evaluation.probe` has the details):
 
 Writes to --output_dir (default: `<model_dir>/probe`, or `runs/probe_<model>_random` for a
 bare --model): config.json (the flags), probe.json (every figure) and probe.md (the table),
-and prints the table.
+and prints the table. The folder belongs to one configuration (models/runs.py): a second
+process on it stops at once, and a configuration that differs in anything but `RESUMABLE`
+(output and data locations, the extraction batch size) is refused unless the folder is new.
+The same configuration recomputes and rewrites the outputs, for the weights the run holds then
+(probe.json names the checkpoint). Nothing is written before the results are complete.
 
 Example (the embedded digits, random init, with raw pixels as a reference row):
 
@@ -27,6 +31,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from data import LABELLED_DATASETS
 from models import MODEL_NAMES, cli
@@ -74,6 +79,10 @@ class ProbeConfig:
     max_test_examples: int = option(0, "Score on the first n test examples (0: all).", lower=0)
     output_dir: str = option("", "Where config.json, probe.json and probe.md go (default: "
                              "<model_dir>/probe).")
+
+    # What may differ between two invocations writing one output folder (module docstring).
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("output_dir", "data_dir", "manual_dir", "stl10_dir",
+                                            "batch_size")
 
     def __post_init__(self):
         if self.model_dir and self.saved_model:
@@ -138,8 +147,41 @@ def load_model(cfg: ProbeConfig):
 def run(cfg: ProbeConfig):
     """Run the probe of `cfg`; write config.json, probe.json and probe.md; print and return
     (result, console table)."""
+    from evaluation import report
+    from models.runs import abandon_run, claim_run, fingerprint_of, start_run
+
+    claim = claim_run(cfg.out, fingerprint_of(cfg, cfg.RESUMABLE), what="--output_dir")
+    try:
+        result, seconds, name, weights = _probe(cfg)
+        start_run(claim, asdict(cfg))
+    except BaseException:
+        abandon_run(claim)
+        raise
+    labels = cfg.labels_per_class or "all"
+    headers = ["endpoint", "pooled", "dims", "head", "labels/class", "splits", "val acc %",
+               "test acc %"]
+    rows = []
+    for e in result.endpoints:
+        val = [s.val_accuracy for s in e.splits if s.val_accuracy is not None]
+        rows.append([e.endpoint, "x".join(map(str, e.shape)), str(e.dims), cfg.head,
+                     str(labels), str(cfg.splits),
+                     report.percent(*report.mean_std(val)) if val else "-",
+                     report.percent(e.mean, e.std)])
+    title = (f"{cfg.head} probe of {name} ({weights}) on {cfg.dataset}: "
+             f"{result.train_examples} train images drawn, {result.test_examples} test images")
+    payload = {"config": asdict(cfg), "model": name, "weights": weights,
+               "seconds": seconds, **result.to_json()}
+    table = report.write_report(cfg.out, "probe", payload, headers, rows, title)
+    text = f"{title}\n{table}"
+    print(text)
+    print(f"wrote {cfg.out}/probe.md and probe.json")
+    return result, text
+
+
+def _probe(cfg: ProbeConfig):
+    """(the ProbeResult, seconds, model name, a description of the weights)."""
     from data import labelled
-    from evaluation import probe, report
+    from evaluation import probe
     from evaluation.classifiers import KnnHead, MLPHead
     from models import TRANSFER_ENDPOINT
 
@@ -166,28 +208,7 @@ def run(cfg: ProbeConfig):
             knn=KnnHead(k=cfg.knn_k))
     except labelled.LabelsPerClassError as error:
         raise UsageError(f"--labels_per_class={cfg.labels_per_class}: {error}") from None
-    seconds = time.time() - tic
-
-    labels = cfg.labels_per_class or "all"
-    headers = ["endpoint", "pooled", "dims", "head", "labels/class", "splits", "val acc %",
-               "test acc %"]
-    rows = []
-    for e in result.endpoints:
-        val = [s.val_accuracy for s in e.splits if s.val_accuracy is not None]
-        rows.append([e.endpoint, "x".join(map(str, e.shape)), str(e.dims), cfg.head,
-                     str(labels), str(cfg.splits),
-                     report.percent(*report.mean_std(val)) if val else "-",
-                     report.percent(e.mean, e.std)])
-    title = (f"{cfg.head} probe of {name or model.name} ({weights}) on {cfg.dataset}: "
-             f"{result.train_examples} train images drawn, {result.test_examples} test images")
-    payload = {"config": asdict(cfg), "model": name or model.name, "weights": weights,
-               "seconds": seconds, **result.to_json()}
-    table = report.write_report(cfg.out, "probe", payload, headers, rows, title)
-    report.write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
-    text = f"{title}\n{table}"
-    print(text)
-    print(f"wrote {cfg.out}/probe.md and probe.json")
-    return result, text
+    return result, time.time() - tic, name or model.name, weights
 
 
 def main(argv=None) -> None:

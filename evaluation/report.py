@@ -13,7 +13,8 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import tensorflow as tf
+
+from models.runs import write_text_atomic
 
 
 def percent(mean: float, std: float | None = None) -> str:
@@ -59,18 +60,16 @@ def _jsonable(value):
 
 
 def write_json(path: str, payload) -> None:
-    """Write `payload` (dicts, lists, dataclasses, numpy scalars) as indented JSON."""
-    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-    with tf.io.gfile.GFile(path, "w") as f:
-        f.write(json.dumps(_jsonable(payload), indent=2, sort_keys=True) + "\n")
+    """Write `payload` (dicts, lists, dataclasses, numpy scalars) as indented JSON, atomically
+    (models/runs.py)."""
+    write_text_atomic(path, json.dumps(_jsonable(payload), indent=2, sort_keys=True) + "\n")
 
 
 def write_report(output_dir: str, name: str, payload: dict, headers: Sequence[str],
                  rows: Sequence[Sequence[str]], title: str = "") -> str:
-    """Write <output_dir>/<name>.json and <name>.md; return the console table."""
-    tf.io.gfile.makedirs(output_dir)
+    """Write <output_dir>/<name>.json and <name>.md (atomically); return the console table."""
     write_json(os.path.join(output_dir, f"{name}.json"), payload)
     markdown = markdown_table(headers, rows)
-    with tf.io.gfile.GFile(os.path.join(output_dir, f"{name}.md"), "w") as f:
-        f.write((f"{title}\n\n" if title else "") + markdown + "\n")
+    write_text_atomic(os.path.join(output_dir, f"{name}.md"),
+                      (f"{title}\n\n" if title else "") + markdown + "\n")
     return format_table(headers, rows)

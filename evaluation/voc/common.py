@@ -12,6 +12,11 @@ A protocol (`VocProtocol`) supplies what differs: its network, initialisation, d
 step, evaluation and report. Checkpoints hold the network (by name, models/weights.py), the
 optimizer and its step; the training stream is re-seeded with the step, so a resumed run is
 deterministic (not bit-identical to an uninterrupted one).
+
+The run folder belongs to one process and one configuration (models/runs.py): it is locked,
+and every setting but those of `RESUMABLE` (where data and checkpoints go, how often to log
+and save, and --num_steps, which extends a run) is compared with the recorded fingerprint
+before anything is restored; a refused start writes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 from models import PREPROCESSINGS, cli
 from models.cli import UsageError, option
@@ -47,6 +53,14 @@ class VocRunConfig:
     data_dir: str = option("", "tfds data_dir ('' = tfds default).")
     manual_dir: str = option("", "tfds manual_dir for --download.")
     download: bool = option(False, "Prepare voc/2007 first (may download).")
+
+    # Settings a restart may change, for every VOC protocol (module docstring): how often to
+    # log and save, where data, checkpoints and detection proposals are, how many steps (to
+    # extend a run), and how test batches are cut. Every other setting is fingerprinted.
+    RESUMABLE: ClassVar[tuple[str, ...]] = (
+        "model_dir", "checkpoint_every", "keep_checkpoints", "log_every", "data_dir",
+        "manual_dir", "download", "num_steps", "test_batch_images", "test_roi_chunk",
+        "proposal_cache", "proposal_workers", "compute_proposals", "only_proposals")
 
     def __post_init__(self):
         self.validate()
@@ -148,23 +162,56 @@ def _jsonable(value):
 
 def write_results(config, results: dict, table: str, summary: str, title: str) -> None:
     """results.json (NaN as null) and results.md in the run folder."""
-    from models.runs import write_json_atomic
+    from models.runs import write_json_atomic, write_text_atomic
 
     write_json_atomic(os.path.join(config.model_dir, "results.json"), _jsonable(results))
-    with open(os.path.join(config.model_dir, "results.md"), "w") as f:
-        f.write(f"# {title}, step {results['step']}\n\n{table}\n\n{summary}\n")
+    write_text_atomic(os.path.join(config.model_dir, "results.md"),
+                      f"# {title}, step {results['step']}\n\n{table}\n\n{summary}\n")
 
 
 def run(protocol: VocProtocol, config) -> dict:
     """Train and evaluate `protocol` as the module docstring says; returns the results.
 
-    Raises UsageError / ValueError for a bad setting or an incompatible checkpoint and
+    Raises UsageError / ValueError for a bad setting or an incompatible checkpoint,
+    RunLocked / RunMismatch for a folder in use or of another configuration, and
     FileNotFoundError for a missing checkpoint or unprepared data, each with one line.
     """
-    from models.runs import open_checkpoints, write_config
-    from models.weights import named_variables
+    from models.runs import abandon_run, claim_run, fingerprint_of, start_run
 
     config.validate()
+    claim = claim_run(config.model_dir, fingerprint_of(config, config.RESUMABLE))
+    try:
+        net, optimizer, manager, schedule, variables = _start(protocol, config)
+        start_run(claim, {**dataclasses.asdict(config), "model": "alexnet",
+                          "model_kwargs": protocol.model_kwargs(resolve_preprocessing(config))})
+    except BaseException:
+        abandon_run(claim)
+        raise
+    if claim.removed:
+        print(f"removed {len(claim.removed)} temporary files of an interrupted process from "
+              f"{config.model_dir}: {', '.join(claim.removed)}")
+    start = int(optimizer.iterations.numpy())
+    seconds = None
+    if start < config.num_steps:
+        step_fn = protocol.train_step(net, optimizer, variables, config)
+        seconds = train_loop(step_fn, protocol.batches(config, start), manager, schedule,
+                             start, config)
+    results = protocol.evaluate(net, config)
+    results["step"] = int(optimizer.iterations.numpy())
+    results["seconds_per_step"] = seconds
+    table, summary = protocol.report(results, config)
+    write_results(config, results, table, summary, protocol.title)
+    print(table)
+    print(summary)
+    return results
+
+
+def _start(protocol: VocProtocol, config):
+    """The network and optimizer, restored from the latest checkpoint or initialised, and the
+    data: (net, optimizer, checkpoint manager, schedule, trained variables). Writes nothing."""
+    from models.runs import open_checkpoints
+    from models.weights import named_variables
+
     preprocessing = resolve_preprocessing(config)
     keras.utils.set_random_seed(config.seed)
     net, schedule, variables = protocol.build(config, preprocessing)
@@ -180,19 +227,4 @@ def run(protocol: VocProtocol, config) -> dict:
     elif config.init_checkpoint:
         protocol.initialize(net, config)
     protocol.prepare(net, config, resumed=latest is not None)
-    write_config(config.model_dir, {**dataclasses.asdict(config), "model": "alexnet",
-                                    "model_kwargs": protocol.model_kwargs(preprocessing)})
-    start = int(optimizer.iterations.numpy())
-    seconds = None
-    if start < config.num_steps:
-        step_fn = protocol.train_step(net, optimizer, variables, config)
-        seconds = train_loop(step_fn, protocol.batches(config, start), manager, schedule,
-                             start, config)
-    results = protocol.evaluate(net, config)
-    results["step"] = int(optimizer.iterations.numpy())
-    results["seconds_per_step"] = seconds
-    table, summary = protocol.report(results, config)
-    write_results(config, results, table, summary, protocol.title)
-    print(table)
-    print(summary)
-    return results
+    return net, optimizer, manager, schedule, variables

@@ -11,6 +11,7 @@ from absl import flags
 from data.pretrain import translate_and_flip
 from evaluation import finetune
 from models import build_model, cli
+from models.runs import RunMismatch
 from models.weights import named_variables
 from tests.helpers import make_run_dir
 
@@ -138,6 +139,13 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
     written = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert set(written["runs"]) == {"pretrained", "scratch"}
     assert (tmp_path / "out" / "finetune.md").read_text().count("|") > 10
+    # The output folder now holds this configuration: another one is refused before any work.
+    starts.clear()
+    with pytest.raises(RunMismatch, match=r"out holds a run with other settings \("
+                       r"learning_rate: 0.01 -> 0.5\): rerun with the recorded settings, or "
+                       "use another --output_dir$"):
+        finetune.run(dataclasses.replace(cfg, learning_rate=0.5))
+    assert starts == []
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -29,6 +29,17 @@ def test_probe_of_a_run_writes_table_json_and_markdown(tmp_path, capsys):
     markdown = (out / "probe.md").read_text()
     assert markdown.count("\n| ") == 5  # header, rule and three rows
     assert json.loads((out / "config.json").read_text())["labels_per_class"] == 3
+    # The folder belongs to this configuration: another one is refused, and writes nothing.
+    written = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    with pytest.raises(SystemExit) as exit_info:
+        linear_probe.main(["linear_probe", f"--model_dir={run}", "--dataset=digits",
+                           "--endpoints=sc,embedding,pixels", "--labels_per_class=3",
+                           "--splits=1", "--max_test_examples=50"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        f"evaluation.linear_probe: error: {out} holds a run with other settings (splits: 2 -> "
+        "1): rerun with the recorded settings, or use another --output_dir\n")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == written
 
 
 def test_default_output_folders():

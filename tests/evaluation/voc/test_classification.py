@@ -20,6 +20,7 @@ from data import voc as voc_data
 from evaluation.voc import classification as vc
 from evaluation.voc import metrics as voc_metrics
 from models import cli
+from models.runs import RunMismatch
 from tests.data.test_voc import as_dataset_fn, make_example
 from tests.helpers import make_run_dir, run_module
 
@@ -334,3 +335,7 @@ def test_short_run_learns_and_resumes(tmp_path, caplog):
     assert "| **mean** |" in markdown and "sklearn AP (reference code)" in markdown
     written = json.load(open(os.path.join(config.model_dir, "config.json")))
     assert written["train_layers"] == "fc6-8" and written["model_kwargs"]["preprocessing"] == "rgb"
+    assert written["num_steps"] == 30  # a resumable setting: the current value
+    with pytest.raises(RunMismatch, match=r"holds a run with other settings \(learning_rate: "
+                       r"0.02 -> 0.5; train_layers: \"fc6-8\" -> \"all\"\)"):
+        vc.run(dataclasses.replace(config, learning_rate=0.5, train_layers="all"))
