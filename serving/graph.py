@@ -159,11 +159,9 @@ def feature_module(model, endpoints: Mapping[str, str], metadata_json: str, asse
         return extract(data_images.resize_to_input(tf.cast(images, tf.float32) / 255.0, size))
 
     def features(images):
-        if images.dtype == tf.uint8:
-            return from_uint8(images)
-        if images.dtype == tf.float32:
-            return from_float(images)
-        raise TypeError(f"images must be uint8 or float32; got {images.dtype.name}")
+        if images.dtype not in (tf.uint8, tf.float32):
+            raise TypeError(f"images must be uint8 or float32; got {images.dtype.name}")
+        return (from_uint8 if images.dtype == tf.uint8 else from_float)(images)
 
     def decode_one(data):
         image = data_images.resize_to_input(data_images.decode_image(data), (*size[:2], 3))
@@ -186,16 +184,24 @@ def feature_module(model, endpoints: Mapping[str, str], metadata_json: str, asse
     for dtype in (tf.float32, tf.uint8):
         module.features.get_concrete_function(tf.TensorSpec(image_spec, dtype))
     module.metadata = tf.function(lambda: tf.constant(metadata_json), input_signature=[])
-    # Track the tf.Variables the traces capture (not the Keras variables that wrap them): the
-    # graph-mode loader of saved_model_cli and TensorFlow Serving restores only variables
-    # tracked as such, and fails with "Could not find variable" otherwise. The Keras model
-    # itself stays in the closures and is not serialised.
+    module.model_variables = _captured_variables(module)
+    return module
+
+
+def _captured_variables(module) -> list:
+    """The tf.Variables the signatures capture, to be tracked by the module.
+
+    Tracked are these (not the Keras variables that wrap them): the graph-mode loader of
+    saved_model_cli and TensorFlow Serving restores only variables tracked as such, and fails
+    with "Could not find variable" otherwise. The Keras model itself stays in the closures and
+    is not serialised. They come in name order: the traces list their captures in no fixed
+    order, and a fixed one makes two exports of the same weights bitwise equal.
+    """
     captured = {}
     for function in (module.serve_float, module.serve_uint8, module.serve_bytes):
         for variable in function.get_concrete_function().variables:
             captured.setdefault(id(variable), variable)
-    module.model_variables = list(captured.values())
-    return module
+    return sorted(captured.values(), key=lambda variable: variable.name)
 
 
 def signatures(module) -> dict:
