@@ -9,8 +9,10 @@ A binary is a frozen config dataclass and a `run(config)` function:
   builds the config, and only then imports TensorFlow (quietly), so a bad flag fails in well
   under a second;
 - every failure the user can act on is ONE line on stderr, `<program>: error: <message>`,
-  and exit status 1: absl's own flag errors, `UsageError`, bad values, missing or unreadable
-  files, full disks. `--help` prints the binary's docstring and its flags and exits 0.
+  and exit status 1: absl's own flag errors, `UsageError`, bad values, missing, vanished or
+  unreadable files, full or read-only disks, a run folder in use or of other settings
+  (models/runs.py); file-system failures name the path and what to do. `--help` prints the
+  binary's docstring and its flags, `--helpfull` every flag; both exit 0.
 
 Verbosity: `-v 0` (default) shows warnings and errors only; `-v 1` adds INFO logs and
 tracebacks of failures; `-v 2` adds TensorFlow's C++ start-up logs.

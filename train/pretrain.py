@@ -21,7 +21,8 @@ probe_history.json, probe.png and results.json are rebuilt from everything the r
 table from results.json.
 
 This module is the composition root: it builds the strategy, the trainer with its probe hook,
-the export and the final table. Bad flags stop with one line and exit status 1.
+the export and the final table. Bad flags and every failure the user can act on stop with
+one line and exit status 1 (models/cli.py); `--help` and `--helpfull` exit 0.
 """
 
 from __future__ import annotations
