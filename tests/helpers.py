@@ -86,6 +86,25 @@ def scalars(model_dir: str) -> dict[str, list[float]]:
             read_scalars(os.path.join(str(model_dir), "train")).items()}
 
 
+def folder_contents(folder) -> dict[str, bytes]:
+    """Every file under `folder`: relative path -> contents (to show that nothing changed)."""
+    found = {}
+    for root, _, files in os.walk(str(folder)):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, str(folder))] = f.read()
+    return found
+
+
+def checkpoint_tensors(prefix: str) -> dict[str, np.ndarray]:
+    """Every saved variable of a checkpoint, by key (not its object graph, which also holds
+    the names Keras gave Python objects, e.g. "sgd_1" for a process's second optimizer)."""
+    reader = tf.train.load_checkpoint(str(prefix))
+    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
+            if key != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
 def is_permutation(values) -> bool:
     """True when `values` holds each of 0..len-1 exactly once."""
     values = np.asarray(values)

@@ -29,7 +29,7 @@ from models.runs import (
     write_json_if_changed,
 )
 from models.weights import named_variables
-from tests.helpers import ROOT, make_run_dir, test_env
+from tests.helpers import ROOT, folder_contents, make_run_dir, test_env
 
 
 def test_pretrained_weights_really_load(tmp_path):
@@ -116,16 +116,6 @@ HOLD = ("import sys, time\n"
         "time.sleep(600)\n")
 
 
-def _snapshot(folder) -> dict[str, bytes]:
-    """Every file under `folder` (relative path -> contents): what a refused start must keep."""
-    found = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            found[os.path.relpath(path, folder)] = open(path, "rb").read()
-    return found
-
-
 def test_a_second_process_stops_at_once_and_a_killed_owner_leaves_no_lock(tmp_path):
     folder = str(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", HOLD, folder], cwd=ROOT, env=test_env(),
@@ -151,7 +141,7 @@ def test_a_start_with_other_settings_is_refused_before_anything_is_written(tmp_p
     folder = str(tmp_path / "run")
     claim = claim_run(folder, {"seed": 0, "lr": 0.05, "model_kwargs": {"head": "nat"}})
     start_run(claim, {"seed": 0, "lr": 0.05, "epochs": 3})
-    before = _snapshot(folder)
+    before = folder_contents(folder)
     with pytest.raises(RunMismatch) as refused:
         claim_run(folder, {"seed": 1, "lr": 0.05, "model_kwargs": {"head": "none"},
                            "crop": "pad"})
@@ -159,12 +149,12 @@ def test_a_start_with_other_settings_is_refused_before_anything_is_written(tmp_p
         f"{folder} holds a run with other settings (crop: (none) -> \"pad\"; model_kwargs: "
         '{"head": "nat"} -> {"head": "none"}; seed: 0 -> 1): rerun with the recorded '
         "settings, or use another --model_dir")
-    assert _snapshot(folder) == before
+    assert folder_contents(folder) == before
     # The same settings are accepted; only config.json (the current settings) may change.
     again = claim_run(folder, {"seed": 0, "lr": 0.05, "model_kwargs": {"head": "nat"}})
     assert not again.fresh
     start_run(again, {"seed": 0, "lr": 0.05, "epochs": 5})
-    after = _snapshot(folder)
+    after = folder_contents(folder)
     assert json.loads(after.pop("config.json"))["epochs"] == 5
     before.pop("config.json")
     assert after == before
@@ -185,16 +175,16 @@ def test_a_failed_first_start_leaves_no_folder(tmp_path):
     (existing / "notes.txt").write_text("mine")
     claim = claim_run(str(existing), {"seed": 0})
     abandon_run(claim)  # e.g. the restore failed: the folder is as it was
-    assert _snapshot(existing) == {"notes.txt": b"mine"}
+    assert folder_contents(existing) == {"notes.txt": b"mine"}
 
 
 def test_a_folder_of_an_earlier_version_is_refused(tmp_path):
     folder, _ = make_run_dir(tmp_path / "old")
-    before = _snapshot(folder)
+    before = folder_contents(folder)
     with pytest.raises(RunMismatch, match=f"^{folder} holds a run without fingerprint.json "
                        r"\(written by an earlier version of the zoo\): use another --output"):
         claim_run(folder, {"seed": 0}, what="--output_dir")
-    assert _snapshot(folder) == before
+    assert folder_contents(folder) == before
 
 
 def test_temporaries_of_dead_processes_are_removed_and_named(tmp_path):

@@ -11,7 +11,13 @@ from PIL import Image
 
 from models.cli import UsageError
 from models.runs import RunMismatch
-from tests.helpers import is_permutation, make_run_dir, scalars, two_replica_strategy
+from tests.helpers import (
+    folder_contents,
+    is_permutation,
+    make_run_dir,
+    scalars,
+    two_replica_strategy,
+)
 from train.config import TrainConfig
 from train.trainer import LearningRate, NonFiniteLoss, Trainer
 
@@ -114,15 +120,6 @@ def finished(tmp_path_factory):
     return config
 
 
-def _snapshot(folder) -> dict[str, bytes]:
-    found = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            found[os.path.relpath(path, folder)] = open(path, "rb").read()
-    return found
-
-
 def test_every_setting_is_fingerprinted_or_resumable():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     grouped = [name for names in TrainConfig.FINGERPRINT_GROUPS.values() for name in names]
@@ -168,7 +165,7 @@ def test_a_restart_that_changes_the_result_is_refused_before_any_write(finished,
     if "init_checkpoint" in change:
         change["init_checkpoint"], _ = make_run_dir(tmp_path / "donor")
     strategy = two_replica_strategy() if group == "distribution" else tf.distribute.get_strategy()
-    before = _snapshot(finished.model_dir)
+    before = folder_contents(finished.model_dir)
     config = dataclasses.replace(finished, **change)
     with pytest.raises(RunMismatch) as refused:
         Trainer(config, strategy, log=lambda _: None)
@@ -180,18 +177,18 @@ def test_a_restart_that_changes_the_result_is_refused_before_any_write(finished,
     for name, value in change.items():
         old = json.dumps(getattr(finished, name))
         assert f"{name}: {old} -> {json.dumps(value)}" in listed
-    assert _snapshot(finished.model_dir) == before
+    assert folder_contents(finished.model_dir) == before
 
 
 def test_a_restart_may_change_the_resumable_settings(finished):
-    before = _snapshot(finished.model_dir)
+    before = folder_contents(finished.model_dir)
     trainer = Trainer(dataclasses.replace(finished, epochs=2, checkpoint_every=4,
                                           steps_per_loop=3, probe_every_epochs=1,
                                           keep_checkpoints=2, strategy="mirrored"),
                       tf.distribute.get_strategy(), log=lambda _: None)
     assert trainer.restored_from.endswith("at step 9") and trainer.total_steps == 18
     assert trainer.claim.removed == ()
-    after = _snapshot(finished.model_dir)
+    after = folder_contents(finished.model_dir)
     assert json.loads(after.pop("config.json"))["epochs"] == 2  # the current settings
     before.pop("config.json")
     assert after == before  # nothing else written at the start
