@@ -106,9 +106,12 @@ class TrainConfig:
     sc_squared: bool = option(False, "SC on squared L2 distances.")
     sc_symmetric: bool = option(True, "Average SC with its transposed form.")
     sc_pool: str = option("flatten", "How an SC window becomes a vector.", choices=SC_POOLS)
-    crop: str = option("pad", "Random crop: pad-and-crop, resized crop or none.", choices=CROPS)
+    crop: str = option("pad", "Random crop: pad-and-crop, resized crop, short side then crop, "
+                       "or none.", choices=CROPS)
     crop_pad: int = option(2, "Padding (pixels) of --crop=pad.", lower=0)
     crop_min_scale: float = option(0.35, "Smallest area fraction of --crop=resize.")
+    crop_short_side: int = option(256, "Shorter side (pixels) the image is scaled to before "
+                                  "the random crop of --crop=short_side.", lower=1)
     flip: bool = option(False, "Random horizontal flips.")
     strategy: str = option("auto", "tf.distribute strategy.", choices=STRATEGIES)
     cpu_replicas: int = option(1, "Split the CPU into N logical devices (testing).", lower=1)
@@ -173,7 +176,7 @@ class TrainConfig:
         from data.pretrain import Augment
 
         return Augment(crop=self.crop, pad=self.crop_pad, min_scale=self.crop_min_scale,
-                       flip=self.flip)
+                       short_side=self.crop_short_side, flip=self.flip)
 
     def model_kwargs(self) -> dict:
         """Keyword arguments of `build_model` for the pretraining network."""
