@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from data import CROPS, PRETRAIN_DATASETS, is_pretrain_dataset
-from losses import NAT_SCOPES, SC_POOLS
+from losses import NAT_SCOPES, NAT_TARGETS, SC_POOLS
 from models import MODEL_NAMES, PREPROCESSINGS
 from models.cli import UsageError, check_choice, check_range, option
 
@@ -101,6 +101,8 @@ class TrainConfig:
                                      lower=0)
     nat_scope: str = option("replica", "Hungarian problem per replica or global.",
                             choices=NAT_SCOPES)
+    nat_targets: str = option("sphere", "NAT targets: on the unit sphere (the method) or one-hot "
+                              "(the discrete baseline of NAT Sec. 4.1).", choices=NAT_TARGETS)
     sc_endpoints: str = option("sc:1", "SC endpoints with weights, 'name:w,name:w'.")
     sc_patch: str = option("0.3", "SC window: a fraction of the map area, or HxW cells.")
     sc_squared: bool = option(False, "SC on squared L2 distances.")

@@ -147,7 +147,7 @@ class Trainer:
             self.nat = None
             if config.method == "nat":
                 self.nat = NoiseAsTargets(self.source.num_examples, config.nat_dim, config.seed,
-                                          scope=config.nat_scope)
+                                          scope=config.nat_scope, targets=config.nat_targets)
             objects = dict(model=named_variables(self.model), optimizer=self.optimizer,
                            epoch=self.epoch, lr_scale=self.lr_scale, best_loss=self.best_loss,
                            bad_epochs=self.bad_epochs, fingerprint=self.fingerprint)
