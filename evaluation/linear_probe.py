@@ -23,7 +23,6 @@ Example (the embedded digits, random init, with raw pixels as a reference row):
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -90,13 +89,7 @@ class ProbeConfig:
         self.overrides()
 
     def overrides(self) -> dict:
-        try:
-            kwargs = json.loads(self.model_kwargs or "{}")
-        except json.JSONDecodeError as error:
-            raise UsageError(f"--model_kwargs is not JSON: {error}") from None
-        if not isinstance(kwargs, dict):
-            raise UsageError("--model_kwargs must be a JSON object")
-        return kwargs
+        return cli.json_object("model_kwargs", self.model_kwargs)
 
     @property
     def out(self) -> str:

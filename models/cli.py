@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import importlib
+import json
 import os
 import sys
 import tempfile
@@ -124,6 +125,17 @@ def require(name: str, value) -> None:
     """UsageError naming `--name` when a required flag is empty."""
     if value in (None, "", ()):
         raise UsageError(f"--{name} is required (see --help)")
+
+
+def json_object(name: str, text: str) -> dict:
+    """The JSON object of flag `--name`; UsageError when it is not one."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--{name} is not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--{name} must be a JSON object")
+    return value
 
 
 def check_range(name: str, value, lower=None, upper=None) -> None:

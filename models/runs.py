@@ -25,14 +25,24 @@ def config_path(model_dir: str) -> str:
     return os.path.join(model_dir, CONFIG_FILE)
 
 
-def write_json_atomic(path: str, payload) -> None:
-    """Write `payload` as indented, key-sorted JSON: to a temporary file, then renamed."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it: a reader (or a death
+    halfway) never leaves half a file."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json_atomic(path: str, payload) -> None:
+    """Write `payload` as indented, key-sorted JSON, atomically (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_config(model_dir: str, config: Mapping) -> str:
