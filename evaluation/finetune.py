@@ -274,17 +274,22 @@ def _array_batches(x, y, batch_size):
     return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size))
 
 
-def _train_step(model, optimizer):
-    @tf.function(reduce_retracing=True)
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            logits = model(x, training=True)["logits"]
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-        gradients = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
-        return loss
+def _train_epoch(model, optimizer):
+    """A tf.function (batch iterator, steps) -> mean loss: one epoch of SGD steps in one call."""
+    @tf.function
+    def epoch(batches, steps):
+        total = tf.constant(0.0)
+        for _ in tf.range(steps):
+            x, y = next(batches)
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)["logits"]
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+            gradients = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+            total += loss
+        return total / tf.cast(steps, tf.float32)
 
-    return step
+    return epoch
 
 
 def train(model, data: Labelled, cfg: FinetuneConfig, seed: int, bar: Progress | None = None
@@ -294,7 +299,7 @@ def train(model, data: Labelled, cfg: FinetuneConfig, seed: int, bar: Progress |
     optimizer = keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum,
                                      weight_decay=cfg.weight_decay or None)
     optimizer.build(model.trainable_variables)
-    step = _train_step(model, optimizer)
+    run_epoch = _train_epoch(model, optimizer)
     translate = cfg.translate
     if translate is None:
         translate = max(1, round(model.input_shape[1] / 16))
@@ -306,7 +311,7 @@ def train(model, data: Labelled, cfg: FinetuneConfig, seed: int, bar: Progress |
     lr, best_loss, best_epoch, best_weights, wait, cuts = cfg.learning_rate, np.inf, 0, None, 0, 0
     history = []
     for epoch in range(1, cfg.epochs + 1):
-        train_loss = float(np.mean([float(step(*next(batches))) for _ in range(steps)]))
+        train_loss = float(run_epoch(batches, tf.constant(steps)))
         val_loss, val_acc = (evaluate(model, _array_batches(data.x_val, data.y_val, 512))
                              if validating else (float("nan"), float("nan")))
         history.append({"epoch": epoch, "learning_rate": lr, "train_loss": train_loss,

@@ -45,6 +45,14 @@ def write_json_atomic(path: str, payload) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json(path: str):
+    """The JSON in `path`, or None when there is no such file."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_config(model_dir: str, config: Mapping) -> str:
     """Write `<model_dir>/config.json` (creating model_dir); returns its path."""
     path = config_path(model_dir)

@@ -84,7 +84,7 @@ class TrainConfig:
     preprocessing: str | None = option(None, "AlexNet's fixed front (default sobel).",
                                        choices=PREPROCESSINGS)
     batch_size: int = option(128, "Global batch size (split over the replicas).", lower=1)
-    epochs: int = option(15, "Epochs over the dataset.", lower=1)
+    epochs: int = option(60, "Epochs over the dataset.", lower=1)
     lr: float = option(0.05, "Initial learning rate l0.")
     momentum: float = option(0.9, "SGD momentum.", lower=0.0)
     weight_decay: float = option(5e-4, "L2 penalty wd/2 ||W||^2 on the kernels.", lower=0.0)
@@ -107,9 +107,11 @@ class TrainConfig:
     sc_patch: str = option("0.3", "SC window: a fraction of the map area, or HxW cells.")
     sc_squared: bool = option(False, "SC on squared L2 distances.")
     sc_symmetric: bool = option(True, "Average SC with its transposed form.")
-    sc_pool: str = option("flatten", "How an SC window becomes a vector.", choices=SC_POOLS)
-    crop: str = option("pad", "Random crop: pad-and-crop, resized crop, short side then crop, "
-                       "or none.", choices=CROPS)
+    sc_pool: str = option("avg", "How an SC window becomes a vector: averaged (the zoo's "
+                          "reading, losses/spatial_contrasting.py) or flattened.",
+                          choices=SC_POOLS)
+    crop: str = option("resize", "Random crop: pad-and-crop, resized crop, short side then "
+                       "crop, or none.", choices=CROPS)
     crop_pad: int = option(2, "Padding (pixels) of --crop=pad.", lower=0)
     crop_min_scale: float = option(0.35, "Smallest area fraction of --crop=resize.")
     crop_short_side: int = option(256, "Shorter side (pixels) the image is scaled to before "
@@ -125,7 +127,7 @@ class TrainConfig:
     init_checkpoint: str | None = option(None, "Backbone weights to start from (no resume).")
     export_dir: str | None = option(None, "SavedModel base directory (default "
                                     "<model_dir>/export; 'none' skips the export).")
-    probe_every_epochs: int = option(5, "Linear probe every k epochs (0 = never).", lower=0)
+    probe_every_epochs: int = option(10, "Linear probe every k epochs (0 = never).", lower=0)
     probe_dataset: str | None = option(None, "Labelled dataset of the probes (default: "
                                        "--dataset).")
     probe_labels_per_class: int = option(10, "Labels per class of the probes.", lower=1)

@@ -38,6 +38,7 @@ loop itself knows nothing of evaluation.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -53,6 +54,7 @@ from data.pretrain import PretrainSource, open_source, pretrain_dataset, steps_p
 from losses.nat import NoiseAsTargets
 from losses.spatial_contrasting import multi_endpoint_loss
 from models import build_model
+from models.progress import Progress
 from models.runs import open_checkpoints, write_config
 from models.weights import load_weights, named_variables
 from train.config import TrainConfig
@@ -300,17 +302,24 @@ class Trainer:
                  f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs; {self.restored_from}")
         if start >= self.total_steps:
             return self._summary(float("nan"))
-
         iterator = self.make_iterator(start)
-        progbar = keras.utils.Progbar(self.total_steps, stateful_metrics=["loss", "img/s", "lr"],
-                                      unit_name="step", verbose=1 if self.chief else 0)
-        progbar.update(start)
-        since_save = 0
-        epoch_loss, epoch_steps = 0.0, 0
-        last_loss = float("nan")
+        bar = Progress(self.total_steps, f"{cfg.method} pretraining", unit=" steps",
+                       stream=None if self.chief else io.StringIO())
+        say, self.log = self.log, bar.log  # messages while training never share the bar's line
+        try:
+            last_loss = self._steps(iterator, bar)
+        finally:
+            bar.close()
+            self.log = say
+        self.writer.flush()
+        return self._summary(last_loss)
+
+    def _steps(self, iterator, bar: Progress) -> float:
+        """The loop of `train`: steps, summaries, epoch ends (hooks), checkpoints."""
+        cfg = self.config
+        since_save, epoch_loss, epoch_steps, last_loss = 0, 0.0, 0, float("nan")
         while self.step < self.total_steps:
-            step = self.step
-            epoch, in_epoch = divmod(step, self.steps_per_epoch)
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             n = min(cfg.steps_per_loop, self.steps_per_epoch - in_epoch)
             t0 = time.perf_counter()
             result = self.run_steps(iterator, n, self._reassign(epoch))
@@ -320,23 +329,15 @@ class Trainer:
                     f"loss is not finite at step {result.bad_step} (epoch {epoch + 1}); stopped "
                     f"without saving: the last good checkpoint is "
                     f"{self.manager.latest_checkpoint or 'none'}")
-            images_per_sec = result.steps * cfg.batch_size / max(elapsed, 1e-9)
-            lr = float(self.schedule(self.optimizer.iterations))
+            images_per_sec, lr = self._record(result, elapsed)
             epoch_loss += result.loss * result.steps
             epoch_steps += result.steps
             last_loss = result.loss
-            with self.writer.as_default(step=self.step):
-                tf.summary.scalar("loss", result.loss)
-                tf.summary.scalar("lr", lr)
-                tf.summary.scalar("images_per_sec", images_per_sec)
-                for name, value in result.stats.items():
-                    tf.summary.scalar(name, value)
-            progbar.update(self.step, [("loss", result.loss), ("img/s", images_per_sec),
-                                       ("lr", lr)])
+            bar.update(self.step, epoch=f"{epoch + 1}/{cfg.epochs}", loss=result.loss,
+                       **{"img/s": f"{images_per_sec:.0f}"}, lr=lr)
             since_save += result.steps
             if in_epoch + n == self.steps_per_epoch:
-                mean = epoch_loss / max(epoch_steps, 1)
-                self._end_epoch(epoch, mean)
+                self._end_epoch(epoch, epoch_loss / max(epoch_steps, 1))
                 epoch_loss, epoch_steps = 0.0, 0
                 for hook in self.hooks:
                     hook(self, epoch + 1)
@@ -345,8 +346,19 @@ class Trainer:
             elif since_save >= cfg.checkpoint_every:
                 self.manager.save(checkpoint_number=self.step)
                 since_save = 0
-        self.writer.flush()
-        return self._summary(last_loss)
+        return last_loss
+
+    def _record(self, result: LoopResult, elapsed: float) -> tuple[float, float]:
+        """Write the loop's summaries; returns (images/s, learning rate)."""
+        images_per_sec = result.steps * self.config.batch_size / max(elapsed, 1e-9)
+        lr = float(self.schedule(self.optimizer.iterations))
+        with self.writer.as_default(step=self.step):
+            tf.summary.scalar("loss", result.loss)
+            tf.summary.scalar("lr", lr)
+            tf.summary.scalar("images_per_sec", images_per_sec)
+            for name, value in result.stats.items():
+                tf.summary.scalar(name, value)
+        return images_per_sec, lr
 
     def _summary(self, last_loss: float) -> dict:
         return {"steps": self.step, "epochs": int(self.epoch.numpy()), "last_loss": last_loss}
