@@ -164,6 +164,8 @@ def plot_probe_curve(history, comparison: dict | None, path: str, title: str) ->
 def _final_panel(ax, rows: list[dict], views: list[str]) -> None:
     names = {"linear": "linear probe", "knn": "1-NN (cosine)"}
     colours = {"pretrained": "C0", "random init": "C3", "pixels": "C2"}
+    legend = {"pretrained": "pretrained", "random init": "random init",
+              "pixels": "raw pixels, same classifier"}
     width = 0.27
     for i, init in enumerate(("pretrained", "random init", "pixels")):
         values = [next((r for r in rows if r["view"] == v and r["init"] == init), None)
@@ -171,15 +173,15 @@ def _final_panel(ax, rows: list[dict], views: list[str]) -> None:
         xs = [j + (i - 1) * width for j in range(len(views))]
         ax.bar(xs, [100 * v["mean"] if v else 0 for v in values], width,
                yerr=[100 * v["std"] if v else 0 for v in values], capsize=3,
-               color=colours[init], label=init)
+               color=colours[init], label=legend[init])
     ax.set_xticks(range(len(views)),
                   [f"{names[v]} on {next(r['endpoint'] for r in rows if r['view'] == v)}"
                    for v in views])
     low = min(100 * (r["mean"] - r["std"]) for r in rows)
-    ax.set_ylim(max(0.0, low - 5), 100)
+    ax.set_ylim(max(0.0, low - 5), 104)
     ax.set(ylabel="test accuracy (%)", title="At the end, on the same label draws")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
 
 
 def plot_ablation(rows: list[dict], path: str) -> None:

@@ -27,12 +27,8 @@ Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
 - the output warns when a run stopped at --epochs before converging, or ended near chance.
 
 Writes config.json, finetune.json (every figure) and finetune.md to --output_dir (default
-`<init>/finetune`, or `runs/finetune_<model>_scratch` with --init=none).
-
-Example:
-
-  python -m evaluation.finetune --init=runs/sc_nin_mnist_digits --dataset=digits \
-      --labels_per_class=10 --seeds=0,1,2 --compare_scratch
+`<init>/finetune`, or `runs/finetune_<model>_scratch` with --init=none). Example:
+`python -m evaluation.finetune --init=runs/sc_nin_mnist_digits --compare_scratch --seeds=0,1,2`
 """
 
 from __future__ import annotations

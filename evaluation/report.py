@@ -17,6 +17,8 @@ import numpy as np
 
 from models.runs import write_json_atomic, write_text_atomic
 
+MIN_PAIRS = 3  # fewer pairs cannot tell a gap from its spread
+
 
 @dataclass(frozen=True)
 class PairedGap:
@@ -31,6 +33,7 @@ class PairedGap:
 
     @property
     def significant(self) -> bool:
+        """A two-sided paired t-test at 5% (False when there are too few pairs)."""
         return bool(self.p < 0.05)
 
     def describe(self) -> str:
@@ -38,10 +41,14 @@ class PairedGap:
         text = f"{100 * self.mean:+.1f} points"
         if self.n < 2:
             return f"{text} (one pair: no spread, no test)"
+        if self.n < MIN_PAIRS:
+            return (f"{text} ± {100 * self.sd:.1f} (sd of {self.n} differences: too few pairs "
+                    "to test)")
         verdict = ("larger than its spread" if self.significant
                    else "within its spread: no difference")
+        p = "p < 0.001" if self.p < 0.001 else f"p = {self.p:.3f}"
         return (f"{text} ± {100 * self.sd:.1f} (mean ± sd of the {self.n} differences over the "
-                f"same {self.over}; paired t-test p = {self.p:.3f}): {verdict}")
+                f"same {self.over}; paired t-test {p}): {verdict}")
 
 
 def paired_gap(a, b, over: str) -> PairedGap:
@@ -55,6 +62,8 @@ def paired_gap(a, b, over: str) -> PairedGap:
     if len(diff) < 2:
         return PairedGap(over, len(diff), float(diff.mean()), float("nan"), float("nan"))
     sd = float(diff.std(ddof=1))
+    if len(diff) < MIN_PAIRS:
+        return PairedGap(over, len(diff), float(diff.mean()), sd, float("nan"))
     if sd == 0.0:
         p = 1.0 if diff.mean() == 0.0 else 0.0
     else:

@@ -10,6 +10,7 @@ Variants (nin_mnist; the main job's recipe unless stated):
     onehot            one-hot (discrete) targets instead of the sphere (NAT Sec. 4.1, 22%)
     translations      NAT with 2-pixel translations instead of resized crops
     sc                Spatial Contrasting (train/configs/sc_digits.flags)
+    sc_flatten        SC with flattened windows instead of averaged ones
 
 Protocol. Every variant pretrains once per seed in its own run folder
 (`<output_dir>/<variant>/seed<k>`, a run of `train.pretrain`: a rerun resumes or skips it).
@@ -34,16 +35,18 @@ from models import cli
 from models.cli import UsageError, option
 
 PROGRAM = "train.ablate"
-VARIANTS = {
-    "nat": {},
-    "every_epoch": {"nat_reassign_every": 1},
-    "fixed_p": {"nat_reassign_every": 0},
-    "onehot": {"nat_targets": "onehot"},
-    "translations": {"crop": "pad", "crop_pad": 2},
-    "sc": None,  # the flagfile train/configs/sc_digits.flags
-}
 SC_FLAGFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                            "sc_digits.flags")
+# variant -> (flagfile or None for the main job's defaults, settings changed)
+VARIANTS = {
+    "nat": (None, {}),
+    "every_epoch": (None, {"nat_reassign_every": 1}),
+    "fixed_p": (None, {"nat_reassign_every": 0}),
+    "onehot": (None, {"nat_targets": "onehot"}),
+    "translations": (None, {"crop": "pad", "crop_pad": 2}),
+    "sc": (SC_FLAGFILE, {}),
+    "sc_flatten": (SC_FLAGFILE, {"sc_pool": "flatten"}),
+}
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ class AblateConfig:
 
     variants: tuple[str, ...] = option(tuple(VARIANTS), "Variants to run (module docstring).")
     seeds: tuple[int, ...] = option((0, 1, 2), "Pretraining seeds; each run has its own twin.")
-    epochs: int = option(60, "NAT pretraining epochs (SC: its flagfile's).", lower=1)
+    epochs: int = option(60, "NAT pretraining epochs.", lower=1)
+    sc_epochs: int = option(0, "SC pretraining epochs (0: the flagfile's).", lower=0)
     labels_per_class: int = option(10, "Labels per class of the probes and fine-tuning.",
                                    lower=1)
     splits: int = option(5, "Label draws of the probes.", lower=2)
@@ -71,16 +75,18 @@ def train_config(cfg: AblateConfig, variant: str, seed: int):
 
     from train.config import TrainConfig
 
-    run_dir = os.path.join(cfg.output_dir, variant, f"seed{seed}")
-    common = dict(model_dir=run_dir, seed=seed, export_dir="none", final_eval="none",
-                  probe_every_epochs=0, probe_labels_per_class=cfg.labels_per_class,
-                  probe_splits=cfg.splits)
-    if VARIANTS[variant] is not None:
-        return TrainConfig(epochs=cfg.epochs, **VARIANTS[variant], **common)
+    flagfile, changes = VARIANTS[variant]
+    common = dict(model_dir=os.path.join(cfg.output_dir, variant, f"seed{seed}"), seed=seed,
+                  export_dir="none", final_eval="none", probe_every_epochs=0,
+                  probe_labels_per_class=cfg.labels_per_class, probe_splits=cfg.splits,
+                  **changes)
+    if flagfile is None:
+        return TrainConfig(epochs=cfg.epochs, **common)
     fv = flags.FlagValues()
     cli.define_flags(TrainConfig, fv, PROGRAM)
-    fv([PROGRAM, f"--flagfile={SC_FLAGFILE}"])
-    return dataclasses.replace(cli.config_from_flags(TrainConfig, fv), **common)
+    fv([PROGRAM, f"--flagfile={flagfile}"])
+    config = dataclasses.replace(cli.config_from_flags(TrainConfig, fv), **common)
+    return dataclasses.replace(config, epochs=cfg.sc_epochs) if cfg.sc_epochs else config
 
 
 def evaluate_run(cfg: AblateConfig, config) -> dict:
@@ -110,15 +116,27 @@ def evaluate_run(cfg: AblateConfig, config) -> dict:
 
 
 def _finetune(cfg: AblateConfig, config) -> dict:
+    """Fine-tuned test accuracy of the run's network and of the same network from scratch,
+    with the same seed (label draw, classifier init, batches); the scratch run of a seed is
+    shared by every SC variant."""
     from evaluation import finetune
+    from evaluation.report import write_json
+    from models.runs import read_json
 
-    ft = finetune.FinetuneConfig(init=config.model_dir, dataset="digits",
-                                 labels_per_class=cfg.labels_per_class, seeds=(config.seed,),
-                                 compare_scratch=True,
-                                 output_dir=os.path.join(config.model_dir, "finetune"))
-    results, _ = finetune.run(ft)
-    return {"pretrained": results["pretrained"][0].test_accuracy,
-            "random init": results["scratch"][0].test_accuracy}
+    def accuracy(init: str, out: str) -> float:
+        ft = finetune.FinetuneConfig(init=init, model=config.model, dataset="digits",
+                                     labels_per_class=cfg.labels_per_class,
+                                     seeds=(config.seed,), output_dir=out)
+        results, _ = finetune.run(ft)
+        return next(iter(results.values()))[0].test_accuracy
+
+    scratch_dir = os.path.join(cfg.output_dir, "scratch", f"seed{config.seed}")
+    scratch = read_json(os.path.join(scratch_dir, "accuracy.json"))
+    if scratch is None:
+        scratch = {"accuracy": accuracy("none", scratch_dir)}
+        write_json(os.path.join(scratch_dir, "accuracy.json"), scratch)
+    return {"pretrained": accuracy(config.model_dir, os.path.join(config.model_dir, "finetune")),
+            "random init": scratch["accuracy"]}
 
 
 def summarise(per_seed: dict[str, list[dict]]) -> list[dict]:
@@ -145,6 +163,12 @@ VIEW_NAMES = {"linear": "linear probe on sc", "knn": "1-NN on embedding",
               "finetune": "fine-tuned (vs scratch)"}
 
 
+def _verdict(gap: dict) -> str:
+    if gap["p"] != gap["p"]:  # NaN: too few seeds for a test
+        return "too few seeds"
+    return "gap > spread" if gap["p"] < 0.05 else "no difference"
+
+
 def table(rows: list[dict]) -> str:
     from evaluation.report import format_table
 
@@ -153,8 +177,8 @@ def table(rows: list[dict]) -> str:
              f"{100 * r['pretrained'][0]:.1f} ± {100 * r['pretrained'][1]:.1f}",
              f"{100 * r['random init'][0]:.1f} ± {100 * r['random init'][1]:.1f}",
              f"{100 * r['gap']['mean']:+.1f} ± {100 * r['gap']['sd']:.1f}",
-             f"{r['gap']['p']:.3f}",
-             "gap > spread" if r["gap"]["p"] < 0.05 else "no difference"] for r in rows]
+             "-" if r["gap"]["p"] != r["gap"]["p"] else f"{r['gap']['p']:.3f}",
+             _verdict(r["gap"])] for r in rows]
     return format_table(headers, body)
 
 

@@ -29,7 +29,9 @@ def test_a_gap_inside_its_spread_is_no_difference():
     assert not gap.significant and gap.describe().endswith("within its spread: no difference")
     assert report.paired_gap([0.5], [0.4], "seeds").describe() == (
         "+10.0 points (one pair: no spread, no test)")
-    assert report.paired_gap([0.5, 0.6], [0.5, 0.6], "seeds").p == 1.0
+    assert report.paired_gap([0.5, 0.6, 0.7], [0.5, 0.6, 0.7], "seeds").p == 1.0
+    two = report.paired_gap([0.5, 0.6], [0.4, 0.5], "seeds")
+    assert not two.significant and "too few pairs to test" in two.describe()
     with pytest.raises(ValueError, match="equal-length"):
         report.paired_gap([0.5, 0.6], [0.5], "seeds")
 
