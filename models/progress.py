@@ -9,7 +9,8 @@ On a terminal the bar is one line redrawn in place ("label  37/300 [=====>    ] 
 0.3100"). When the output is not a terminal (a log file, a cluster job) there are no carriage
 returns or escape codes: one plain line is printed every `interval` seconds, and a last one
 when the work ends. Messages from `log` always start on a line of their own. `total` may be
-None when the amount of work is unknown.
+None when the amount of work is unknown. With `delay`, nothing is shown unless the work is
+still going after that many seconds: short work stays silent.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class Progress:
     """A progress line (see the module docstring)."""
 
     def __init__(self, total: int | None, label: str, stream: TextIO | None = None,
-                 interval: float | None = None, unit: str = ""):
-        self.total, self.label, self.unit = total, label, unit
+                 interval: float | None = None, unit: str = "", delay: float = 0.0):
+        self.total, self.label, self.unit, self.delay = total, label, unit, delay
         self.stream = stream or sys.stdout
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval if interval is not None else (0.1 if self.live else LOG_INTERVAL)
@@ -42,6 +43,7 @@ class Progress:
         self._last = -float("inf")
         self._drawn = False
         self._closed = False
+        self._shown = False
 
     def _text(self) -> str:
         elapsed = time.monotonic() - self.start
@@ -66,8 +68,11 @@ class Progress:
 
     def _draw(self, final: bool = False) -> None:
         now = time.monotonic()
+        if now - self.start < self.delay and not self._shown:
+            return  # short work stays silent
         if not final and now - self._last < self.interval:
             return
+        self._shown = True
         self._last = now
         if self.live:
             self.stream.write("\r\033[K" + self._text() + ("\n" if final else ""))

@@ -49,6 +49,7 @@ import numpy as np
 from evaluation.voc import common
 from models import build_model, cli
 from models.cli import UsageError, option
+from models.progress import Progress
 
 # TensorFlow loads after the flags are checked (models/cli.py).
 tf = cli.lazy_import("tensorflow")
@@ -338,9 +339,12 @@ def evaluate(net: keras.Model, examples: tf.data.Dataset, config: VocClassificat
         return tf.reduce_sum(tf.reshape(logits, [shape[0], shape[1], -1]), axis=1)
 
     scores, labels = [], []
+    bar = Progress(voc_data.NUM_IMAGES["test"], "testing", unit=" images", delay=5.0)
     for crops, batch_labels, _ in test_dataset(examples, config):
         scores.append(scores_of(crops).numpy())
         labels.append(batch_labels.numpy())
+        bar.update(sum(map(len, labels)))
+    bar.close()
     if not scores:
         raise ValueError("the test split is empty")
     scores, labels = np.concatenate(scores), np.concatenate(labels)

@@ -55,3 +55,12 @@ def test_unknown_total():
     bar.update(7)
     bar.close()
     assert out.getvalue().splitlines()[-1].startswith("images  7 img")
+
+
+def test_short_work_with_a_delay_prints_nothing():
+    out = io.StringIO()
+    bar = Progress(10, "probe", stream=out, interval=0.0, delay=60.0)
+    for done in range(1, 11):
+        bar.update(done)
+    bar.close()
+    assert out.getvalue() == ""
