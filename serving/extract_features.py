@@ -1,4 +1,4 @@
-"""Extract features with an exported feature extractor (`serving.export`).
+r"""Extract features with an exported feature extractor (`serving.export`).
 
     python -m serving.extract_features --images_dir=DIR --saved_model=EXPORT/name/1 \
         --output_dir=OUT

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2007 classification transfer (NAT Table 4, "Classification" columns).
+r"""PASCAL VOC 2007 classification transfer (NAT Table 4, "Classification" columns).
 
     python -m evaluation.voc.classification --model_dir=runs/voc_cls \
         --init_checkpoint=runs/nat_alexnet --train_layers=fc6-8

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2007 detection transfer with Fast R-CNN (NAT Table 4, "Detection" column).
+r"""PASCAL VOC 2007 detection transfer with Fast R-CNN (NAT Table 4, "Detection" column).
 
     python -m evaluation.voc.detection --model_dir=runs/voc_det \
         --init_checkpoint=runs/nat_alexnet --proposal_workers=2
