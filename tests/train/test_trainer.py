@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from models.cli import UsageError
-from tests.helpers import is_permutation, make_run_dir, scalars
+from tests.helpers import is_permutation, make_run_dir, scalars, two_replica_strategy
 from train.config import TrainConfig
 from train.trainer import LearningRate, NonFiniteLoss, Trainer
 
@@ -127,3 +127,24 @@ def test_bad_configs_are_rejected(tmp_path):
         TrainConfig(model_dir=str(tmp_path), sc_patch="big")
     with pytest.raises(ValueError, match="fewer than one batch of 2048"):
         Trainer(_config(tmp_path, batch_size=2048), tf.distribute.get_strategy())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [("sc", {"sc_patch": "5x5"}),
+                                           ("nat", {"nat_scope": "global"})])
+def test_two_cpu_replicas_match_one_device(tmp_path, method, extra):
+    """The same global batches on two replicas: BN over the global batch and gathered SC
+    contrasts give the single-device SC step; NAT's global scope solves the same 256 x 256
+    assignment as one device."""
+    losses = {}
+    for replicas in (1, 2):
+        config = _config(tmp_path, f"{method}{replicas}", method=method, batch_size=256,
+                         steps_per_loop=1, crop="pad", **extra)
+        strategy = two_replica_strategy() if replicas == 2 else tf.distribute.get_strategy()
+        trainer = Trainer(config, strategy, log=lambda _: None)
+        trainer.train()
+        losses[replicas] = scalars(config.model_dir)["loss"]
+        if method == "nat":  # (the assignments may differ where float noise breaks near-ties)
+            assert is_permutation(trainer.nat.assignment.numpy())
+    assert len(losses[1]) == len(losses[2]) == 4
+    np.testing.assert_allclose(losses[2], losses[1], rtol=2e-3)
