@@ -14,7 +14,7 @@ PRETRAIN_DATASETS = ("digits", "mnist", "cifar10", "stl10", "imagenet2012", "fol
 """Pretraining image sources (`data.pretrain.open_source`); folders have no labels."""
 LABELLED_DATASETS = ("digits", "mnist", "cifar10", "stl10", "imagenet2012")
 """Labelled datasets of the probes and of fine-tuning (`data.labelled`)."""
-CROPS = ("pad", "resize", "none")
+CROPS = ("pad", "resize", "short_side", "none")
 """Pretraining crops (`data.pretrain.Augment`)."""
 
 

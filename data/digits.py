@@ -39,3 +39,34 @@ def split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = digits_arrays()
     position = split_indices(split)
     return images[position], labels[position]
+
+
+KEY_PREFIX = "digits:"
+
+
+def key(split: str, position: int) -> str:
+    """The name of digit `position` of a split, as feature extraction lists it."""
+    return f"{KEY_PREFIX}{split}/{position}"
+
+
+def from_key(name: str) -> tuple[np.ndarray, int]:
+    """(uint8 [8, 8] image, label) of a digit named by `key`."""
+    split, _, position = name[len(KEY_PREFIX):].partition("/")
+    images, labels = split_arrays(split)
+    i = int(position)
+    return np.round(images[i, :, :, 0] * 255).astype(np.uint8), int(labels[i])
+
+
+def encoded(split: str = "test") -> list[tuple[str, bytes]]:
+    """[(key, PNG bytes)] of every digit of a split: grey 8x8, round(255 x pixel / 16)."""
+    import io
+
+    from PIL import Image
+
+    images, _ = split_arrays(split)
+    out = []
+    for i, image in enumerate(np.round(images[..., 0] * 255).astype(np.uint8)):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        out.append((key(split, i), buffer.getvalue()))
+    return out

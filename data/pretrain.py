@@ -82,20 +82,26 @@ class Augment:
 
     crop: "pad" pads `pad` pixels (edge reflection) and cuts a random H x W window, i.e. a
       random translation of up to `pad` pixels; "resize" cuts a random box of `min_scale`..1 of
-      the area with aspect ratio 3/4..4/3 and resizes it to H x W; "none" keeps the image.
+      the area with aspect ratio 3/4..4/3 and resizes it to H x W; "short_side" scales the
+      image (bilinear, antialiased) so that its shorter side is `short_side` pixels, then cuts
+      a uniformly placed H x W window (the AlexNet crop of Krizhevsky et al. 2012 and of the
+      released NAT code: 256, then 224); "none" keeps the image (a folder or ImageNet image is
+      centre-cropped to a square and resized).
     flip: random horizontal mirroring with probability 1/2.
     """
 
     crop: str = "pad"
     pad: int = 2
     min_scale: float = 0.35
+    short_side: int = 256
     flip: bool = False
 
     def __post_init__(self):
         if self.crop not in CROPS:
             raise DataError(f"unknown crop {self.crop!r}; choose one of {', '.join(CROPS)}")
-        if self.pad < 0 or not 0.0 < self.min_scale <= 1.0:
-            raise DataError(f"bad augmentation: pad={self.pad}, min_scale={self.min_scale}")
+        if self.pad < 0 or not 0.0 < self.min_scale <= 1.0 or self.short_side < 1:
+            raise DataError(f"bad augmentation: pad={self.pad}, min_scale={self.min_scale}, "
+                            f"short_side={self.short_side}")
 
 
 class SkipLog:
@@ -300,6 +306,13 @@ def translate_and_flip(image: tf.Tensor, pad: int, flip: bool, crop_seed: tf.Ten
     return image
 
 
+def _scale_short_side(image: tf.Tensor, side: int) -> tf.Tensor:
+    """[h, w, C] -> [round(h s / m), round(w s / m), C] with m = min(h, w), s = side."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float64)
+    size = tf.cast(tf.round(shape * (side / tf.reduce_min(shape))), tf.int32)
+    return tf.image.resize(image, tf.maximum(size, side), antialias=True)
+
+
 def _augment(image: tf.Tensor, seed: tf.Tensor, source: PretrainSource, augment: Augment
              ) -> tf.Tensor:
     """One example's augmentation; `seed` is an int64 [2] stateless seed."""
@@ -312,6 +325,9 @@ def _augment(image: tf.Tensor, seed: tf.Tensor, source: PretrainSource, augment:
             area_range=(augment.min_scale, 1.0), use_image_if_no_bounding_boxes=True)
         image = tf.slice(image, begin, size)
         image = tf.image.resize(image, (height, width), antialias=True)
+    elif augment.crop == "short_side":
+        image = tf.image.stateless_random_crop(_scale_short_side(image, augment.short_side),
+                                               source.input_shape, seeds[1])
     elif not source.fixed_size:
         image = resize_to_input(image, source.input_shape, center_crop=True)
     pad = augment.pad if augment.crop == "pad" else 0
@@ -346,6 +362,18 @@ def _shuffled(elements: tf.data.Dataset, seed: int, epoch: tf.Tensor, size: int
     return ds
 
 
+def _prepared(ds: tf.data.Dataset, source: PretrainSource, prepare) -> tf.data.Dataset:
+    """(index, raw) -> prepare(index, decoded image). Where files can fail (`source.load`),
+    those that do are dropped and the epoch's order repeats to refill (module docstring)."""
+    parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if source.load is None:
+        return ds.map(lambda index, raw: prepare(index, source.decode(raw)), **parallel)
+    return (ds.map(lambda index, raw: (index, *source.load(raw)), **parallel)
+            .filter(lambda index, image, ok: ok)
+            .map(lambda index, image, ok: prepare(index, image), **parallel)
+            .repeat())
+
+
 def pretrain_dataset(source: PretrainSource, global_batch: int, augment: Augment, seed: int,
                      epochs: int, start_step: int = 0,
                      input_context: tf.distribute.InputContext | None = None
@@ -375,6 +403,9 @@ def pretrain_dataset(source: PretrainSource, global_batch: int, augment: Augment
     if steps < 1:
         raise DataError(f"dataset {source.name} has {source.num_examples} images, fewer than "
                         f"one batch of {global_batch}")
+    if augment.crop == "short_side" and augment.short_side < max(source.input_shape[:2]):
+        raise DataError(f"crop short_side={augment.short_side} is smaller than the input "
+                        f"{source.input_shape[0]}x{source.input_shape[1]}")
     batches_per_epoch = steps * (replicas // pipelines)
     start_epoch, done_in_epoch = divmod(int(start_step), steps)
     shard_size = source.num_examples // pipelines
@@ -386,15 +417,7 @@ def pretrain_dataset(source: PretrainSource, global_batch: int, augment: Augment
                                      epoch * source.num_examples + index])
             return tf.cast(index, tf.int32), _augment(image, example_seed, source, augment)
 
-        parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = _shuffled(elements, seed, epoch, shard_size)
-        if source.load is None:
-            ds = ds.map(lambda index, raw: prepare(index, source.decode(raw)), **parallel)
-        else:  # drop what fails to load and refill from the epoch's order (module docstring)
-            ds = (ds.map(lambda index, raw: (index, *source.load(raw)), **parallel)
-                  .filter(lambda index, image, ok: ok)
-                  .map(lambda index, image, ok: prepare(index, image), **parallel)
-                  .repeat())
+        ds = _prepared(_shuffled(elements, seed, epoch, shard_size), source, prepare)
         ds = ds.batch(per_replica, drop_remainder=True).take(batches_per_epoch)
         # The first epoch of a resumed run skips the batches done before the interruption.
         first = tf.cast(tf.equal(epoch, start_epoch), tf.int64)

@@ -114,7 +114,9 @@ def load_split(split: str, data_dir: str | None = None, manual_dir: str | None =
     if split not in SPLITS:
         raise ValueError(f"unknown VOC split {split!r}; choose one of {', '.join(SPLITS)}")
     builder = tfds.builder(TFDS_NAME, data_dir=data_dir)
-    if download:
+    if download and not builder.is_prepared():
+        if not manual_dir:
+            check_reachable(_download_host(), TFDS_NAME, data_dir)
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     try:
@@ -126,6 +128,30 @@ def load_split(split: str, data_dir: str | None = None, manual_dir: str | None =
             f"PASCAL VOC 2007 ({TFDS_NAME}) is not prepared in {where}: run "
             f"`tfds build {TFDS_NAME}{flag}` first"
         ) from None
+
+
+def _download_host() -> str:
+    """The host tfds downloads the VOC archives from."""
+    from urllib.parse import urlparse
+
+    from tensorflow_datasets.object_detection import voc
+
+    return urlparse(getattr(voc, "_VOC_DATA_URL", "http://host.robots.ox.ac.uk/")).hostname
+
+
+def check_reachable(host: str, name: str, data_dir: str | None, timeout: float = 5.0) -> None:
+    """Raise VocDataNotFoundError at once (and before anything is written) when `host` cannot
+    be reached, instead of letting a download retry for minutes without a network."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        flag = f" --data_dir={data_dir}" if data_dir else ""
+        raise VocDataNotFoundError(
+            f"cannot download {name}: {host} is unreachable ({error.strerror or error}); run "
+            f"`tfds build {name}{flag}` on a machine with network access, or put the archives "
+            "in --manual_dir") from None
 
 
 def classification_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from models import pooling
+from models.progress import Progress
 
 PIXELS = "pixels"
 MAX_DIMS = 9216
@@ -88,12 +89,15 @@ def extract_features(model, endpoints: Sequence[str], dataset: tf.data.Dataset, 
 
     values = {e: [] for e in endpoints}
     labels, shapes = [], {}
+    bar = Progress(None, "extracting features", unit=" images", delay=5.0)
     for images, y in dataset.batch(batch_size).prefetch(2):
         out = forward(images)
         for e in endpoints:
             shapes[e] = tuple(out[e].shape[1:])
             values[e].append(out[e].numpy().reshape(len(y), -1))
         labels.append(y.numpy())
+        bar.update(sum(map(len, labels)))
+    bar.close()
     if not labels:
         raise ValueError("no examples to extract features from")
     return Features({e: np.concatenate(v) for e, v in values.items()}, np.concatenate(labels),

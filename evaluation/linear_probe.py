@@ -27,7 +27,6 @@ Example (the embedded digits, random init, with raw pixels as a reference row):
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -99,13 +98,7 @@ class ProbeConfig:
         self.overrides()
 
     def overrides(self) -> dict:
-        try:
-            kwargs = json.loads(self.model_kwargs or "{}")
-        except json.JSONDecodeError as error:
-            raise UsageError(f"--model_kwargs is not JSON: {error}") from None
-        if not isinstance(kwargs, dict):
-            raise UsageError("--model_kwargs must be a JSON object")
-        return kwargs
+        return cli.json_object("model_kwargs", self.model_kwargs)
 
     @property
     def out(self) -> str:
@@ -148,15 +141,11 @@ def run(cfg: ProbeConfig):
     """Run the probe of `cfg`; write config.json, probe.json and probe.md; print and return
     (result, console table)."""
     from evaluation import report
-    from models.runs import abandon_run, claim_run, fingerprint_of, start_run
+    from models.runs import claim_run, fingerprint_of, start_run
 
-    claim = claim_run(cfg.out, fingerprint_of(cfg, cfg.RESUMABLE), what="--output_dir")
-    try:
+    with claim_run(cfg.out, fingerprint_of(cfg, cfg.RESUMABLE), "--output_dir") as claim:
         result, seconds, name, weights = _probe(cfg)
-        start_run(claim, asdict(cfg))
-    except BaseException:
-        abandon_run(claim)
-        raise
+        start_run(claim, asdict(cfg))  # complete results: config.json, then them
     labels = cfg.labels_per_class or "all"
     headers = ["endpoint", "pooled", "dims", "head", "labels/class", "splits", "val acc %",
                "test acc %"]

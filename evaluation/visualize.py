@@ -1,7 +1,7 @@
 """PNG figures of a run: first-layer filters, nearest-neighbour retrieval, training curves.
 
     python -m evaluation.visualize filters   --model_dir=RUN --output=filters.png
-    python -m evaluation.visualize retrieval --features=OUT/sc.npy --output=retrieval.png
+    python -m evaluation.visualize retrieval --features=OUT/embedding.npy --output=retrieval.png
     python -m evaluation.visualize curves    --model_dir=RUN --output=curves.png
 
 filters (NAT Figure 4): the first convolution's filters in image space. With a Sobel front
@@ -14,18 +14,19 @@ of size (k + 2) x (k + 2): a cross-correlation with W of a cross-correlation wit
 cross-correlation with their full convolution (away from the image border). A grey front shows
 W as it is (one channel); an RGB front shows W as colour; a high-pass front shows W (the
 filter before the high-pass). Each filter is min-max scaled to [0, 1] on its own, tiled in a
-grid of `--columns`, each pixel drawn as `--scale` x `--scale`, with a 1-pixel border.
+grid of `--columns`, each tap drawn as `--scale` x `--scale` pixels, under a title.
 
-retrieval (NAT Figure 3): for each query (column), the query in the top row and its k nearest
-neighbours by cosine similarity of the features below (the query itself excluded, ties broken
-by the lower index). The images are read from the paths of the extraction's index.txt.
+retrieval (NAT Figure 3): for each query (a row), its k nearest neighbours by cosine
+similarity of the features (the query itself excluded, ties broken by the lower index), each
+captioned with its label and similarity; neighbours of another class are framed in red. The
+images come from the extraction's index.txt: embedded digits (with their class) or image
+files (labelled by their folder's name).
 
-curves: every scalar of the TensorBoard event files under `--model_dir` (one panel per tag,
-tags of subdirectories prefixed by the subdirectory, e.g. "train/loss"), against the step.
+curves: every scalar of the TensorBoard event files under `--model_dir` that changes (one
+panel per tag, tags of subdirectories prefixed by it, e.g. "train/loss"; accuracies in
+percent), against the step; constant tags are named in the title.
 
-Sizes are exact: filters (columns (s k' + 1) + 1) x (rows (s k' + 1) + 1) with k' the shown
-filter size; retrieval (q (cell + 2) + 2) x ((k + 1) (cell + 2) + 2 + gap); curves --width x
---height pixels.
+The drawing itself is `evaluation/figures.py`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from models.cli import UsageError, option
 PROGRAM = "evaluation.visualize"
 
 PAD = 1
-QUERY_GAP = 6  # pixels between the query row and the neighbour rows
 
 
 # ----------------------------------------------------------------------------- filters
@@ -104,10 +104,10 @@ def filter_grid(filters: np.ndarray, columns: int = 16, scale: int = 4) -> np.nd
 
 # ----------------------------------------------------------------------------- retrieval
 
-def nearest_neighbours(features: np.ndarray, queries: Sequence[int], k: int) -> np.ndarray:
-    """[q, k] indices of the k most cosine-similar rows to each query row, itself excluded.
-
-    Ties go to the lower index (stable sort of -similarity).
+def nearest_neighbours(features: np.ndarray, queries: Sequence[int], k: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """([q, k] indices, [q, k] cosine similarities) of the k most cosine-similar rows to each
+    query row, itself excluded. Ties go to the lower index (stable sort of -similarity).
     """
     x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
     if not 1 <= k < len(x):
@@ -116,33 +116,8 @@ def nearest_neighbours(features: np.ndarray, queries: Sequence[int], k: int) -> 
     queries = np.asarray(queries, dtype=np.int64)
     similarity = x[queries] @ x.T
     similarity[np.arange(len(queries)), queries] = -np.inf
-    return np.argsort(-similarity, axis=1, kind="stable")[:, :k]
-
-
-def _load_cell(path: str, cell: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image = image.convert("RGB").resize((cell, cell), Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
-
-
-def retrieval_grid(images: Sequence[np.ndarray], queries: Sequence[int], neighbours: np.ndarray,
-                   cell: int = 64) -> np.ndarray:
-    """uint8 RGB grid: column j = query j (top) and its neighbours (below, nearest first).
-
-    `images` are uint8 [cell, cell, 3], indexed like the features.
-    """
-    q, k = neighbours.shape
-    step = cell + 2 * PAD
-    grid = np.full(((k + 1) * step + 2 * PAD + QUERY_GAP, q * step + 2 * PAD, 3), 255, np.uint8)
-    for j, query in enumerate(queries):
-        column = [query, *neighbours[j]]
-        for i, index in enumerate(column):
-            top = PAD + i * step + (QUERY_GAP if i else 0) + PAD
-            left = PAD + j * step + PAD
-            grid[top:top + cell, left:left + cell] = images[index]
-    return grid
+    order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(similarity, order, axis=1)
 
 
 # ----------------------------------------------------------------------------- curves
@@ -176,41 +151,6 @@ def read_scalars(model_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             for tag, points in sorted(found.items())}
 
 
-def plot_curves(scalars: dict, output: str, width: int = 960, height: int = 640,
-                dpi: int = 100) -> None:
-    """One panel per tag (value against step) in a width x height PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    if not scalars:
-        raise ValueError("no scalar summaries to plot")
-    count = len(scalars)
-    columns = min(3, count)
-    rows = -(-count // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(width / dpi, height / dpi), dpi=dpi,
-                                squeeze=False)
-    for ax, (tag, (steps, values)) in zip(axes.flat, scalars.items(), strict=False):
-        ax.plot(steps, values, linewidth=1.2)
-        ax.set_title(tag, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[count:]:
-        ax.axis("off")
-    figure.tight_layout()
-    figure.savefig(output, dpi=dpi, format="png")
-    plt.close(figure)
-
-
-def save_png(image: np.ndarray, output: str) -> None:
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    Image.fromarray(image).save(output, format="PNG")
-
-
 # ----------------------------------------------------------------------------- binary
 
 FIGURES = ("filters", "retrieval", "curves")
@@ -227,14 +167,14 @@ class VisualizeConfig:
     model: str = option("", "filters: model name (overrides config.json).")
     init: str = option("checkpoint", "filters: the run's latest checkpoint, or random weights.",
                        choices=("checkpoint", "random"))
-    columns: int = option(16, "filters: filters per row.", lower=1)
-    scale: int = option(4, "filters: pixels per filter tap.", lower=1)
+    columns: int = option(8, "filters: filters per row.", lower=1)
+    scale: int = option(8, "filters: pixels per filter tap.", lower=1)
     features: str = option("", "retrieval: a .npy of features [n, ...].")
     index: str = option("", "retrieval: the index.txt of paths (default: next to --features).")
     queries: int = option(8, "retrieval: number of queries.", lower=1)
     query_indices: tuple[int, ...] = option((), "retrieval: explicit query rows (else random).")
     k: int = option(5, "retrieval: neighbours per query.", lower=1)
-    cell: int = option(64, "retrieval: pixels per image.", lower=4)
+    cell: int = option(56, "retrieval: pixels per image.", lower=4)
     seed: int = option(0, "retrieval: seed of the random queries.")
     width: int = option(960, "curves: width in pixels.", lower=100)
     height: int = option(640, "curves: height in pixels.", lower=100)
@@ -252,37 +192,72 @@ class VisualizeConfig:
 
 
 def _filters(f: VisualizeConfig) -> None:
+    from evaluation import figures
     from models.runs import load_run_model
 
     loaded = load_run_model(f.model_dir, f.model, init=f.init)
-    save_png(filter_grid(first_conv_filters(loaded.model), f.columns, f.scale), f.output)
+    filters = first_conv_filters(loaded.model)
+    sobel = any(layer.name == "sobel" for layer in loaded.model.layers)
+    weights = "random init" if f.init == "random" else os.path.basename(
+        loaded.checkpoint or f.model_dir)
+    title = (f"First-layer filters of {loaded.name} ({weights})"
+             + (", composed with the Sobel front: filters on the grey image (NAT Figure 4)"
+                if sobel else ""))
+    figures.plot_filters(filter_grid(filters, f.columns, f.scale), len(filters),
+                         filters.shape[1:3], title, f.output)
+
+
+def image_and_label(name: str, cell: int) -> tuple[np.ndarray, str | None]:
+    """uint8 RGB [cell, cell, 3] of an extracted image and its label: digits keys carry their
+    class; a file's label is the name of its folder."""
+    from PIL import Image
+
+    from data import digits
+
+    if name.startswith(digits.KEY_PREFIX):
+        pixels, label = digits.from_key(name)
+        image = Image.fromarray(pixels)
+    elif name.startswith("tfds:"):
+        raise UsageError("retrieval draws image files or embedded digits; this index lists "
+                         "tfds examples")
+    else:
+        image, label = Image.open(name), os.path.basename(os.path.dirname(name))
+    with image:
+        rgb = image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+        return np.asarray(rgb, dtype=np.uint8), (None if label is None else str(label))
 
 
 def _retrieval(f: VisualizeConfig) -> None:
+    from evaluation import figures
+
     features = np.load(f.features)
     index_path = f.index or os.path.join(os.path.dirname(f.features), "index.txt")
     with open(index_path) as handle:
-        paths = [line.rstrip("\n") for line in handle]
-    if len(paths) != len(features):
-        raise UsageError(f"{index_path} lists {len(paths)} images for {len(features)} rows "
+        names = [line.rstrip("\n") for line in handle]
+    if len(names) != len(features):
+        raise UsageError(f"{index_path} lists {len(names)} images for {len(features)} rows "
                          f"of {f.features}")
     if f.query_indices:
         queries = list(f.query_indices)
-        if any(not 0 <= i < len(paths) for i in queries):
-            raise UsageError(f"--query_indices must be in [0, {len(paths)})")
+        if any(not 0 <= i < len(names) for i in queries):
+            raise UsageError(f"--query_indices must be in [0, {len(names)})")
     else:
         rng = np.random.default_rng(f.seed)
-        queries = sorted(rng.choice(len(paths), min(f.queries, len(paths)), replace=False))
-    neighbours = nearest_neighbours(features, queries, f.k)
-    used = sorted({*queries, *neighbours.ravel().tolist()})
-    if any(paths[i].startswith("tfds:") for i in used):
-        raise UsageError("retrieval reads image files; this index lists tfds examples")
-    images = {i: _load_cell(paths[i], f.cell) for i in used}
-    save_png(retrieval_grid(images, queries, neighbours, f.cell), f.output)
+        queries = sorted(rng.choice(len(names), min(f.queries, len(names)), replace=False))
+    neighbours, similarity = nearest_neighbours(features, queries, f.k)
+    loaded = {i: image_and_label(names[i], f.cell)
+              for i in sorted({*queries, *neighbours.ravel().tolist()})}
+    title = (f"Nearest neighbours by cosine similarity of {os.path.basename(f.features)} "
+             f"({len(names)} images)")
+    figures.plot_retrieval({i: v[0] for i, v in loaded.items()},
+                           {i: v[1] for i, v in loaded.items()}, queries, neighbours,
+                           similarity, title, f.output)
 
 
 def _curves(f: VisualizeConfig) -> None:
-    plot_curves(read_scalars(f.model_dir), f.output, f.width, f.height)
+    from evaluation import figures
+
+    figures.plot_curves(read_scalars(f.model_dir), f.output, f.width, f.height)
 
 
 def run(config: VisualizeConfig) -> str:

@@ -12,6 +12,7 @@ is a b x b linear assignment problem solved exactly (Hungarian-type solver, O(b^
 The pieces:
 
     sphere_targets(target_ids, dim, seed)  -> float32 [b, dim]   rows of C, regenerated on demand
+    onehot_targets(target_ids, dim)        -> float32 [b, dim]   the discrete baseline's rows
     optimal_assignment(cost)               -> int32 [b]          argmin_perm sum_i cost[i, perm[i]]
     nat_loss(features, targets)            -> float32 [b]        ||z_i - c_i||^2
     NoiseAsTargets(num_examples, dim, seed, scope)               the assignment state and the step
@@ -28,9 +29,10 @@ import numpy as np
 import scipy.optimize
 import tensorflow as tf
 
-from losses import NAT_SCOPES, cross_replica
+from losses import NAT_SCOPES, NAT_TARGETS, cross_replica
 
-__all__ = ["SCOPES", "NoiseAsTargets", "nat_loss", "optimal_assignment", "sphere_targets"]
+__all__ = ["SCOPES", "NoiseAsTargets", "nat_loss", "onehot_targets", "optimal_assignment",
+           "sphere_targets"]
 
 SCOPES = NAT_SCOPES
 
@@ -140,6 +142,19 @@ def _box_muller(words: tf.Tensor) -> tf.Tensor:
     theta = lo * (2.0 * math.pi * 2.0**-24)
     radius = tf.sqrt(-2.0 * tf.math.log(u1))
     return tf.concat([radius * tf.cos(theta), radius * tf.sin(theta)], axis=1)
+
+
+def onehot_targets(target_ids: tf.Tensor, dim: int) -> tf.Tensor:
+    """Rows `target_ids` of the discrete target matrix: float32 [b, dim], row k = e_(k mod dim).
+
+    NAT Sec. 4.1 ("continuous versus discrete representations") compares the sphere targets
+    with elements of the canonical basis of a k-dimensional space, the matrix C holding n / k
+    replications of the k basis vectors (balanced clusters); here k = dim and target k is basis
+    vector k mod dim, so a permutation of the n ids is a balanced assignment to the k clusters.
+    """
+    dim = _check_positive("dim", dim)
+    ids = tf.cast(tf.convert_to_tensor(target_ids), tf.int64)
+    return tf.one_hot(tf.math.floormod(ids, dim), dim, dtype=tf.float32)
 
 
 def _row_sum_fixed_order(x: tf.Tensor) -> tf.Tensor:
@@ -267,12 +282,14 @@ class NoiseAsTargets(tf.Module):
     """
 
     def __init__(self, num_examples: int, dim: int, seed: int, scope: str = "replica",
-                 name: str | None = None) -> None:
+                 name: str | None = None, targets: str = "sphere") -> None:
         """Args:
           num_examples: n, the number of images (and of targets).
           dim: d, the target and feature dimension.
           seed: int in [0, 2**63); seeds the targets and the initial permutation.
           scope: "replica" (one b x b problem per replica) or "global" (one B x B problem).
+          targets: "sphere" (`sphere_targets`, the method) or "onehot" (`onehot_targets`, the
+            discrete baseline of NAT Sec. 4.1).
         """
         super().__init__(name=name or "noise_as_targets")
         self.num_examples = _check_positive("num_examples", num_examples)
@@ -282,7 +299,10 @@ class NoiseAsTargets(tf.Module):
         self.seed = _check_seed(seed)
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if targets not in NAT_TARGETS:
+            raise ValueError(f"targets must be one of {', '.join(NAT_TARGETS)}, got {targets!r}")
         self.scope = scope
+        self.kind = targets
         initial = np.random.default_rng(self.seed).permutation(self.num_examples).astype(np.int32)
         # Aggregation NONE: in replica context each replica writes its own copy. Every replica
         # writes the same gathered global update, which keeps the copies identical without a
@@ -296,9 +316,15 @@ class NoiseAsTargets(tf.Module):
             aggregation=tf.VariableAggregation.NONE,
         )
 
+    def vectors(self, target_ids: tf.Tensor) -> tf.Tensor:
+        """The target vectors of target ids: float32 [b, dim]."""
+        if self.kind == "onehot":
+            return onehot_targets(target_ids, self.dim)
+        return sphere_targets(target_ids, self.dim, self.seed)
+
     def targets(self, indices: tf.Tensor) -> tf.Tensor:
         """The current targets of images `indices`: float32 [b, dim]."""
-        return sphere_targets(tf.gather(self.assignment, indices), self.dim, self.seed)
+        return self.vectors(tf.gather(self.assignment, indices))
 
     def _validate(self, indices: tf.Tensor, features: tf.Tensor) -> None:
         if indices.shape.rank is not None and indices.shape.rank != 1:
@@ -363,7 +389,7 @@ class NoiseAsTargets(tf.Module):
         global_indices = cross_replica.all_gather(indices)
         with tf.control_dependencies(self._check_indices(global_indices)):
             ids = tf.gather(self.assignment, indices)
-        targets = sphere_targets(ids, self.dim, self.seed)
+        targets = self.vectors(ids)
         batch = tf.shape(indices)[0]
 
         if static_reassign is not None and not static_reassign:
@@ -405,7 +431,7 @@ class NoiseAsTargets(tf.Module):
         global_batch = tf.shape(global_ids)[0]
 
         def solve():
-            global_targets = sphere_targets(global_ids, self.dim, self.seed)
+            global_targets = self.vectors(global_ids)
             return optimal_assignment(_pairwise_sq_dist(global_features, global_targets))
 
         if static_reassign is None:
@@ -416,4 +442,4 @@ class NoiseAsTargets(tf.Module):
         perm = cross_replica.all_gather(perm)[:global_batch]
         offset = cross_replica.replica_offset(batch)
         new_ids = tf.gather(global_ids, perm[offset:offset + batch])
-        return new_ids, sphere_targets(new_ids, self.dim, self.seed)
+        return new_ids, self.vectors(new_ids)

@@ -12,10 +12,12 @@ A binary is a frozen config dataclass and a `run(config)` function:
   and exit status 1: absl's own flag errors, `UsageError`, bad values, missing, vanished or
   unreadable files, full or read-only disks, a run folder in use or of other settings
   (models/runs.py); file-system failures name the path and what to do. `--help` prints the
-  binary's docstring and its flags, `--helpfull` every flag; both exit 0.
+  binary's docstring and its flags, `--helpfull` every flag; both exit 0. `--check_flags`
+  checks the flags (a flagfile, say) and exits 0 without doing anything.
 
-Verbosity: `-v 0` (default) shows warnings and errors only; `-v 1` adds INFO logs and
-tracebacks of failures; `-v 2` adds TensorFlow's C++ start-up logs.
+Verbosity: `-v 0` (default) shows the binary's own output and errors only (libraries' logs
+at ERROR); `-v 1` adds their warnings and INFO logs and the tracebacks of failures; `-v 2`
+adds TensorFlow's C++ start-up logs.
 
 This module imports neither TensorFlow nor Keras.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import importlib
+import json
 import os
 import re
 import sys
@@ -129,6 +132,17 @@ def require(name: str, value) -> None:
         raise UsageError(f"--{name} is required (see --help)")
 
 
+def json_object(name: str, text: str) -> dict:
+    """The JSON object of flag `--name`; UsageError when it is not one."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--{name} is not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--{name} must be a JSON object")
+    return value
+
+
 def check_range(name: str, value, lower=None, upper=None) -> None:
     """UsageError naming `--name` unless lower <= value <= upper (None: unbounded)."""
     if (lower is not None and value < lower) or (upper is not None and value > upper):
@@ -225,7 +239,7 @@ def describe(error: BaseException) -> str | None:
 
 def quiet_tensorflow(verbosity: int = 0) -> None:
     """Import TensorFlow without its start-up logs (unless verbosity >= 2) and set the
-    Python-side loggers (absl, tensorflow) to WARNING (INFO with verbosity >= 1).
+    Python-side loggers (absl, tensorflow) to ERROR (INFO with verbosity >= 1).
 
     The C++ runtime writes its start-up lines before its log settings apply, so stderr is
     sent to a temporary file during the import and device discovery, and that text is shown
@@ -253,10 +267,13 @@ def quiet_tensorflow(verbosity: int = 0) -> None:
     import tensorflow as tf
     from absl import logging
 
-    level = "INFO" if verbosity >= 1 else "WARNING"
+    # The binaries parse their own FlagValues; absl's global flags are marked parsed so that
+    # absl logs without its "before flag parsing" preamble.
+    flags.FLAGS.mark_as_parsed()
+    level = "INFO" if verbosity >= 1 else "ERROR"
     logging.set_verbosity(level.lower())
     logging.use_absl_handler()
-    tf.get_logger().setLevel(level if verbosity >= 1 else "ERROR")
+    tf.get_logger().setLevel(level)
 
 
 def _help(doc: str, fv: flags.FlagValues, module_name: str, full: bool) -> str:
@@ -283,6 +300,8 @@ def main(program: str, config_type: type, run: Callable, *, module_name: str, do
                          **common)
     flags.DEFINE_boolean("helpfull", False, "Show every flag, absl's included, and exit.",
                          **common)
+    flags.DEFINE_boolean("check_flags", False, "Check the flags (and flagfiles) and exit: "
+                         "nothing is loaded, trained or written.", **common)
     try:
         rest = fv(argv)
     except flags.Error as error:
@@ -300,6 +319,9 @@ def main(program: str, config_type: type, run: Callable, *, module_name: str, do
         config = config_from_flags(config_type, fv, **extra)
     except UsageError as error:
         fail(program, str(error))
+    if fv["check_flags"].value:
+        sys.stdout.write(f"{program}: the flags are valid\n")
+        sys.exit(0)
     run_or_fail(program, run, config, verbosity)
 
 

@@ -7,8 +7,7 @@
         checkpoint, ckpt-N.*  name-keyed checkpoints (models/weights.py): the network under
                             the key "model", plus whatever else the run resumes from
 
-Ownership (`claim_run`, then `start_run`), shared by every binary that writes a run or an
-output folder:
+Ownership (`claim_run`, then `start_run`), for every binary that writes a run or outputs:
 
 1. lock: an exclusive `fcntl.flock` on `<model_dir>/.lock`, held until the process ends (the
    OS releases it on any death, SIGKILL included, so a lock is never stale). A second process
@@ -22,12 +21,11 @@ output folder:
 4. `start_run`: only now is anything written: fingerprint.json at the first start (never
    again), config.json (the current settings, resumable ones included) when it changed.
 
-A start that is refused or fails before `start_run` leaves the folder as it found it
-(`abandon_run` removes the lock file, and the folder, if this process created them).
+A start refused or failed before `start_run` leaves the folder as it was (`abandon_run`).
 
-`write_config` / `read_config` handle config.json (written atomically: a reader never sees
-half a file); `open_checkpoints` is the checkpoint manager of a run, restored from its latest
-checkpoint; `load_run_model` rebuilds a run's network and loads its weights, and
+`write_config` / `read_config` handle config.json (files are written atomically: a reader
+never sees half a file); `open_checkpoints` is a run's checkpoint manager, restored from its
+latest checkpoint; `load_run_model` rebuilds a run's network and loads its weights, and
 `pretraining_config` finds the run a checkpoint prefix belongs to.
 """
 
@@ -95,6 +93,12 @@ def write_json_if_changed(path: str, payload) -> bool:
         return False
     write_text_atomic(path, text)
     return True
+
+
+def read_json(path: str):
+    """The JSON in `path`, or None when there is no such file."""
+    path = pathlib.Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_config(model_dir: str, config: Mapping) -> str:
@@ -277,17 +281,11 @@ def _lock_holder(path: str) -> str:
     """The PID holding the flock of `path`: from /proc/locks, else from the file itself."""
     try:
         inode = str(os.stat(path).st_ino)
-        with open("/proc/locks") as f:
-            for line in f:
-                parts = line.split()  # "3: FLOCK  ADVISORY  WRITE 4242 00:2a:123456 0 EOF"
-                if len(parts) > 5 and parts[1] == "FLOCK" and \
-                        parts[5].rsplit(":", 1)[-1] == inode:
-                    return parts[4]
-    except OSError:
-        pass
-    try:
-        with open(path) as f:
-            return f.read().strip() or "unknown"
+        for parts in map(str.split, pathlib.Path("/proc/locks").read_text().splitlines()):
+            # "3: FLOCK  ADVISORY  WRITE 4242 00:2a:123456 0 EOF" ("->" marks waiters)
+            if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].endswith(f":{inode}"):
+                return parts[4]
+        return pathlib.Path(path).read_text().strip() or "unknown"
     except OSError:
         return "unknown"
 
@@ -334,16 +332,14 @@ class Claim:
     acquired: bool = False  # this claim took the lock (not an earlier one of this process)
     started: bool = False
 
+    def __enter__(self) -> Claim:
+        return self
 
-def holds_run(folder: str) -> bool:
-    """True when `folder` holds a run or outputs: a fingerprint, a config or checkpoints."""
-    return any(os.path.exists(os.path.join(folder, name))
-               for name in (FINGERPRINT_FILE, CONFIG_FILE, "checkpoint"))
-
-
-def read_fingerprint(folder: str) -> dict | None:
-    path = pathlib.Path(folder, FINGERPRINT_FILE)
-    return json.loads(path.read_text()) if path.exists() else None
+    def __exit__(self, kind, error, trace) -> None:
+        """`with claim_run(...) as claim:` gives the folder up (`abandon_run`) when the block
+        fails before `start_run`."""
+        if kind is not None:
+            abandon_run(self)
 
 
 def claim_run(folder: str, fingerprint: Mapping | Callable[[], Mapping],
@@ -367,8 +363,9 @@ def claim_run(folder: str, fingerprint: Mapping | Callable[[], Mapping],
             claim.acquired = True
         found = fingerprint() if callable(fingerprint) else fingerprint
         claim.fingerprint = json.loads(json.dumps(dict(found), default=str))
-        recorded = read_fingerprint(folder)
-        if recorded is None and holds_run(folder):
+        recorded = read_json(os.path.join(folder, FINGERPRINT_FILE))
+        if recorded is None and any(os.path.exists(os.path.join(folder, name)) for name in (
+                CONFIG_FILE, "checkpoint")):  # a run (or outputs) from before fingerprints
             raise RunMismatch(f"{folder} holds a run without {FINGERPRINT_FILE} (written by an "
                               f"earlier version of the zoo): use another {what}")
         if recorded is not None and differences(recorded, claim.fingerprint):
@@ -388,7 +385,7 @@ def claim_run(folder: str, fingerprint: Mapping | Callable[[], Mapping],
 
 def start_run(claim: Claim, config: Mapping | None = None) -> None:
     """Step 4: write fingerprint.json (first start only) and config.json (if it changed)."""
-    if claim.fresh and read_fingerprint(claim.folder) is None:
+    if claim.fresh and read_json(os.path.join(claim.folder, FINGERPRINT_FILE)) is None:
         write_json_atomic(os.path.join(claim.folder, FINGERPRINT_FILE), claim.fingerprint)
     if config is not None:
         write_json_if_changed(config_path(claim.folder), dict(config))
@@ -422,18 +419,14 @@ def release_run(folder: str) -> None:
 
 def clean_temporaries(folder: str) -> tuple[str, ...]:
     """Remove the temporaries of the module docstring (step 3) from `folder`; their names.
-
-    Only the owner of the folder may call this: it must be sure no live process is writing.
-    """
-    removed = []
-    for name in sorted(os.listdir(folder)):
+    Only the folder's owner may: no live process may be writing them."""
+    removed = tuple(name for name in sorted(os.listdir(folder)) if any(
+        pattern.fullmatch(name) and os.path.isdir(os.path.join(folder, name)) == is_dir
+        for is_dir, pattern in _TEMPORARIES))
+    for name in removed:
         path = os.path.join(folder, name)
-        for is_dir, pattern in _TEMPORARIES:
-            if pattern.fullmatch(name) and os.path.isdir(path) == is_dir:
-                (shutil.rmtree if is_dir else os.remove)(path)
-                removed.append(name)
-                break
-    return tuple(removed)
+        (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
+    return removed
 
 
 @contextlib.contextmanager

@@ -297,13 +297,7 @@ class ExportConfig:
 
     def overrides(self) -> dict:
         """The --model_kwargs as a dict."""
-        try:
-            kwargs = json.loads(self.model_kwargs) if self.model_kwargs else {}
-        except json.JSONDecodeError as err:
-            raise UsageError(f"--model_kwargs is not JSON: {err}") from None
-        if not isinstance(kwargs, dict):
-            raise UsageError("--model_kwargs must be a JSON object")
-        return kwargs
+        return cli.json_object("model_kwargs", self.model_kwargs)
 
 
 def run(config: ExportConfig) -> str:

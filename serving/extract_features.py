@@ -1,10 +1,14 @@
-"""Extract features with an exported feature extractor (`serving.export`).
+r"""Extract features with an exported feature extractor (`serving.export`).
 
     python -m serving.extract_features --images_dir=DIR --saved_model=EXPORT/name/1 \
         --output_dir=OUT
+    python -m serving.extract_features --digits --saved_model=EXPORT/name/1 --output_dir=OUT
     python -m serving.extract_features --tfds=cifar10:test --server=localhost:8501 \
         --model_name=nin_cifar10 --output_dir=OUT              # TensorFlow Serving, REST
     ... --server=localhost:8500 --grpc                          # TensorFlow Serving, gRPC
+
+Sources: a folder of images (--images_dir), a prepared tfds split (--tfds), or the 599 embedded
+test digits (--digits: grey 8x8 PNGs, listed as digits:test/<position>).
 
 Protocol: every image is sent encoded (file contents, or PNG for tfds images) to the export's
 `image_bytes` signature, so decoding, resizing and the model's preprocessing all happen in the
@@ -32,6 +36,7 @@ import numpy as np
 
 from models import cli
 from models.cli import UsageError, option
+from models.progress import Progress
 from serving.client import GrpcClient, RestClient, SavedModelClient, ServingError
 
 PROGRAM = "serving.extract_features"
@@ -95,9 +100,7 @@ def extract(predict: Callable[[list[bytes]], dict[str, np.ndarray]],
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    import keras
-
-    bar = keras.utils.Progbar(total, unit_name="image") if progress else None
+    bar = Progress(total, "extracting features", unit=" images") if progress else None
     chunks: dict[str, list[np.ndarray]] = {}
     index: list[str] = []
     skipped: list[tuple[str, str]] = []
@@ -132,11 +135,12 @@ def extract(predict: Callable[[list[bytes]], dict[str, np.ndarray]],
             done += len(keys)
             keys, blobs = [], []
         if bar is not None:
-            bar.update(done + len(keys) + len(skipped))
+            bar.update(done + len(keys) + len(skipped), skipped=len(skipped))
     if blobs:
         run(keys, blobs)
     if bar is not None:
-        bar.update(len(index) + len(skipped), finalize=True)
+        bar.update(len(index) + len(skipped), skipped=len(skipped))
+        bar.close()
     features = {name: np.concatenate(parts) for name, parts in chunks.items()}
     return Extracted(features, index, skipped)
 
@@ -173,6 +177,7 @@ class ExtractConfig:
 
     images_dir: str = option("", "A folder of images (searched recursively).")
     tfds: str = option("", "A prepared tfds split instead, as name:split.")
+    digits: bool = option(False, "The embedded test digits instead (599 images).")
     data_dir: str = option("", "tfds data_dir.")
     saved_model: str = option("", "An export version directory, run in-process.")
     server: str = option("", "TensorFlow Serving host:port (REST, or gRPC with --grpc).")
@@ -184,8 +189,9 @@ class ExtractConfig:
     batch_size: int = option(64, "Images per request.", lower=1)
 
     def __post_init__(self):
-        if bool(self.images_dir) == bool(self.tfds):
-            raise UsageError("give exactly one of --images_dir and --tfds (see --help)")
+        if bool(self.images_dir) + bool(self.tfds) + self.digits != 1:
+            raise UsageError("give exactly one of --images_dir, --tfds and --digits "
+                             "(see --help)")
         if self.tfds and ":" not in self.tfds:
             raise UsageError(f"--tfds must be name:split; got {self.tfds!r}")
         if bool(self.saved_model) == bool(self.server):
@@ -219,6 +225,11 @@ def extract_all(config: ExtractConfig, progress: bool = True) -> Extracted:
             raise UsageError(f"--images_dir={config.images_dir} holds no image file "
                              f"({', '.join(IMAGE_EXTENSIONS)})")
         total, items = len(paths), folder_items(paths)
+    elif config.digits:
+        from data import digits
+
+        items = digits.encoded("test")
+        total = len(items)
     else:
         name, _, split = config.tfds.partition(":")
         total, items = tfds_items(name, split or "train", config.data_dir or None)

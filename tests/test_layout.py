@@ -17,8 +17,9 @@ ALLOWED = {
     "serving": {"data", "models", "serving"},
     "evaluation": {"data", "models", "losses", "serving", "evaluation"},
 }
-# The composition root of pretraining builds the probe hook, the export and the final table.
-COMPOSITION_ROOTS = {"train/pretrain.py": {"serving", "evaluation"}}
+# The composition roots of pretraining build the probe hook, the export and the tables.
+COMPOSITION_ROOTS = {"train/pretrain.py": {"serving", "evaluation"},
+                     "train/ablate.py": {"evaluation"}}
 PACKAGES = set(ALLOWED) | {"benchmarks", "tests"}
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60

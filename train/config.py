@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from data import CROPS, PRETRAIN_DATASETS, is_pretrain_dataset
-from losses import NAT_SCOPES, SC_POOLS
+from losses import NAT_SCOPES, NAT_TARGETS, SC_POOLS
 from models import MODEL_NAMES, PREPROCESSINGS
 from models.cli import UsageError, check_choice, check_range, option
 from models.runs import fingerprint_of
@@ -91,7 +91,7 @@ class TrainConfig:
     preprocessing: str | None = option(None, "AlexNet's fixed front (default sobel).",
                                        choices=PREPROCESSINGS)
     batch_size: int = option(128, "Global batch size (split over the replicas).", lower=1)
-    epochs: int = option(15, "Epochs over the dataset.", lower=1)
+    epochs: int = option(60, "Epochs over the dataset.", lower=1)
     lr: float = option(0.05, "Initial learning rate l0.")
     momentum: float = option(0.9, "SGD momentum.", lower=0.0)
     weight_decay: float = option(5e-4, "L2 penalty wd/2 ||W||^2 on the kernels.", lower=0.0)
@@ -108,14 +108,21 @@ class TrainConfig:
                                      lower=0)
     nat_scope: str = option("replica", "Hungarian problem per replica or global.",
                             choices=NAT_SCOPES)
+    nat_targets: str = option("sphere", "NAT targets: on the unit sphere (the method) or one-hot "
+                              "(the discrete baseline of NAT Sec. 4.1).", choices=NAT_TARGETS)
     sc_endpoints: str = option("sc:1", "SC endpoints with weights, 'name:w,name:w'.")
     sc_patch: str = option("0.3", "SC window: a fraction of the map area, or HxW cells.")
     sc_squared: bool = option(False, "SC on squared L2 distances.")
     sc_symmetric: bool = option(True, "Average SC with its transposed form.")
-    sc_pool: str = option("flatten", "How an SC window becomes a vector.", choices=SC_POOLS)
-    crop: str = option("pad", "Random crop: pad-and-crop, resized crop or none.", choices=CROPS)
+    sc_pool: str = option("avg", "How an SC window becomes a vector: averaged (the zoo's "
+                          "reading, losses/spatial_contrasting.py) or flattened.",
+                          choices=SC_POOLS)
+    crop: str = option("resize", "Random crop: pad-and-crop, resized crop, short side then "
+                       "crop, or none.", choices=CROPS)
     crop_pad: int = option(2, "Padding (pixels) of --crop=pad.", lower=0)
     crop_min_scale: float = option(0.35, "Smallest area fraction of --crop=resize.")
+    crop_short_side: int = option(256, "Shorter side (pixels) the image is scaled to before "
+                                  "the random crop of --crop=short_side.", lower=1)
     flip: bool = option(False, "Random horizontal flips.")
     strategy: str = option("auto", "tf.distribute strategy.", choices=STRATEGIES)
     cpu_replicas: int = option(1, "Split the CPU into N logical devices (testing).", lower=1)
@@ -127,7 +134,7 @@ class TrainConfig:
     init_checkpoint: str | None = option(None, "Backbone weights to start from (no resume).")
     export_dir: str | None = option(None, "SavedModel base directory (default "
                                     "<model_dir>/export; 'none' skips the export).")
-    probe_every_epochs: int = option(5, "Linear probe every k epochs (0 = never).", lower=0)
+    probe_every_epochs: int = option(10, "Linear probe every k epochs (0 = never).", lower=0)
     probe_dataset: str | None = option(None, "Labelled dataset of the probes (default: "
                                        "--dataset).")
     probe_labels_per_class: int = option(10, "Labels per class of the probes.", lower=1)
@@ -146,11 +153,11 @@ class TrainConfig:
         "data": ("dataset", "images", "files"),
         "batch": ("batch_size",),
         "seed": ("seed",),
-        "loss": ("nat_reassign_every", "nat_scope", "sc_endpoints", "sc_patch", "sc_squared",
-                 "sc_symmetric", "sc_pool"),
+        "loss": ("nat_reassign_every", "nat_scope", "nat_targets", "sc_endpoints", "sc_patch",
+                 "sc_squared", "sc_symmetric", "sc_pool"),
         "schedule": ("lr", "momentum", "weight_decay", "lr_t0", "lr_gamma", "plateau_patience",
                      "plateau_factor", "plateau_min_delta"),
-        "augmentation": ("crop", "crop_pad", "crop_min_scale", "flip"),
+        "augmentation": ("crop", "crop_pad", "crop_min_scale", "crop_short_side", "flip"),
         "init": ("init_checkpoint",),
         "evaluation": ("probe_dataset", "probe_labels_per_class", "probe_splits", "final_eval"),
         "distribution": ("workers", "nat_problem"),
@@ -206,7 +213,7 @@ class TrainConfig:
         from data.pretrain import Augment
 
         return Augment(crop=self.crop, pad=self.crop_pad, min_scale=self.crop_min_scale,
-                       flip=self.flip)
+                       short_side=self.crop_short_side, flip=self.flip)
 
     def model_kwargs(self) -> dict:
         """Keyword arguments of `build_model` for the pretraining network."""

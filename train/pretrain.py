@@ -38,15 +38,17 @@ PROGRAM = "train.pretrain"
 class ProbeHook:
     """The periodic linear probe of the trained network (NAT Figure 2), as an epoch-end hook.
 
-    Every `every` epochs (on the chief) it probes the transfer endpoint, logs the accuracy as
-    the summary "probe/accuracy" and records it in `<model_dir>/probe_history.json`;
-    `history` [(epochs done, accuracy)] is the whole history, earlier processes' included.
+    Every `probe_every_epochs` epochs (on the chief) it probes the transfer endpoint on the
+    final table's label draws, logs the mean accuracy as the summary "probe/accuracy", and
+    records (epochs done, mean accuracy, accuracy of every draw) in
+    `<model_dir>/probe_history.json`; `history` is that whole history, earlier processes'
+    included.
     """
 
     def __init__(self, config: TrainConfig, dataset: str):
         self.config = config
         self.dataset = dataset
-        self.history: list[tuple[int, float]] = []
+        self.history: list[tuple[int, float, list[float]]] = []
 
     def __call__(self, trainer, epochs_done: int) -> None:
         import tensorflow as tf
@@ -54,14 +56,15 @@ class ProbeHook:
         every = self.config.probe_every_epochs
         if every <= 0 or epochs_done % every or not trainer.chief:
             return
-        accuracy = probe_result(self.config, trainer.model, self.dataset).mean
-        self.history.append((epochs_done, accuracy))
+        result = probe_result(self.config, trainer.model, self.dataset)
+        entry = (epochs_done, result.mean, [float(a) for a in result.accuracies])
         with trainer.writer.as_default(step=trainer.step):
-            tf.summary.scalar("probe/accuracy", accuracy)
+            tf.summary.scalar("probe/accuracy", result.mean)
         from train.records import record_probe
 
-        self.history = record_probe(self.config.model_dir, epochs_done, accuracy)
-        trainer.log(f"\nepoch {epochs_done}: probe accuracy {100 * accuracy:.1f}%")
+        self.history = record_probe(self.config.model_dir, entry)
+        trainer.log(f"epoch {epochs_done}: linear probe {100 * result.mean:.1f}% "
+                    f"± {100 * result.std:.1f} (sd over {len(result.accuracies)} label draws)")
 
 
 def probe_dataset(config: TrainConfig) -> str | None:
@@ -82,85 +85,57 @@ def probe_result(config: TrainConfig, model, dataset: str):
     return result.endpoints[0]
 
 
-def plot_probe_history(history: list[tuple[int, float]], path: str) -> None:
-    """Probe accuracy against epoch, as in NAT Figure 2 (left)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs, accuracy = zip(*history, strict=True)
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    ax.plot(epochs, [100 * a for a in accuracy], marker="o")
-    ax.set_xlabel("pretraining epoch")
-    ax.set_ylabel("probe accuracy (%)")
-    ax.set_title("Linear probe on frozen features")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _probe_rows(config: TrainConfig, model, dataset: str) -> list[dict]:
+def random_twin(config: TrainConfig):
+    """The network the pretraining started from: the same architecture and seeded init."""
     import keras
 
-    from models import TRANSFER_ENDPOINT, build_model
+    from models import build_model
 
-    keras.utils.set_random_seed(config.seed)  # the very init the pretraining started from
-    random_model = build_model(config.model, **config.model_kwargs())
-    what = (f"linear probe on {TRANSFER_ENDPOINT[config.model]}, "
-            f"{config.probe_labels_per_class} labels/class, {config.probe_splits} splits")
-    rows = []
-    for init, net in ((f"{config.method} pretrained", model), ("random", random_model)):
-        result = probe_result(config, net, dataset)
-        rows.append({"init": init, "protocol": what, "accuracy": result.mean,
-                     "std": result.std})
-    return rows
+    keras.utils.set_random_seed(config.seed)
+    return build_model(config.model, **config.model_kwargs())
 
 
-def _finetune_rows(config: TrainConfig, dataset: str) -> list[dict]:
-    import dataclasses
+def _probe_table(config: TrainConfig, model, dataset: str) -> tuple[dict, str]:
+    from evaluation.compare import compare
+    from models import TRANSFER_ENDPOINT
 
-    import numpy as np
+    views = {"linear": TRANSFER_ENDPOINT[config.model]}
+    if "embedding" in model.output:
+        views["knn"] = "embedding"
+    comparison = compare(model, random_twin(config), dataset, views,
+                         config.probe_labels_per_class, config.probe_splits, config.seed,
+                         config.method)
+    return {"probe": comparison.to_json()}, comparison.table()
 
+
+def _finetune_table(config: TrainConfig, dataset: str) -> tuple[dict, str]:
     from evaluation import finetune
 
-    ft_config = dataclasses.replace(
-        finetune.FinetuneConfig(), init=config.model_dir, dataset=dataset,
-        data_dir=config.data_dir, manual_dir=config.manual_dir,
-        labels_per_class=config.probe_labels_per_class,
-        seeds=tuple(range(config.probe_splits)), compare_scratch=True, epochs=300, patience=10,
+    # The fine-tuning binary's own defaults: `python -m evaluation.finetune --init=<run>
+    # --compare_scratch --seeds=...` reproduces this table.
+    ft_config = finetune.FinetuneConfig(
+        init=config.model_dir, dataset=dataset, data_dir=config.data_dir,
+        manual_dir=config.manual_dir, labels_per_class=config.probe_labels_per_class,
+        seeds=tuple(range(config.probe_splits)), compare_scratch=True,
         output_dir=os.path.join(config.model_dir, "finetune"))
-    results, _ = finetune.run(ft_config)
-    what = (f"fine-tuned, {config.probe_labels_per_class} labels/class, "
-            f"{config.probe_splits} seeds")
-    rows = []
-    for key, runs in results.items():
-        accuracy = [r.test_accuracy for r in runs]
-        rows.append({"init": f"{config.method} pretrained" if key == "pretrained" else "random",
-                     "protocol": what, "accuracy": float(np.mean(accuracy)),
-                     "std": float(np.std(accuracy))})
-    return rows
+    results, text = finetune.run(ft_config)
+    summary = {key: [r.test_accuracy for r in runs] for key, runs in results.items()}
+    return {"finetune": summary}, text
 
 
-def final_table(config: TrainConfig, model) -> list[dict]:
-    """Rows comparing the pretrained network with the same network at random init."""
+def final_table(config: TrainConfig, model) -> tuple[dict, str]:
+    """The pretrained network against the same network at random init (and raw pixels):
+    (the figures for results.json, the console text); ({}, "") without a labelled dataset.
+    --final_eval=probe compares the frozen features; finetune adds whole-network fine-tuning
+    against training from scratch (the SC protocol)."""
     dataset = probe_dataset(config)
     if config.final_eval == "none" or dataset is None:
-        return []
-    if config.final_eval == "probe":
-        return _probe_rows(config, model, dataset)
-    return _finetune_rows(config, dataset)
-
-
-def format_table(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    lines = [f"{'init':<20} {'accuracy':>9}  protocol", "-" * 72]
-    for row in rows:
-        std = f" ± {100 * row['std']:.1f}" if "std" in row else ""
-        lines.append(f"{row['init']:<20} {100 * row['accuracy']:>8.1f}%{std}  {row['protocol']}")
-    return "\n".join(lines)
+        return {}, ""
+    figures, text = _probe_table(config, model, dataset)
+    if config.final_eval == "finetune":
+        more, more_text = _finetune_table(config, dataset)
+        figures, text = {**figures, **more}, f"{text}\n\n{more_text}"
+    return figures, text
 
 
 def run(config: TrainConfig, strategy=None) -> dict:
@@ -188,10 +163,9 @@ def run(config: TrainConfig, strategy=None) -> dict:
     if finished is not None:
         trainer.log(f"the run finished at step {start}: results from {records.RESULTS}, "
                     "nothing retrained or exported")
-        records.write_probe_plot(config.model_dir, finished.get("probe_history", []),
-                                 plot_probe_history)
-        if finished.get("final"):
-            print("\n" + format_table(finished["final"]))
+        _plot(config, finished.get("probe_history", []), finished.get("final", {}))
+        if finished.get("final_table"):
+            print("\n" + finished["final_table"])
         return finished
     return _report(config, trainer, summary)
 
@@ -208,12 +182,21 @@ def _clean_export_staging(config: TrainConfig, log) -> None:
         clean_staging(os.path.join(_export_base(config), config.model), log)
 
 
+def _plot(config: TrainConfig, history: list, figures: dict) -> None:
+    """probe.png from the whole probe history and the final table's baselines (replaced only
+    when it changes)."""
+    from evaluation.figures import plot_probe_curve
+    from train import records
+
+    records.write_probe_plot(config.model_dir, history, lambda h, path: plot_probe_curve(
+        h, figures.get("probe"), path, f"{config.method} on {config.dataset}, {config.model}"))
+
+
 def _report(config: TrainConfig, trainer, summary: dict) -> dict:
-    """The chief's end of a run: probe plot, export, final table, results.json."""
+    """The chief's end of a run: export, final table, probe plot, results.json."""
     from train import records
 
     summary["probe_history"] = records.probe_history(config.model_dir, summary["epochs"])
-    records.write_probe_plot(config.model_dir, summary["probe_history"], plot_probe_history)
     if _export_base(config) != "none":
         from serving.export import export_features
 
@@ -221,11 +204,15 @@ def _report(config: TrainConfig, trainer, summary: dict) -> dict:
             trainer.model, _export_base(config), config.model,
             metadata={"checkpoint": trainer.manager.latest_checkpoint, "method": config.method,
                       "model_kwargs": config.model_kwargs()}, log=trainer.log)
-    rows = final_table(config, trainer.model)
-    summary["final"] = rows
+    figures, text = final_table(config, trainer.model)
+    summary["final"], summary["final_table"] = figures, text
+    _plot(config, summary["probe_history"], figures)
     records.write_results(config.model_dir, summary)
-    if rows:
-        print("\n" + format_table(rows))
+    if text:
+        print("\n" + text)
+    print(f"\nwrote {config.model_dir}: checkpoints, config.json, results.json, "
+          "TensorBoard summaries (train/)" + (", probe.png" if summary["probe_history"] else "")
+          + (f", the SavedModel {summary['export']}" if summary.get("export") else ""))
     return summary
 
 

@@ -7,8 +7,9 @@
         skipped.json        every image file the run could not use, with the reason and when
                             ("scan": left out at the first start; "training": failed later),
                             the union over all processes
-        probe_history.json  [[epochs done, probe accuracy], ...]: each process adds the epochs
-                            it probes; an epoch probed again after a resume replaces its entry
+        probe_history.json  [[epochs done, ...the probe's figures], ...]: each process adds the
+                            epochs it probes; an epoch probed again after a resume replaces
+                            its entry
         probe.png           drawn from the whole probe history
         results.json        the finished run: steps, epochs, the mean loss of its last loop
                             (kept in the checkpoint, so any process can report it), the probe
@@ -26,20 +27,13 @@ import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 
-from models.runs import temporary_path, write_json_if_changed, write_text_atomic
+from models.runs import read_json, temporary_path, write_json_if_changed, write_text_atomic
 
 IMAGES = "images.txt"
 SKIPPED = "skipped.json"
 PROBE_HISTORY = "probe_history.json"
 PROBE_PLOT = "probe.png"
 RESULTS = "results.json"
-
-
-def _read_json(path: str, default):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
 
 
 # ------------------------------------------------------------------------------ the data
@@ -69,7 +63,7 @@ def record_skipped(model_dir: str, entries: Iterable[tuple[str, str]], when: str
                    ) -> list[tuple[str, str]]:
     """Add the (path, reason) entries whose path skipped.json lacks; returns those."""
     path = os.path.join(model_dir, SKIPPED)
-    recorded = _read_json(path, [])
+    recorded = read_json(path) or []
     known = {entry["path"] for entry in recorded}
     new = []
     for name, reason in entries:
@@ -85,23 +79,23 @@ def record_skipped(model_dir: str, entries: Iterable[tuple[str, str]], when: str
 # ------------------------------------------------------------------------------ the results
 
 
-def probe_history(model_dir: str, up_to: int | None = None) -> list[tuple[int, float]]:
-    """[(epochs done, accuracy)] of every probe the run recorded (up to epoch `up_to`)."""
-    history = [(int(e), float(a)) for e, a in _read_json(os.path.join(model_dir, PROBE_HISTORY),
-                                                         [])]
-    return [(e, a) for e, a in history if up_to is None or e <= up_to]
+def probe_history(model_dir: str, up_to: int | None = None) -> list[list]:
+    """[[epochs done, ...]] of every probe the run recorded (up to epoch `up_to`)."""
+    history = read_json(os.path.join(model_dir, PROBE_HISTORY)) or []
+    return [list(entry) for entry in history if up_to is None or entry[0] <= up_to]
 
 
-def record_probe(model_dir: str, epochs_done: int, accuracy: float) -> list[tuple[int, float]]:
-    """Record the probe after `epochs_done` epochs (replacing later entries: they were made by
-    a process that died before checkpointing them); returns the whole history."""
-    history = [*probe_history(model_dir, epochs_done - 1), (epochs_done, float(accuracy))]
-    write_json_if_changed(os.path.join(model_dir, PROBE_HISTORY), [list(p) for p in history])
+def record_probe(model_dir: str, entry: Sequence) -> list[list]:
+    """Record a probe, `entry` = (epochs done, ...its figures), replacing the entries of that
+    epoch and later ones (made by a process that died before it checkpointed them); returns
+    the whole history."""
+    history = [*probe_history(model_dir, int(entry[0]) - 1), json.loads(json.dumps(list(entry)))]
+    write_json_if_changed(os.path.join(model_dir, PROBE_HISTORY), history)
     return history
 
 
-def write_probe_plot(model_dir: str, history: Sequence[tuple[int, float]],
-                     plot: Callable[[Sequence[tuple[int, float]], str], None]) -> bool:
+def write_probe_plot(model_dir: str, history: Sequence,
+                     plot: Callable[[Sequence, str], None]) -> bool:
     """probe.png from `history` by `plot(history, path)`, replaced only if it changed."""
     if not history:
         return False
@@ -121,7 +115,7 @@ def write_probe_plot(model_dir: str, history: Sequence[tuple[int, float]],
 def finished_results(model_dir: str, steps: int) -> dict | None:
     """results.json if it reports the run at `steps` steps (so it is the run's latest), else
     None."""
-    results = _read_json(os.path.join(model_dir, RESULTS), None)
+    results = read_json(os.path.join(model_dir, RESULTS))
     return results if results is not None and results.get("steps") == steps else None
 
 

@@ -58,3 +58,12 @@ def make_strategy(name: str = "auto", cpu_replicas: int = 1) -> tf.distribute.St
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
     return tf.distribute.MirroredStrategy(devices)
+
+
+def input_pipelines(strategy: tf.distribute.Strategy) -> int:
+    """Input pipelines of `strategy`: one per worker of a cluster (each reads its shard)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    spec = resolver.cluster_spec()
+    return max(1, sum(spec.num_tasks(job) for job in spec.jobs if job in ("chief", "worker")))

@@ -47,6 +47,7 @@ loop itself knows nothing of evaluation.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -68,10 +69,12 @@ from data.pretrain import (
 from losses.nat import NoiseAsTargets
 from losses.spatial_contrasting import multi_endpoint_loss
 from models import build_model
+from models.progress import Progress
 from models.runs import abandon_run, claim_run, open_checkpoints, start_run
 from models.weights import load_weights, named_variables
 from train import records
 from train.config import TrainConfig
+from train.strategy import input_pipelines
 
 
 class NonFiniteLoss(RuntimeError):
@@ -99,15 +102,6 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:
     """True on the worker that writes checkpoints, summaries and exports."""
     return bool(getattr(strategy.extended, "should_checkpoint", True))
-
-
-def _input_pipelines(strategy: tf.distribute.Strategy) -> int:
-    """Input pipelines of the strategy: one per worker of a cluster (each reads a shard)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None:
-        return 1
-    spec = resolver.cluster_spec()
-    return max(1, sum(spec.num_tasks(job) for job in spec.jobs if job in ("chief", "worker")))
 
 
 def _l2(model: keras.Model) -> tf.Tensor:
@@ -177,7 +171,7 @@ class Trainer:
                              f"images, fewer than one batch of {cfg.batch_size}")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         files = records.images_digest(self._files()) if self.source.paths else None
-        return cfg.fingerprint(self.source.num_examples, files, _input_pipelines(self.strategy),
+        return cfg.fingerprint(self.source.num_examples, files, input_pipelines(self.strategy),
                                self.strategy.num_replicas_in_sync)
 
     def _files(self) -> list[str]:
@@ -201,7 +195,7 @@ class Trainer:
             self.nat = None
             if cfg.method == "nat":
                 self.nat = NoiseAsTargets(self.source.num_examples, cfg.nat_dim, cfg.seed,
-                                          scope=cfg.nat_scope)
+                                          scope=cfg.nat_scope, targets=cfg.nat_targets)
             objects = dict(model=named_variables(self.model), optimizer=self.optimizer,
                            epoch=self.epoch, lr_scale=self.lr_scale, best_loss=self.best_loss,
                            bad_epochs=self.bad_epochs, last_loss=self.last_loss)
@@ -231,7 +225,7 @@ class Trainer:
         if new and self.chief:
             new = records.record_skipped(self.config.model_dir, new, "training")
         for path, reason in new:
-            self.log(f"\nskipped {path}: {reason}; batches are refilled from the epoch's "
+            self.log(f"skipped {path}: {reason}; batches are refilled from the epoch's "
                      f"other images (listed in {records.SKIPPED})")
 
     # ---------------------------------------------------------------------------------------
@@ -374,32 +368,33 @@ class Trainer:
         if self.chief:
             self.writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "train"))
         iterator = self.make_iterator(start)
-        progbar = keras.utils.Progbar(self.total_steps, stateful_metrics=["loss", "img/s", "lr"],
-                                      unit_name="step", verbose=1 if self.chief else 0)
-        progbar.update(start)
-        since_save = 0
-        epoch_loss, epoch_steps = 0.0, 0
+        bar = Progress(self.total_steps, f"{cfg.method} pretraining", unit=" steps",
+                       stream=None if self.chief else io.StringIO())
+        say, self.log = self.log, bar.log  # messages while training never share the bar's line
+        try:
+            self._steps(iterator, bar)
+        finally:
+            bar.close()
+            self.log = say
+        self.writer.flush()
+        return self._summary()
+
+    def _steps(self, iterator, bar: Progress) -> None:
+        """The loop of `train`: steps, summaries, epoch ends (hooks), checkpoints."""
+        cfg = self.config
+        since_save, epoch_loss, epoch_steps = 0, 0.0, 0
         while self.step < self.total_steps:
-            step = self.step
-            epoch, in_epoch = divmod(step, self.steps_per_epoch)
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             n = min(cfg.steps_per_loop, self.steps_per_epoch - in_epoch)
             result, elapsed = self._loop(iterator, epoch, n)
-            images_per_sec = result.steps * cfg.batch_size / max(elapsed, 1e-9)
-            lr = float(self.schedule(self.optimizer.iterations))
+            images_per_sec, lr = self._record(result, elapsed)
             epoch_loss += result.loss * result.steps
             epoch_steps += result.steps
-            with self.writer.as_default(step=self.step):
-                tf.summary.scalar("loss", result.loss)
-                tf.summary.scalar("lr", lr)
-                tf.summary.scalar("images_per_sec", images_per_sec)
-                for name, value in result.stats.items():
-                    tf.summary.scalar(name, value)
-            progbar.update(self.step, [("loss", result.loss), ("img/s", images_per_sec),
-                                       ("lr", lr)])
+            bar.update(self.step, epoch=f"{epoch + 1}/{cfg.epochs}", loss=result.loss,
+                       **{"img/s": f"{images_per_sec:.0f}"}, lr=lr)
             since_save += result.steps
             if in_epoch + n == self.steps_per_epoch:
-                mean = epoch_loss / max(epoch_steps, 1)
-                self._end_epoch(epoch, mean)
+                self._end_epoch(epoch, epoch_loss / max(epoch_steps, 1))
                 epoch_loss, epoch_steps = 0.0, 0
                 for hook in self.hooks:
                     hook(self, epoch + 1)
@@ -408,8 +403,18 @@ class Trainer:
             elif since_save >= cfg.checkpoint_every:
                 self.manager.save(checkpoint_number=self.step)
                 since_save = 0
-        self.writer.flush()
-        return self._summary()
+
+    def _record(self, result: LoopResult, elapsed: float) -> tuple[float, float]:
+        """Write the loop's summaries; returns (images/s, learning rate)."""
+        images_per_sec = result.steps * self.config.batch_size / max(elapsed, 1e-9)
+        lr = float(self.schedule(self.optimizer.iterations))
+        with self.writer.as_default(step=self.step):
+            tf.summary.scalar("loss", result.loss)
+            tf.summary.scalar("lr", lr)
+            tf.summary.scalar("images_per_sec", images_per_sec)
+            for name, value in result.stats.items():
+                tf.summary.scalar(name, value)
+        return images_per_sec, lr
 
     def _loop(self, iterator, epoch: int, num_steps: int) -> tuple[LoopResult, float]:
         """One call of the step loop: (its result, seconds). Stops the run on a NaN/Inf loss

@@ -1,12 +1,11 @@
-"""PASCAL VOC 2007 classification transfer (NAT Table 4, "Classification" columns).
+r"""PASCAL VOC 2007 classification transfer (NAT Table 4, "Classification" columns).
 
     python -m evaluation.voc.classification --model_dir=runs/voc_cls \
         --init_checkpoint=runs/nat_alexnet --train_layers=fc6-8
 
 Protocol (the voc-classification code of Krahenbuhl et al. 2015, used by BiGAN and NAT):
 
-- Data: train on VOC 2007 trainval (tfds `train+validation`, 5011 images), test on `test`
-  (4952 images); see `data.voc`.
+- Data: trainval (tfds `train+validation`, 5011 images), test on `test` (4952); `data.voc`.
 - Network: the pretrained AlexNet (`models.alexnet`, head "none", input crop_size^2, the
   preprocessing of the pretraining run) with conv1..conv5 loaded from the checkpoint, fc6 and
   fc7 loaded when it holds them (`--fc_init=checkpoint`) or re-drawn, and a new 20-way `fc8`
@@ -29,13 +28,11 @@ Protocol (the voc-classification code of Krahenbuhl et al. 2015, used by BiGAN a
   every 10k iterations, 80k iterations.
 - Test: for each test image, the logits of `--test_crops` (10) random training-style crops
   are summed; the sum is the class score.
-- Report: per-class devkit 11-point AP and its mean (the headline, `voc07_map`) and, under its
-  own name, the sklearn AP the reference code printed (`sklearn_map`); printed as a table and
-  written to `<model_dir>/results.json` and `results.md`.
+- Report: per-class devkit 11-point AP, its mean (`voc07_map`, the headline) and the sklearn
+  AP the reference code printed (`sklearn_map`): a table, `results.json` and `results.md`.
 
-The run (resume, checkpoints, config.json, the step loop, results files) is the VOC skeleton
-of `evaluation.voc.common`. Without `--init_checkpoint` the network stays at random
-initialisation: the "random init" baseline.
+The run (resume, checkpoints, config.json, step loop, results) is `evaluation.voc.common`'s.
+Without `--init_checkpoint` the network stays at random init: the "random init" baseline.
 """
 
 from __future__ import annotations
@@ -49,6 +46,7 @@ import numpy as np
 from evaluation.voc import common
 from models import build_model, cli
 from models.cli import UsageError, option
+from models.progress import Progress
 
 # TensorFlow loads after the flags are checked (models/cli.py).
 tf = cli.lazy_import("tensorflow")
@@ -338,9 +336,12 @@ def evaluate(net: keras.Model, examples: tf.data.Dataset, config: VocClassificat
         return tf.reduce_sum(tf.reshape(logits, [shape[0], shape[1], -1]), axis=1)
 
     scores, labels = [], []
+    bar = Progress(voc_data.NUM_IMAGES["test"], "testing", unit=" images", delay=5.0)
     for crops, batch_labels, _ in test_dataset(examples, config):
         scores.append(scores_of(crops).numpy())
         labels.append(batch_labels.numpy())
+        bar.update(sum(map(len, labels)))
+    bar.close()
     if not scores:
         raise ValueError("the test split is empty")
     scores, labels = np.concatenate(scores), np.concatenate(labels)

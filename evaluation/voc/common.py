@@ -32,6 +32,7 @@ from typing import ClassVar
 
 from models import PREPROCESSINGS, cli
 from models.cli import UsageError, option
+from models.progress import Progress
 
 tf = cli.lazy_import("tensorflow")
 keras = cli.lazy_import("keras")
@@ -133,22 +134,28 @@ class VocProtocol(typing.Protocol):
 
 def train_loop(step_fn: Callable, batches: Iterator, manager, schedule, start: int,
                config) -> float | None:
-    """Steps start+1 .. num_steps: a log line every log_every steps, a checkpoint every
-    checkpoint_every steps and at the last one. Returns the mean seconds per step."""
+    """Steps start+1 .. num_steps: the losses shown (models/progress.py) and logged every
+    log_every steps, a checkpoint every checkpoint_every steps and at the last one. Returns the
+    mean seconds per step."""
     from absl import logging
 
+    bar = Progress(config.num_steps, "training", unit=" steps")
     tick, timed, seconds_per_step = time.time(), 0, None
     for step in range(start + 1, config.num_steps + 1):
         losses = step_fn(next(batches))
         timed += 1
         if step % config.log_every == 0 or step == config.num_steps:
             seconds_per_step = (time.time() - tick) / timed
-            text = " ".join(f"{k} {float(v):.4f}" for k, v in losses.items())
-            logging.info("step %d %s lr %.3g (%.3f s/step)", step, text,
-                         float(schedule(step - 1)), seconds_per_step)
+            values = {k: float(v) for k, v in losses.items()}
+            lr = float(schedule(step - 1))
+            bar.update(step, **values, lr=lr, **{"s/step": f"{seconds_per_step:.3f}"})
+            logging.info("step %d %s lr %.3g (%.3f s/step)", step,
+                         " ".join(f"{k} {v:.4f}" for k, v in values.items()), lr,
+                         seconds_per_step)
             tick, timed = time.time(), 0
         if step % config.checkpoint_every == 0 or step == config.num_steps:
             manager.save(checkpoint_number=step)
+    bar.close()
     return seconds_per_step
 
 
@@ -176,17 +183,13 @@ def run(protocol: VocProtocol, config) -> dict:
     RunLocked / RunMismatch for a folder in use or of another configuration, and
     FileNotFoundError for a missing checkpoint or unprepared data, each with one line.
     """
-    from models.runs import abandon_run, claim_run, fingerprint_of, start_run
+    from models.runs import claim_run, fingerprint_of, start_run
 
     config.validate()
-    claim = claim_run(config.model_dir, fingerprint_of(config, config.RESUMABLE))
-    try:
+    with claim_run(config.model_dir, fingerprint_of(config, config.RESUMABLE)) as claim:
         net, optimizer, manager, schedule, variables = _start(protocol, config)
         start_run(claim, {**dataclasses.asdict(config), "model": "alexnet",
                           "model_kwargs": protocol.model_kwargs(resolve_preprocessing(config))})
-    except BaseException:
-        abandon_run(claim)
-        raise
     if claim.removed:
         print(f"removed {len(claim.removed)} temporary files of an interrupted process from "
               f"{config.model_dir}: {', '.join(claim.removed)}")

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2007 detection transfer with Fast R-CNN (NAT Table 4, "Detection" column).
+r"""PASCAL VOC 2007 detection transfer with Fast R-CNN (NAT Table 4, "Detection" column).
 
     python -m evaluation.voc.detection --model_dir=runs/voc_det \
         --init_checkpoint=runs/nat_alexnet --proposal_workers=2
@@ -35,7 +35,6 @@ of `evaluation.voc.common`.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -46,6 +45,7 @@ from evaluation.voc import common
 from evaluation.voc.fast_rcnn import proposals as det_proposals
 from models import cli
 from models.cli import UsageError, option
+from models.progress import Progress
 
 # TensorFlow loads after the flags are checked (models/cli.py).
 tf = cli.lazy_import("tensorflow")
@@ -258,7 +258,8 @@ def evaluate(net: keras.Model, config: VocDetectionConfig, source) -> dict:
     detections: dict[str, list] = {c: [] for c in voc_data.VOC_CLASSES}
     truth: dict[str, dict] = {c: {} for c in voc_data.VOC_CLASSES}
     shown, count, num_detections = [], 0, 0
-    tick = time.time()
+    bar = Progress(config.num_test_images or voc_data.NUM_IMAGES["test"], "testing",
+                   unit=" images", delay=5.0)
     for example in tfds_numpy(examples):
         image_id = voc_data.image_id(example)
         for name, per_image in voc_data.detection_ground_truth([example]).items():
@@ -274,9 +275,8 @@ def evaluate(net: keras.Model, config: VocDetectionConfig, source) -> dict:
         if len(shown) < config.num_visualize:
             shown.append((example["image"], found))
         count += 1
-        if count % 100 == 0:
-            logging.info("tested %d images (%.2f s/image)", count, (time.time() - tick) / 100)
-            tick = time.time()
+        bar.update(count, detections=num_detections)
+    bar.close()
     if not count:
         raise ValueError("the test split is empty")
     per_class = {}

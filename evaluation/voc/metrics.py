@@ -5,9 +5,14 @@ defines the numbers NAT Table 4 reports (Bojanowski & Joulin 2017: 56.7 / 65.3 m
 classification with fc6-8 / all layers trained, 49.4 for detection). Everything here
 reproduces that code step by step:
 
-- `voc07_ap`: AP = (1/11) sum_{k=0..10} max{precision[i] : recall[i] >= k/10}, with 0 for a
-  threshold no recall reaches. The thresholds are exactly k/10 (so 3/10 == 0.3 is reached by a
-  recall of 3/10); `np.arange(0, 1.1, 0.1)` would give 0.30000000000000004 and miss it.
+- `voc07_ap`: AP = (1/11) sum_{t in 0:0.1:1} max{precision[i] : recall[i] >= t}, with 0 for a
+  threshold no recall reaches. The thresholds are the devkit's `for t=0:0.1:1` exactly as
+  MATLAB evaluates it (`matlab_colon`): the colon operator builds the first half of the vector
+  as a + k*d and the second half as b - (n-k)*d (MathWorks' documented colon algorithm), so
+  the fourth threshold is 3*0.1 = 0.30000000000000004, which a recall of exactly 3/10 (the
+  double nearest 0.3) does NOT reach, while 0.6 and 0.7 are computed as 1 - 0.4 and 1 - 3*0.1
+  and are the doubles nearest 6/10 and 7/10, which such recalls do reach. This matters
+  whenever a class's number of positives is a multiple of 10 (up to 0.04 AP).
 - `classification_ap`: VOCevalcls. Labels are 1 / -1 / 0 (0: the image holds only "difficult"
   objects of the class; neither a true nor a false positive). Scores are ranked by a stable
   sort on -score, as MATLAB's `sort` does, so ties keep the input order.
@@ -34,16 +39,43 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "VOC07_THRESHOLDS",
     "classification_ap",
     "detection_ap",
     "format_ap_table",
     "iou_matrix",
+    "matlab_colon",
     "mean_ap",
     "precision_recall",
     "print_ap_table",
     "sklearn_ap",
     "voc07_ap",
 ]
+
+
+def matlab_colon(a: float, d: float, b: float) -> np.ndarray:
+    """The float64 vector MATLAB builds for `a:d:b` (d > 0, b = a + n*d for an integer n), by
+    MathWorks' documented colon algorithm: n = (b - a) / d intervals, element k of the first
+    half a + k*d, element k of the second half b - (n - k)*d, and for even n the middle
+    element (a + b) / 2. (An end that is not a + n*d is left out: the devkit never uses one.)
+    """
+    if not d > 0:
+        raise ValueError(f"matlab_colon needs a positive step; got {d}")
+    tolerance = 2.0 * np.finfo(np.float64).eps * max(abs(a), abs(b))
+    n = int(np.floor((b - a) / d + tolerance))
+    if abs(a + n * d - b) > 4 * n * np.finfo(np.float64).eps * max(abs(a), abs(b), 1.0):
+        raise ValueError(f"matlab_colon covers a:d:b with b = a + n*d; got {a}:{d}:{b}")
+    out = np.empty(n + 1)
+    for k in range(n // 2 + 1):
+        out[k] = a + k * d
+        out[n - k] = b - k * d
+    if n % 2 == 0:
+        out[n // 2] = (a + b) / 2
+    return out
+
+
+VOC07_THRESHOLDS = matlab_colon(0.0, 0.1, 1.0)
+"""The devkit's `0:0.1:1`: 0.30000000000000004 is its fourth element."""
 
 
 def voc07_ap(recall, precision) -> float:
@@ -54,8 +86,8 @@ def voc07_ap(recall, precision) -> float:
       precision: [D] precision after each ranked entry; NaN entries are skipped.
 
     Returns:
-      sum over k = 0..10 of max{precision[recall >= k/10]} / 11, accumulated in that order
-      (as the devkit does); a threshold that no recall reaches adds 0.
+      sum over t in VOC07_THRESHOLDS of max{precision[recall >= t]} / 11, accumulated in that
+      order (as the devkit does); a threshold that no recall reaches adds 0.
     """
     recall = np.asarray(recall, dtype=np.float64).reshape(-1)
     precision = np.asarray(precision, dtype=np.float64).reshape(-1)
@@ -63,8 +95,8 @@ def voc07_ap(recall, precision) -> float:
         raise ValueError(f"recall and precision differ in length: {recall.size} vs "
                          f"{precision.size}")
     ap = 0.0
-    for k in range(11):
-        reached = precision[recall >= k / 10]
+    for t in VOC07_THRESHOLDS:
+        reached = precision[recall >= t]
         reached = reached[~np.isnan(reached)]
         p = float(reached.max()) if reached.size else 0.0
         ap = ap + p / 11

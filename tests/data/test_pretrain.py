@@ -115,6 +115,27 @@ def test_pad_crop_is_a_translation_of_the_reflect_padded_image():
     assert len(seen) > 10  # the offsets vary with the seed
 
 
+def test_short_side_crop_is_a_window_of_the_scaled_image():
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, (1, 12, 9, 1)).astype(np.float32)  # the shorter side is 9
+    source = PretrainSource("one", 1, (8, 8, 1),
+                            lambda: tf.data.Dataset.from_tensor_slices(
+                                (np.zeros(1, np.int64), image)),
+                            lambda x: x, fixed_size=False)
+    # scaled so that the shorter side is 10: 12 x 9 -> round(12 * 10 / 9) x 10 = 13 x 10
+    scaled = tf.image.resize(image[0], (13, 10), antialias=True).numpy()
+    windows = {(r, c): scaled[r:r + 8, c:c + 8] for r in range(6) for c in range(3)}
+    seen = set()
+    for seed in range(30):
+        out = _take(_stream(source, 1, Augment(crop="short_side", short_side=10), seed), 1)
+        match = [k for k, w in windows.items() if np.allclose(w, out[0][1][0], atol=1e-6)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) > 5
+    with pytest.raises(DataError, match="short_side=7 is smaller than the input 8x8"):
+        _stream(source, 1, Augment(crop="short_side", short_side=7), 0)
+
+
 def test_flip_mirrors_about_half_of_the_images():
     source = _toy_source(200, size=4)
     ramp = np.arange(4, dtype=np.float32)[None, None, :, None] * np.ones((200, 4, 1, 1))

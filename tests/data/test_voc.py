@@ -145,3 +145,14 @@ def test_protocol_constants():
     with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn({"test": []})):
         names = tfds.builder("voc/2007").info.features["labels"].feature.names
     assert tuple(names) == voc_data.VOC_CLASSES
+
+
+def test_download_without_a_network_fails_at_once_and_writes_nothing(tmp_path):
+    import time
+
+    tic = time.time()
+    with pytest.raises(voc_data.VocDataNotFoundError, match=r"cannot download voc/2007: "
+                                                            r"no-such-host.invalid is unreachable"):
+        voc_data.check_reachable("no-such-host.invalid", "voc/2007", str(tmp_path), timeout=2.0)
+    assert time.time() - tic < 10
+    assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ SHAPE = [12, 12, 1]
 
 
 def config(tmp_path, init="none", **changes):
-    base = dict(init=init, output_dir=str(tmp_path / "out"), model="nin_mnist",
+    base = dict(init=init, output_dir=str(tmp_path / "out") if tmp_path else "", model="nin_mnist",
                 model_kwargs=json.dumps({"input_shape": SHAPE}), labels_per_class=3,
                 seeds=(0,), epochs=1, batch_size=10, max_test_examples=40)
     return finetune.FinetuneConfig(**{**base, **changes})
@@ -64,28 +64,33 @@ def test_fine_tuning_updates_every_layer(tmp_path):
     model, loaded = finetune.initial_model(name, kwargs, None, seed=0)
     assert loaded is None
     data = finetune.labelled_data(cfg, tuple(SHAPE), seed=0)
-    assert len(data.y_fit) + len(data.y_val) == 30
+    # 3 labels per class cannot spare 5 per class for validation: all 30 train
+    assert len(data.y_fit) == 30 and len(data.y_val) == 0
     before = {v.path: v.numpy().copy() for v in model.trainable_variables}
-    best_epoch, history = finetune.train(model, data, cfg, seed=0)
-    assert best_epoch == 1 and len(history) == 1
+    kept, converged, history = finetune.train(model, data, cfg, seed=0)
+    assert kept == 1 and not converged and len(history) == 1
     layers = {path.split("/")[0] for path in before}
     assert {"conv1_1", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_2_bn"} <= layers
     for variable in model.trainable_variables:
         assert not np.array_equal(variable.numpy(), before[variable.path]), variable.path
 
 
-def test_plateau_cuts_the_learning_rate(tmp_path):
-    cfg = config(tmp_path, epochs=8, patience=2, max_cuts=5, learning_rate=1e-6)
+@pytest.mark.parametrize("labels, min_val, watched", [(3, 5, "train_loss"),
+                                                      (10, 1, "val_loss")])
+def test_plateau_cuts_the_learning_rate_on_the_watched_loss(tmp_path, labels, min_val, watched):
+    cfg = config(tmp_path, epochs=8, patience=2, max_cuts=5, learning_rate=1e-6,
+                 labels_per_class=labels, min_val_per_class=min_val)
     name, kwargs = finetune.model_spec(cfg)
     model, _ = finetune.initial_model(name, kwargs, None, seed=0)
     data = finetune.labelled_data(cfg, tuple(SHAPE), seed=0)
-    _, history = finetune.train(model, data, cfg, 0)
-    # the rule, replayed on the recorded validation losses
+    assert (len(data.y_val) > 0) == (watched == "val_loss")
+    _, _, history = finetune.train(model, data, cfg, 0)
+    # the rule, replayed on the recorded losses
     lr, best, wait, expected = 1e-6, np.inf, 0, []
     for h in history:
         expected.append(lr)
-        if h["val_loss"] < best - 1e-4:
-            best, wait = h["val_loss"], 0
+        if h[watched] < best - 1e-4:
+            best, wait = h[watched], 0
         else:
             wait += 1
             if wait >= 2:
@@ -95,12 +100,40 @@ def test_plateau_cuts_the_learning_rate(tmp_path):
     assert len(history) == 8 and rates[-1] < 1e-6  # a tiny lr plateaus: at least one cut
 
 
+def test_batches_never_exceed_the_labelled_set_and_cover_it_each_epoch():
+    x = np.random.default_rng(0).uniform(size=(7, 4, 4, 1)).astype(np.float32)
+    y = np.arange(7)
+    batches = list(finetune.train_stream(x, y, 3, seed=1, epochs=2, translate=0, mirror=False))
+    assert [len(b[1]) for b in batches] == [3, 3, 1, 3, 3, 1]
+    for epoch in (0, 1):
+        labels = np.concatenate([b[1].numpy() for b in batches[3 * epoch:3 * epoch + 3]])
+        assert sorted(labels) == list(range(7))  # each epoch visits every example once
+        np.testing.assert_array_equal(
+            labels, np.random.default_rng([1, 2, epoch + 1]).permutation(7))
+    cfg = config(None, batch_size=128, labels_per_class=1, output_dir="unused")
+    assert finetune.validation_fraction(np.arange(10) % 10, cfg) == 0.0
+    plenty = config(None, labels_per_class=50, output_dir="unused")
+    assert finetune.validation_fraction(np.arange(500) % 10, plenty) == 0.1
+
+
+def test_warnings_name_unconverged_and_failed_runs():
+    def result(seed, converged, accuracy):
+        return finetune.RunResult(seed, "none", 0, 300, 300, converged, "training", 0.0, 0.0,
+                                  0.0, accuracy, ())
+
+    notes = finetune.warnings({"scratch": [result(0, True, 0.9), result(1, False, 0.12)]}, 10)
+    assert notes == [
+        "scratch seed 1: stopped at the 300-epoch limit before converging (the training loss "
+        "was still improving); raise --epochs",
+        "scratch seed 1: test accuracy 12.0% is near chance (10%): this run failed"]
+
+
 def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
     model_dir, saved = make_run_dir(tmp_path / "pretrain", seed=5, input_shape=SHAPE, head="nat",
                                     feature_dim=8)
     cfg = config(tmp_path, init=model_dir, model="", model_kwargs="{}", compare_scratch=True)
     starts, batches = [], []
-    initial_model, train_batches = finetune.initial_model, finetune.train_batches
+    initial_model, train_stream = finetune.initial_model, finetune.train_stream
 
     def recording_initial_model(name, kwargs, init, seed):
         model, loaded = initial_model(name, kwargs, init, seed)
@@ -108,14 +141,15 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
         return model, loaded
 
     def recording_batches(*args, **kwargs):
-        ds = train_batches(*args, **kwargs)
+        ds = train_stream(*args, **kwargs)
         batches.append([(x.numpy(), y.numpy()) for x, y in ds])
         return ds
 
     monkeypatch.setattr(finetune, "initial_model", recording_initial_model)
-    monkeypatch.setattr(finetune, "train_batches", recording_batches)
+    monkeypatch.setattr(finetune, "train_stream", recording_batches)
     results, table = finetune.run(cfg)
     assert "pretrained" in table and "none (scratch)" in table
+    assert "pretrained - scratch: " in table and "(one pair: no spread, no test)" in table
 
     # run() checks the checkpoint once up front, then one pretrained and one scratch run
     (_, pretrained), (init_b, scratch) = starts[1:]
@@ -134,8 +168,8 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
     assert a.loaded > 0 and b.loaded == 0
     same = {f.name for f in dataclasses.fields(a)} - {"init", "loaded", "history", "best_epoch",
                                                       "epochs", "val_loss", "val_accuracy",
-                                                      "test_loss", "test_accuracy"}
-    assert same == {"seed"} and a.seed == b.seed
+                                                      "test_loss", "test_accuracy", "converged"}
+    assert same == {"seed", "watched"} and a.seed == b.seed and a.watched == b.watched
     written = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert set(written["runs"]) == {"pretrained", "scratch"}
     assert (tmp_path / "out" / "finetune.md").read_text().count("|") > 10

@@ -1,4 +1,5 @@
-"""Tests of evaluation/visualize.py: filter composition, retrieval, curves, the PNGs."""
+"""evaluation/visualize.py and evaluation/figures.py: filter composition, neighbours, curves,
+and the PNGs the binary writes."""
 
 import os
 import subprocess
@@ -10,19 +11,18 @@ import tensorflow as tf
 from PIL import Image
 from scipy.signal import correlate2d
 
+from data import digits
+from evaluation import figures
 from evaluation.visualize import (
     PAD,
-    QUERY_GAP,
     VisualizeConfig,
-    _curves,
     _retrieval,
     compose_sobel,
     filter_grid,
     first_conv_filters,
+    image_and_label,
     nearest_neighbours,
-    plot_curves,
     read_scalars,
-    retrieval_grid,
 )
 from models import build_model
 from models.layers import SOBEL_X, SOBEL_Y
@@ -73,11 +73,13 @@ def test_filter_grid_layout():
 def test_nearest_neighbours_by_hand_and_brute_force():
     features = np.array([[1, 0], [0.9, 0.1], [0, 1], [2, 0]], dtype=np.float32)
     # Cosine: row 3 is parallel to row 0 (1.0), then row 1, then row 2 (0.0).
-    np.testing.assert_array_equal(nearest_neighbours(features, [0], 3), [[3, 1, 2]])
+    order, similarity = nearest_neighbours(features, [0], 3)
+    np.testing.assert_array_equal(order, [[3, 1, 2]])
+    np.testing.assert_allclose(similarity, [[1.0, 0.9 / np.hypot(0.9, 0.1), 0.0]], atol=1e-7)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(30, 6))
     queries = [0, 7, 29]
-    got = nearest_neighbours(x, queries, 4)
+    got, _ = nearest_neighbours(x, queries, 4)
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     for row, q in zip(got, queries, strict=True):
         others = [(-(unit[q] @ unit[j]), j) for j in range(30) if j != q]
@@ -86,18 +88,14 @@ def test_nearest_neighbours_by_hand_and_brute_force():
         nearest_neighbours(x, [0], 30)
 
 
-def test_retrieval_grid_places_queries_on_top():
-    cell = 8
-    images = {i: np.full((cell, cell, 3), 10 * i, np.uint8) for i in range(6)}
-    neighbours = np.array([[3, 4], [5, 0]])
-    grid = retrieval_grid(images, [1, 2], neighbours, cell)
-    step = cell + 2 * PAD
-    assert grid.shape == (3 * step + 2 * PAD + QUERY_GAP, 2 * step + 2 * PAD, 3)
-    for j, column in enumerate([[1, 3, 4], [2, 5, 0]]):
-        for i, index in enumerate(column):
-            top = 2 * PAD + i * step + (QUERY_GAP if i else 0)
-            left = 2 * PAD + j * step
-            np.testing.assert_array_equal(grid[top:top + cell, left:left + cell], 10 * index)
+def test_digits_and_files_carry_their_labels(tmp_path):
+    image, label = image_and_label("digits:test/0", 16)
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    assert label == str(digits.split_arrays("test")[1][0])
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(tmp_path / "cat" / "a.png")
+    image, label = image_and_label(str(tmp_path / "cat" / "a.png"), 8)
+    assert image.shape == (8, 8, 3) and label == "cat"
 
 
 def _write_summaries(model_dir):
@@ -119,55 +117,44 @@ def test_read_scalars_and_curves_png(tmp_path):
     np.testing.assert_array_equal(steps, np.arange(5))
     np.testing.assert_allclose(values, 1.0 / (np.arange(5) + 1), rtol=1e-6)
     output = tmp_path / "curves.png"
-    plot_curves(scalars, str(output), width=600, height=300)
+    assert figures.plot_curves(scalars, str(output), width=600, height=300) == ["train/lr"]
     with Image.open(output) as image:
         assert image.format == "PNG" and image.size == (600, 300)
-    with pytest.raises(ValueError, match="no scalar summaries"):
-        plot_curves({}, str(tmp_path / "none.png"))
+    with pytest.raises(ValueError, match="no scalar summary that changes"):
+        figures.plot_curves({"lr": (np.arange(3), np.ones(3))}, str(tmp_path / "none.png"))
 
 
 @pytest.mark.slow
-def test_binaries_write_pngs_of_the_expected_size(tmp_path):
-    # A folder of images, with random features and an index of their paths.
+def test_binaries_write_readable_pngs(tmp_path):
+    # Features of embedded digits, with an index of their names.
     rng = np.random.default_rng(2)
-    paths = []
-    for i in range(10):
-        path = tmp_path / "images" / f"{i}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)).save(path)
-        paths.append(str(path))
-    np.save(tmp_path / "sc.npy", rng.normal(size=(10, 5)).astype(np.float32))
-    (tmp_path / "index.txt").write_text("".join(p + "\n" for p in paths))
+    np.save(tmp_path / "embedding.npy", rng.normal(size=(12, 5)).astype(np.float32))
+    (tmp_path / "index.txt").write_text("".join(f"digits:test/{i}\n" for i in range(12)))
     _write_summaries(str(tmp_path / "run"))
     commands = {
-        "filters": ["filters", "--model=nin_mnist", "--init=random", "--columns=8",
-                    "--scale=3"],
-        "retrieval": ["retrieval", f"--features={tmp_path / 'sc.npy'}", "--queries=4", "--k=3",
-                      "--cell=16"],
+        "filters": ["filters", "--model=nin_mnist", "--init=random"],
+        "retrieval": ["retrieval", f"--features={tmp_path / 'embedding.npy'}", "--queries=3",
+                      "--k=4"],
+        "curves": ["curves", f"--model_dir={tmp_path / 'run'}", "--width=400", "--height=300"],
     }
-    running = {  # both at once: each spends most of its time importing TensorFlow
+    running = {  # all at once: each spends most of its time importing TensorFlow
         name: subprocess.Popen(
             [sys.executable, "-m", "evaluation.visualize", *args,
              f"--output={tmp_path / (name + '.png')}"],
             cwd=ROOT, env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, args in commands.items()}
-    errors = {}
     for name, process in running.items():
-        _, errors[name] = process.communicate(timeout=300)
-        assert process.returncode == 0, (name, errors[name][-2000:])
-    # The curves command and an error path, through the same code in this process.
-    _curves(VisualizeConfig(figure="curves", model_dir=str(tmp_path / "run"), width=400,
-                            height=300, output=str(tmp_path / "curves.png")))
-    config = VisualizeConfig(figure="retrieval", features=str(tmp_path / "sc.npy"), queries=4,
-                             k=10, cell=16, output=str(tmp_path / "x.png"))
-    with pytest.raises(ValueError, match=r"k must be in \[1, 9\]"):
-        _retrieval(config)
-    # nin_mnist conv1: 32 filters of 5x5 -> 4 rows x 8 columns of (3 * 5 + 1)-pixel cells.
-    expected = {"filters": (8 * 16 + 1, 4 * 16 + 1),
-                "retrieval": (4 * 18 + 2, 4 * 18 + 2 + QUERY_GAP),
-                "curves": (400, 300)}
-    for name, size in expected.items():
+        _, error = process.communicate(timeout=300)
+        assert process.returncode == 0 and error == "", (name, error[-2000:])
+    sizes = {}
+    for name in commands:
         with Image.open(tmp_path / f"{name}.png") as image:
             image.verify()
         with Image.open(tmp_path / f"{name}.png") as image:
-            assert image.format == "PNG" and image.size == size, name
+            sizes[name] = image.size
+    assert sizes["filters"][0] >= 800 and sizes["curves"] == (400, 300)
+    assert sizes["retrieval"][0] >= 400 and sizes["retrieval"][1] >= 300
+    config = VisualizeConfig(figure="retrieval", features=str(tmp_path / "embedding.npy"),
+                             queries=4, k=12, output=str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match=r"k must be in \[1, 11\]"):
+        _retrieval(config)

@@ -9,7 +9,13 @@ import pytest
 import scipy.optimize
 import tensorflow as tf
 
-from losses.nat import NoiseAsTargets, nat_loss, optimal_assignment, sphere_targets
+from losses.nat import (
+    NoiseAsTargets,
+    nat_loss,
+    onehot_targets,
+    optimal_assignment,
+    sphere_targets,
+)
 from tests.helpers import is_permutation, two_replica_strategy
 
 # ----------------------------------------------------------------------------- helpers
@@ -285,6 +291,28 @@ def test_step_matches_numpy_oracle():
     np.testing.assert_allclose(stats["loss_after"].numpy(), loss.numpy().mean(), rtol=1e-6)
     np.testing.assert_allclose(stats["reassigned_fraction"].numpy(),
                                np.mean(after[idx] != before[idx]))
+
+
+def test_onehot_targets_are_balanced_basis_vectors_and_the_step_uses_them():
+    np.testing.assert_array_equal(onehot_targets(tf.constant([0, 3, 4, 9]), 4).numpy(),
+                                  np.eye(4)[[0, 3, 0, 1]])
+    n, d, b = 40, 4, 10  # 40 targets: 10 copies of each of the 4 basis vectors
+    counts = np.bincount(np.argmax(onehot_targets(tf.range(n), d).numpy(), axis=1))
+    np.testing.assert_array_equal(counts, [10, 10, 10, 10])
+    nat = NoiseAsTargets(n, d, seed=2, targets="onehot")
+    rng = np.random.default_rng(5)
+    idx = rng.choice(n, size=b, replace=False)
+    z = _unit_rows(rng, b, d)
+    before = nat.assignment.numpy()
+    cost = _np_sq_dist(z, np.eye(d)[before[idx] % d])
+    loss, _ = nat(tf.constant(idx), tf.constant(z), True)
+    after = nat.assignment.numpy()
+    np.testing.assert_allclose(loss.numpy().sum(), _optimum(cost), rtol=1e-5)
+    np.testing.assert_allclose(loss.numpy(), ((z - np.eye(d)[after[idx] % d]) ** 2).sum(1),
+                               rtol=1e-5, atol=1e-6)
+    assert is_permutation(after)
+    with pytest.raises(ValueError, match="targets must be one of sphere, onehot"):
+        NoiseAsTargets(n, d, seed=2, targets="binary")
 
 
 def test_reassignment_never_increases_the_loss():

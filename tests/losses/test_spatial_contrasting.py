@@ -298,7 +298,7 @@ def test_windows_are_the_slices_at_their_offsets():
     seed = (5, 6)
     offsets = patch_offsets(5, (7, 9), (3, 4), seed).numpy()
     assert offsets.shape == (5, 2, 2) and offsets.dtype == np.int32
-    flat = sample_patch_pairs(fm, (3, 4), seed)
+    flat = sample_patch_pairs(fm, (3, 4), seed, pool="flatten")
     avg = sample_patch_pairs(fm, (3, 4), seed, pool="avg")
     for k in (0, 1):
         assert flat[k].shape == (5, 3 * 4 * 3) and avg[k].shape == (5, 3)
@@ -313,7 +313,8 @@ def test_windows_are_the_slices_at_their_offsets():
 
 def test_offsets_cover_the_valid_range_uniformly():
     n, big_h, big_w, h, w = 3000, 8, 6, 3, 2
-    p1, p2 = sample_patch_pairs(_coordinate_map(n, big_h, big_w), (h, w), (7, 8))
+    p1, p2 = sample_patch_pairs(_coordinate_map(n, big_h, big_w), (h, w), (7, 8),
+                                pool="flatten")
     off = _offsets_from_windows(p1, p2, h, w)
     for axis, span in ((0, big_h - h + 1), (1, big_w - w + 1)):
         values = off[:, :, axis].reshape(-1)
@@ -326,7 +327,8 @@ def test_offsets_cover_the_valid_range_uniformly():
 def test_row_and_column_offsets_are_independent():
     n, side, h = 3000, 8, 3
     levels = side - h + 1
-    p1, p2 = sample_patch_pairs(_coordinate_map(n, side, side), (h, h), (9, 10))
+    p1, p2 = sample_patch_pairs(_coordinate_map(n, side, side), (h, h), (9, 10),
+                                pool="flatten")
     off = _offsets_from_windows(p1, p2, h, h)
     for k in (0, 1):
         _assert_independent(off[:, k, 0], off[:, k, 1], levels, levels)
@@ -344,19 +346,20 @@ def test_sampler_is_deterministic_and_accepts_unknown_batch():
 
     @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 4]), tf.TensorSpec([2], tf.int64)])
     def sample(x, seed):
-        return sample_patch_pairs(x, 0.3, seed)
+        return sample_patch_pairs(x, 0.3, seed, pool="flatten")
 
     first = sample(fm, tf.constant([1, 2], tf.int64))
     again = sample(fm, tf.constant([1, 2], tf.int64))
-    eager = sample_patch_pairs(fm, (4, 4), (1, 2))
+    eager = sample_patch_pairs(fm, (4, 4), (1, 2), pool="flatten")
     other = sample(fm, tf.constant([1, 3], tf.int64))
     for k in (0, 1):
         assert first[k].shape == (6, 4 * 4 * 4)
         np.testing.assert_array_equal(first[k], again[k])
         np.testing.assert_array_equal(first[k], eager[k])
     assert not np.array_equal(first[0], other[0])
-    int32_seed = sample_patch_pairs(fm, (4, 4), tf.constant([1, 2], tf.int32))
+    int32_seed = sample_patch_pairs(fm, (4, 4), tf.constant([1, 2], tf.int32), pool="flatten")
     np.testing.assert_array_equal(int32_seed[1], eager[1])
+    assert sample_patch_pairs(fm, (4, 4), (1, 2))[0].shape == (6, 4)  # averaged by default
 
 
 def test_sampler_validation_errors():

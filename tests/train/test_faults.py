@@ -194,7 +194,9 @@ def test_sigkills_at_chosen_and_random_moments_end_bitwise_equal_to_an_uninterru
     assert again.returncode == 0, err[-2000:]
     assert (f"the run finished at step {STEPS}: results from results.json, nothing retrained "
             "or exported") in out
-    assert out.endswith(reference_out[reference_out.rindex("\ninit ") + 1:])
+    with open(os.path.join(model_dir, "results.json")) as f:
+        table = json.load(f)["final_table"]
+    assert table and f"\n{table}\n" in out and f"\n{table}\n" in reference_out
     after = folder_contents(model_dir)
     assert after.pop(".lock") == f"{again.pid}\n".encode()
     before.pop(".lock")
@@ -242,14 +244,15 @@ def test_the_reference_run_probes_exports_and_reports(two_starts):
     with open(os.path.join(model_dir, "results.json")) as f:
         results = json.load(f)
     assert results["steps"] == STEPS and results["epochs"] == 2
-    assert [row["init"] for row in results["final"]] == ["nat pretrained", "random"]
-    assert all(0.1 < row["accuracy"] <= 1.0 for row in results["final"])
-    assert [epoch for epoch, _ in results["probe_history"]] == [1, 2]
+    rows = results["final"]["probe"]["rows"]
+    assert {row["init"] for row in rows} == {"pretrained", "random init", "pixels"}
+    assert results["final_table"] and f"\n{results['final_table']}\n" in out
+    assert [entry[0] for entry in results["probe_history"]] == [1, 2]
+    assert all(0.1 < entry[1] <= 1.0 for entry in results["probe_history"])
     assert results["last_loss"] == pytest.approx(scalars(model_dir)["loss"][-1], rel=1e-6)
     with open(os.path.join(model_dir, "probe.png"), "rb") as f:
         assert f.read()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["export"] == os.path.join(model_dir, "export", "nin_mnist", "1")
-    assert "nat pretrained" in out and "random" in out
     assert {"loss", "lr", "images_per_sec", "probe/accuracy"} <= set(scalars(model_dir))
     assert _litter(model_dir) == []
 
@@ -332,7 +335,8 @@ def test_a_read_only_folder_is_one_line(tmp_path, capsys):
 # ------------------------------------------------------------------------------- data
 
 
-def test_an_image_deleted_during_training_is_skipped_named_and_the_run_resumes(tmp_path):
+def test_an_image_deleted_during_training_is_skipped_named_and_the_run_resumes(tmp_path,
+                                                                             capsys):
     root = tmp_path / "images"
     root.mkdir()
     rng = np.random.default_rng(0)
@@ -353,7 +357,9 @@ def test_an_image_deleted_during_training_is_skipped_named_and_the_run_resumes(t
     trainer.train()
     trainer.close()
     assert trainer.step == 6 and is_permutation(trainer.nat.assignment.numpy())
-    logged = [line.strip() for line in said if "skipped" in line or "left out" in line]
+    # (while it trains, the trainer logs through its progress bar, on stdout)
+    lines = [*said, *capsys.readouterr().out.splitlines()]
+    logged = [line.strip() for line in lines if "skipped" in line or "left out" in line]
     assert logged[0] == (f"dataset folder:{root}: 1 unreadable files left out (broken.png); "
                          f"each is listed with its reason in {config.model_dir}/skipped.json")
     refilled = "; batches are refilled from the epoch's other images (listed in skipped.json)"

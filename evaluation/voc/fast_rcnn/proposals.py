@@ -22,6 +22,7 @@ fast, and the rest of the zoo works without OpenCV.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -210,7 +211,7 @@ def compute_proposals(images: Iterable[tuple[str, np.ndarray]], cache: ProposalC
       cache: where proposals are read and written.
       workers: processes running selective search (0: in this process).
       mode, max_proposals: `selective_search` settings.
-      progress: show a progress bar (tqdm) over the images.
+      progress: show progress over the images (models/progress.py).
       total: the number of images, for the progress bar.
       search_fn: image -> boxes, instead of selective search (in-process only).
       chunk: images handed to the workers at a time (bounds the memory held).
@@ -220,10 +221,11 @@ def compute_proposals(images: Iterable[tuple[str, np.ndarray]], cache: ProposalC
     """
     if search_fn is not None and workers:
         raise ValueError("a custom search_fn runs in-process only (workers=0)")
-    from tqdm import auto as tqdm
+    from models.progress import Progress
 
     counts = {"computed": 0, "cached": 0}
-    bar = tqdm.tqdm(total=total, desc="selective search", unit="img", disable=not progress)
+    bar = Progress(total, "selective search", unit=" images",
+                   stream=None if progress else io.StringIO())
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers else None
     finished = False
     try:
@@ -233,13 +235,13 @@ def compute_proposals(images: Iterable[tuple[str, np.ndarray]], cache: ProposalC
             for image_id, boxes in _search_all(pending, pool, search_fn):
                 cache.put(image_id, boxes)
             counts["computed"] += len(pending)
-            bar.update(len(pending))
+            bar.update(counts["computed"] + counts["cached"], cached=counts["cached"])
             pending.clear()
 
         for image_id, image in images:
             if image_id in cache:
                 counts["cached"] += 1
-                bar.update(1)
+                bar.update(counts["computed"] + counts["cached"], cached=counts["cached"])
                 continue
             pending.append((image_id, np.asarray(image), mode, max_proposals))
             if len(pending) >= max(chunk, workers):

@@ -19,10 +19,15 @@ def _ranked(labels):
 # --- oracles: the devkit's MATLAB, line by line ------------------------------------------
 
 
+# `for t=0:0.1:1` as MATLAB evaluates it (MathWorks' colon algorithm: a + k*d for the first
+# half, b - (n-k)*d for the second, (a+b)/2 in the middle), written out element by element.
+DEVKIT_T = [0.0, 0.1, 0.2, 3 * 0.1, 4 * 0.1, (0.0 + 1.0) / 2,
+            1.0 - 4 * 0.1, 1.0 - 3 * 0.1, 1.0 - 2 * 0.1, 1.0 - 0.1, 1.0]
+
+
 def _devkit_ap11(rec, prec):
     ap = 0.0
-    for k in range(11):
-        t = k / 10
+    for t in DEVKIT_T:
         ps = [p for r, p in zip(rec, prec, strict=True) if r >= t and not np.isnan(p)]
         ap += (max(ps) if ps else 0.0) / 11
     return ap
@@ -83,28 +88,45 @@ def _devkit_det(detections, gt, thr=0.5):
 #   label:  P P P N N P P P N N  P  N     P  P  N     P
 #   recall after rank 3 = 3/10 (prec 1), rank 8 = 6/10 (prec 6/8), rank 11 = 7/10 (prec 7/11),
 #   rank 16 = 8/10 (prec 8/16), rank 17 = 9/10 (prec 9/17), rank 22 = 10/10 (prec 10/22).
-# Max precision at recall >= t:
-#   t = 0, .1, .2, .3 -> 1;  t = .4, .5, .6 -> 3/4 (rank 8);  t = .7 -> 7/11 (rank 11);
+# Max precision at recall >= t, with the devkit's thresholds: the fourth is
+# 3*0.1 = 0.30000000000000004, which the recall 3/10 of rank 3 does not reach, so
+#   t = 0, .1, .2 -> 1;  t = 3*0.1 -> 3/4 (rank 8);  t = .4, .5, .6 -> 3/4;
+#   t = .7 -> 7/11 (rank 11: 7/10 reaches 1 - 3*0.1, the double nearest 0.7);
 #   t = .8, .9 -> 9/17 (rank 17);  t = 1 -> 5/11.
 EXACT_LABELS = [P, P, P, N, N, P, P, P, N, N, P, N, N, N, N, P, P, N, N, N, N, P]
-EXACT_AP = (4 * 1 + 3 * (3 / 4) + 7 / 11 + 2 * (9 / 17) + 5 / 11) / 11
-# With np.arange(0, 1.1, 0.1) the thresholds 0.3, 0.6, 0.7 are 0.30000000000000004,
-# 0.6000000000000001 and 0.7000000000000001: they skip ranks 3, 8 and 11 and give
-#   t = .3 -> 3/4, t = .6 -> 7/11, t = .7 -> 9/17.
+DEVKIT_AP = (3 * 1 + 4 * (3 / 4) + 7 / 11 + 2 * (9 / 17) + 5 / 11) / 11  # 0.7409
+# With exact thresholds k/10 the recall 3/10 would reach t = 0.3 (0.7636); with
+# np.arange(0, 1.1, 0.1) the thresholds 0.6 and 0.7 are 0.6000000000000001 and
+# 0.7000000000000001, which skip ranks 8 and 11.
+EXACT_K_OVER_10_AP = (4 * 1 + 3 * (3 / 4) + 7 / 11 + 2 * (9 / 17) + 5 / 11) / 11
 ARANGE_AP = (3 * 1 + 3 * (3 / 4) + 7 / 11 + 3 * (9 / 17) + 5 / 11) / 11
 
 
-def test_exact_thresholds_on_recall_03_06_07():
+def test_devkit_thresholds_on_recall_03_06_07():
     ap = vm.classification_ap(_ranked(EXACT_LABELS), EXACT_LABELS)
-    assert ap == pytest.approx(EXACT_AP, abs=1e-15)
-    assert abs(ap - ARANGE_AP) > 0.03  # the arange reading is a different number
-    assert np.arange(0, 1.1, 0.1)[3] > 0.3  # why the thresholds must be k / 10
+    assert ap == pytest.approx(DEVKIT_AP, abs=1e-15)
+    assert round(ap, 4) == 0.7409
+    assert abs(ap - EXACT_K_OVER_10_AP) > 0.02 and abs(ap - ARANGE_AP) > 0.02
+    assert ap == _devkit_cls(_ranked(EXACT_LABELS), EXACT_LABELS)
+
+
+def test_matlab_colon_matches_the_devkit_thresholds_bit_for_bit():
+    assert vm.VOC07_THRESHOLDS.tolist() == DEVKIT_T
+    assert vm.VOC07_THRESHOLDS[3] == 0.30000000000000004 and 3 / 10 < vm.VOC07_THRESHOLDS[3]
+    assert vm.VOC07_THRESHOLDS[6] == 6 / 10 and vm.VOC07_THRESHOLDS[7] == 7 / 10
+    np.testing.assert_array_equal(vm.matlab_colon(1.0, 0.5, 4.0), [1, 1.5, 2, 2.5, 3, 3.5, 4])
+    assert vm.matlab_colon(0.0, 0.1, 0.9).tolist() == [0.0, 0.1, 0.2, 3 * 0.1, 4 * 0.1,
+                                                        0.9 - 4 * 0.1, 0.9 - 3 * 0.1,
+                                                        0.9 - 2 * 0.1, 0.9 - 0.1, 0.9]
+    with pytest.raises(ValueError, match="b = a \\+ n\\*d"):
+        vm.matlab_colon(0.0, 0.1, 0.95)
 
 
 def test_voc07_ap_direct():
-    # recall 0.3 exactly at precision 1, then recall 1 at precision 0.5:
-    # t = 0..0.3 -> 1 (4 thresholds), t = 0.4..1 -> 0.5 (7 thresholds).
-    assert vm.voc07_ap([0.3, 1.0], [1.0, 0.5]) == pytest.approx((4 + 7 * 0.5) / 11, abs=1e-15)
+    # recall 0.3 exactly at precision 1, then recall 1 at precision 0.5: the devkit's fourth
+    # threshold (3*0.1 > 0.3) is not reached by 0.3, so t = 0..0.2 -> 1 (3 thresholds) and
+    # t = 3*0.1..1 -> 0.5 (8 thresholds).
+    assert vm.voc07_ap([0.3, 1.0], [1.0, 0.5]) == pytest.approx((3 + 8 * 0.5) / 11, abs=1e-15)
     # recall never reaches 0.5: t = 0..0.2 -> 0.8, t = 0.3, 0.4 -> 0.6, t = 0.5..1 add 0.
     assert vm.voc07_ap([0.2, 0.4], [0.8, 0.6]) == pytest.approx((3 * 0.8 + 2 * 0.6) / 11,
                                                                 abs=1e-15)

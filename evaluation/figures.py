@@ -1,0 +1,217 @@
+"""The zoo's figures, drawn with matplotlib: what a researcher would put in a paper.
+
+    plot_filters      first-layer filters, upscaled, in a titled grid (NAT Figure 4)
+    plot_retrieval    queries and their nearest neighbours, with labels and cosine similarities;
+                      a neighbour of another class is framed in red (NAT Figure 3)
+    plot_curves       the training summaries, one panel per tag that changes
+    plot_probe_curve  probe accuracy against pretraining epoch, with the random-init and pixel
+                      baselines on the same label draws (NAT Figure 2, left)
+    plot_ablation     the paired gaps of the ablations, with their spread over seeds
+
+Accuracies are shown in percent; error bars and bands are ± 1 standard deviation, and every
+figure says over what.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+
+
+def plot_filters(grid: np.ndarray, count: int, size: tuple[int, int], title: str, path: str
+                 ) -> None:
+    """A uint8 RGB filter grid (`visualize.filter_grid`) drawn pixel-exact (nearest
+    neighbour) at least 800 pixels wide, under `title`."""
+    plt = _pyplot()
+    height, width = grid.shape[:2]
+    inches = max(8.0, width / 100)
+    fig, ax = plt.subplots(figsize=(inches, inches * height / width + 0.8), dpi=100)
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"{title}\n{count} filters of {size[0]} x {size[1]} taps, each scaled to its "
+                 "own min-max", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_retrieval(images: dict, labels: dict, queries: Sequence[int], neighbours: np.ndarray,
+                   similarity: np.ndarray, title: str, path: str) -> None:
+    """One row per query: the query, then its k nearest neighbours (nearest first), each
+    captioned with its label and cosine similarity; a neighbour whose label differs from the
+    query's is framed in red. `images` maps a row index to uint8 [h, w, 3]; `labels` to a label
+    (or None when unknown)."""
+    plt = _pyplot()
+    k = neighbours.shape[1]
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.25 * (k + 1), 1.45 * len(queries)),
+                             dpi=110, squeeze=False)
+    for row, query in enumerate(queries):
+        ax = axes[row, 0]
+        ax.imshow(images[query], interpolation="nearest")
+        ax.set_title(f"query: {labels.get(query, '?')}", fontsize=8, fontweight="bold")
+        for col, index in enumerate(neighbours[row], start=1):
+            ax = axes[row, col]
+            ax.imshow(images[index], interpolation="nearest")
+            same = labels.get(index) == labels.get(query)
+            ax.set_title(f"{labels.get(index, '?')} · {similarity[row, col - 1]:.2f}",
+                         fontsize=8, color="black" if same else "red")
+            if not same and labels.get(query) is not None:
+                for spine in ax.spines.values():
+                    spine.set(color="red", linewidth=2.5)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    wrong = sum(labels.get(i) != labels.get(q) for q, row in zip(queries, neighbours, strict=True)
+                for i in row)
+    fig.suptitle(f"{title}\n{wrong} of {neighbours.size} neighbours are of another class "
+                 "(framed in red); caption: label · cosine similarity", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_curves(scalars: dict, path: str, width: int = 960, height: int = 640,
+                dpi: int = 100) -> list[str]:
+    """One panel per tag whose value changes (value against step); tags of accuracies in
+    percent. Returns the constant tags left out (said in the title)."""
+    plt = _pyplot()
+    constant = [tag for tag, (_, values) in scalars.items() if np.ptp(values) == 0]
+    shown = {tag: v for tag, v in scalars.items() if tag not in constant}
+    if not shown:
+        raise ValueError("no scalar summary that changes: nothing to plot")
+    columns = min(3, len(shown))
+    rows = -(-len(shown) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width / dpi, height / dpi), dpi=dpi,
+                             squeeze=False)
+    for ax, (tag, (steps, values)) in zip(axes.flat, shown.items(), strict=False):
+        percent = "accuracy" in tag
+        ax.plot(steps, 100 * values if percent else values, linewidth=1.2,
+                marker="o" if len(steps) < 20 else None)
+        ax.set_title(tag + (" (%)" if percent else ""), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    if constant:
+        fig.suptitle("constant, not shown: " + ", ".join(
+            f"{tag} = {scalars[tag][1][0]:.4g}" for tag in constant), fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return constant
+
+
+def _baseline(ax, row: dict, colour: str, label: str) -> None:
+    mean, std = 100 * row["mean"], 100 * row["std"]
+    ax.axhline(mean, color=colour, linestyle="--", linewidth=1.2,
+               label=f"{label}: {mean:.1f}% ± {std:.1f}")
+    ax.axhspan(mean - std, mean + std, color=colour, alpha=0.12, linewidth=0)
+
+
+def plot_probe_curve(history, comparison: dict | None, path: str, title: str) -> None:
+    """NAT Figure 2 (left), small: probe accuracy (%) against pretraining epoch.
+
+    `history` is [(epoch, mean, accuracy of every label draw)]: points with error bars of
+    ± 1 sd over the draws. `comparison` (evaluation.compare.Comparison.to_json, or None) adds
+    the random-init and raw-pixel baselines on the same draws as dashed lines with ± 1 sd
+    bands, and a second panel with the final accuracy of every view.
+    """
+    plt = _pyplot()
+
+    rows = (comparison or {}).get("rows", [])
+    views = [v for v in ("linear", "knn") if any(r["view"] == v for r in rows)]
+    fig, axes = plt.subplots(1, 1 + bool(views), figsize=(10 if views else 6, 4.2), dpi=110,
+                             squeeze=False)
+    ax = axes[0, 0]
+    epochs = [h[0] for h in history]
+    means = [100 * h[1] for h in history]
+    sds = [100 * float(np.std(h[2])) if len(h) > 2 else 0.0 for h in history]
+    draws = len(history[0][2]) if history and len(history[0]) > 2 else 0
+    ax.errorbar(epochs, means, yerr=sds, marker="o", capsize=3, color="C0",
+                label=f"pretrained (± sd over {draws} label draws)")
+    for row in rows:
+        if row["view"] == "linear" and row["init"] == "random init":
+            _baseline(ax, row, "C3", "random init")
+        elif row["view"] == "linear" and row["init"] == "pixels":
+            _baseline(ax, row, "C2", "raw pixels")
+    endpoint = next((r["endpoint"] for r in rows if r["view"] == "linear"), "the transfer endpoint")
+    ax.set(xlabel="pretraining epoch", ylabel="test accuracy (%)",
+           title=f"Linear probe on {endpoint} during pretraining")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if views:
+        _final_panel(axes[0, 1], rows, views)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _final_panel(ax, rows: list[dict], views: list[str]) -> None:
+    names = {"linear": "linear probe", "knn": "1-NN (cosine)"}
+    colours = {"pretrained": "C0", "random init": "C3", "pixels": "C2"}
+    legend = {"pretrained": "pretrained", "random init": "random init",
+              "pixels": "raw pixels, same classifier"}
+    width = 0.27
+    for i, init in enumerate(("pretrained", "random init", "pixels")):
+        values = [next((r for r in rows if r["view"] == v and r["init"] == init), None)
+                  for v in views]
+        xs = [j + (i - 1) * width for j in range(len(views))]
+        ax.bar(xs, [100 * v["mean"] if v else 0 for v in values], width,
+               yerr=[100 * v["std"] if v else 0 for v in values], capsize=3,
+               color=colours[init], label=legend[init])
+    ax.set_xticks(range(len(views)),
+                  [f"{names[v]} on {next(r['endpoint'] for r in rows if r['view'] == v)}"
+                   for v in views])
+    low = min(100 * (r["mean"] - r["std"]) for r in rows)
+    ax.set_ylim(max(0.0, low - 5), 104)
+    ax.set(ylabel="test accuracy (%)", title="At the end, on the same label draws")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
+
+
+def plot_ablation(rows: list[dict], path: str) -> None:
+    """One bar per (variant, view): the paired gap pretrained - twin in points, with ± 1 sd
+    over the pretraining seeds; a filled bar when the gap is larger than its spread."""
+    plt = _pyplot()
+
+    views = list(dict.fromkeys(r["view"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    names = {"linear": "linear probe on sc", "knn": "1-NN on embedding",
+             "finetune": "fine-tuned vs scratch"}
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(variants), 4.2), dpi=110)
+    width = 0.8 / len(views)
+    for i, view in enumerate(views):
+        for j, variant in enumerate(variants):
+            row = next((r for r in rows if r["view"] == view and r["variant"] == variant), None)
+            if row is None:
+                continue
+            x = j + (i - (len(views) - 1) / 2) * width
+            significant = row["gap"]["p"] < 0.05
+            ax.bar(x, 100 * row["gap"]["mean"], width, yerr=100 * (row["gap"]["sd"] or 0),
+                   capsize=3, color=f"C{i}" if significant else "white",
+                   edgecolor=f"C{i}", linewidth=1.5,
+                   label=names[view] if j == 0 else None)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(variants)), variants)
+    ax.set(ylabel="pretrained - random-init twin (points)",
+           title="Ablations on digits: gap ± sd over pretraining seeds "
+                 "(filled: larger than its spread)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
