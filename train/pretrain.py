@@ -117,14 +117,13 @@ def _probe_rows(config: TrainConfig, model, dataset: str) -> list[dict]:
 
 
 def _finetune_rows(config: TrainConfig, dataset: str) -> list[dict]:
-    import dataclasses
-
     import numpy as np
 
     from evaluation import finetune
 
-    ft_config = dataclasses.replace(
-        finetune.FinetuneConfig(), init=config.model_dir, dataset=dataset,
+    # Built with --init given: the defaults alone are not a valid config (--init is required).
+    ft_config = finetune.FinetuneConfig(
+        init=config.model_dir, dataset=dataset,
         data_dir=config.data_dir, manual_dir=config.manual_dir,
         labels_per_class=config.probe_labels_per_class,
         seeds=tuple(range(config.probe_splits)), compare_scratch=True, epochs=300, patience=10,

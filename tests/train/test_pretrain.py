@@ -37,6 +37,25 @@ def test_flag_parsers():
         parse_sc_endpoints("sc:heavy")
 
 
+def test_the_finetune_table_passes_the_run_to_the_finetuning_protocol(tmp_path, monkeypatch):
+    from evaluation import finetune
+    from train.config import TrainConfig
+    from train.pretrain import final_table
+
+    seen = []
+
+    def fake_run(config):
+        seen.append(config)
+        return {}, ""
+
+    monkeypatch.setattr(finetune, "run", fake_run)
+    config = TrainConfig(model_dir=str(tmp_path / "sc"), method="sc", final_eval="finetune",
+                         probe_splits=2)
+    assert final_table(config, model=None) == []
+    assert seen[0].init == config.model_dir and seen[0].seeds == (0, 1)
+    assert seen[0].compare_scratch and seen[0].dataset == "digits"
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_run_probes_exports_and_reports(tmp_path):
     model_dir = tmp_path / "run"
