@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from data import CROPS, PRETRAIN_DATASETS, is_pretrain_dataset
 from losses import NAT_SCOPES, SC_POOLS
-from models import MODEL_NAMES, PREPROCESSINGS
+from models import MODEL_NAMES, PRECISIONS, PREPROCESSINGS
 from models.cli import UsageError, check_choice, check_range, option
 
 METHODS = ("nat", "sc")
@@ -111,6 +111,12 @@ class TrainConfig:
     crop_min_scale: float = option(0.35, "Smallest area fraction of --crop=resize.")
     flip: bool = option(False, "Random horizontal flips.")
     strategy: str = option("auto", "tf.distribute strategy.", choices=STRATEGIES)
+    mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
+                                  "bf16 or fp16 (with dynamic loss scaling); variables, BN "
+                                  "statistics, the heads and the losses stay float32.",
+                                  choices=PRECISIONS)
+    jit_compile: bool = option(False, "Compile the network's forward and backward pass with XLA "
+                               "(one replica; the NAT assignment runs outside).")
     cpu_replicas: int = option(1, "Split the CPU into N logical devices (testing).", lower=1)
     steps_per_loop: int = option(10, "Steps per tf.function call.", lower=1)
     checkpoint_every: int = option(100, "Steps between checkpoints (also at epoch ends).",

@@ -3,15 +3,17 @@ r"""Unsupervised pretraining by Noise As Targets (NAT) or Spatial Contrasting (S
     python -m train.pretrain                                   # NAT, nin_mnist, embedded digits
     python -m train.pretrain --flagfile=train/configs/sc_digits.flags
     python -m train.pretrain --flagfile=train/configs/nat_alexnet_imagenet.flags \
-        --data_dir=/data/tfds --manual_dir=/data/imagenet --model_dir=runs/nat_alexnet
+        --data_dir=/data/tfds --manual_dir=/data/imagenet --model_dir=runs/nat_alexnet \
+        --mixed_precision=bf16 --jit_compile                  # on one GPU
 
 Protocol (train/trainer.py): the model is trained without labels on the dataset's images;
 checkpoints go to --model_dir every --checkpoint_every steps and at each epoch end, and a
 rerun with the same --model_dir resumes. Every --probe_every_epochs epochs a linear probe
 measures the frozen features (NAT Figure 2). At the end the feature extractor is exported as a
-SavedModel (serving/export.py) and the final table compares the pretrained network with the
-same network at random init: a linear probe (--final_eval=probe) or whole-network fine-tuning
-with labels (--final_eval=finetune, the SC protocol).
+SavedModel (serving/export.py), in float32 whatever --mixed_precision the network trained in,
+and the final table compares the pretrained network with the same network at random init: a
+linear probe (--final_eval=probe) or whole-network fine-tuning with labels
+(--final_eval=finetune, the SC protocol).
 
 This module is the composition root: it builds the strategy, the trainer with its probe hook,
 the export and the final table. Bad flags stop with one line and exit status 1.
@@ -127,7 +129,8 @@ def _finetune_rows(config: TrainConfig, dataset: str) -> list[dict]:
         data_dir=config.data_dir, manual_dir=config.manual_dir,
         labels_per_class=config.probe_labels_per_class,
         seeds=tuple(range(config.probe_splits)), compare_scratch=True, epochs=300, patience=10,
-        output_dir=os.path.join(config.model_dir, "finetune"))
+        output_dir=os.path.join(config.model_dir, "finetune"),
+        mixed_precision=config.mixed_precision)
     results, _ = finetune.run(ft_config)
     what = (f"fine-tuned, {config.probe_labels_per_class} labels/class, "
             f"{config.probe_splits} seeds")
@@ -178,14 +181,23 @@ def run(config: TrainConfig, strategy=None) -> dict:
     summary["probe_history"] = hook.history if hook else []
     if trainer.chief and summary["probe_history"]:
         plot_probe_history(summary["probe_history"], os.path.join(config.model_dir, "probe.png"))
+    model = trainer.model
+    if config.mixed_precision != "none":
+        # The export and the final table use the network in float32, as a rebuild from the
+        # run folder (serving.export) does: served features do not depend on the training
+        # precision, and the random-init row is float32 too.
+        from models.precision import float32_copy
+
+        model = float32_copy(model, config.model, **config.model_kwargs())
     export_base = config.export_dir or os.path.join(config.model_dir, "export")
     if export_base != "none":
         from serving.export import export_features
 
         summary["export"] = export_features(
-            trainer.model, export_base, config.model,
-            metadata={"checkpoint": trainer.manager.latest_checkpoint, "method": config.method})
-    rows = final_table(config, trainer.model) if trainer.chief else []
+            model, export_base, config.model,
+            metadata={"checkpoint": trainer.manager.latest_checkpoint, "method": config.method,
+                      "mixed_precision": config.mixed_precision})
+    rows = final_table(config, model) if trainer.chief else []
     summary["final"] = rows
     if trainer.chief:
         write_json_atomic(os.path.join(config.model_dir, "results.json"), summary)

@@ -9,6 +9,12 @@ One global step, on every replica (inside `strategy.run`):
     loss = compute_average_loss(per_example, global_batch) + scale_regularization(wd/2 ||W||^2)
     gradients summed over replicas by the optimizer; SGD with momentum
 
+`mixed_precision` builds the network under a Keras mixed policy and, for fp16, wraps the SGD
+in a dynamic LossScaleOptimizer (models/precision.py: what stays float32, how the loss is
+scaled, why a skipped fp16 step still counts). `jit_compile` compiles the forward pass and its
+gradient with XLA, leaving NAT's Hungarian and assignment update outside
+(train/compiled.py).
+
 `steps_per_loop` steps run in one `tf.function` (`tf.range` loop). A loop never crosses an
 epoch boundary, so the NAT re-assignment flag (every `nat_reassign_every`-th epoch, counting
 from epoch 0; 0 = never, the paper's fixed-P baseline) is constant inside it.
@@ -21,8 +27,10 @@ Learning rate (NAT Sec. 3.3 and SC Sec. 5 combined):
 below the best one by `plateau_min_delta` for `plateau_patience` epochs (0: never cut).
 
 Checkpoints hold everything a resumed run needs: the model (name-keyed, models/weights.py), the
-optimizer (with its step counter), the NAT assignment, the epoch counter, the plateau state
-and the run's fingerprint (seed, dataset size, global batch). They are written every
+optimizer (with its step counter), the fp16 loss scale, the NAT assignment, the epoch counter,
+the plateau state and the run's fingerprint (seed, dataset size, global batch). A run may be
+resumed in another precision (an fp16 resume of a run without a loss scale starts from the
+initial scale). They are written every
 `checkpoint_every` steps and at each epoch end. The data stream and the SC patches are
 functions of (seed, step), so that is the whole random state. A run restarts from the latest
 checkpoint in `model_dir`; otherwise it loads the backbone of `init_checkpoint`; otherwise it
@@ -52,9 +60,10 @@ import tensorflow as tf
 from data.pretrain import PretrainSource, open_source, pretrain_dataset, steps_per_epoch
 from losses.nat import NoiseAsTargets
 from losses.spatial_contrasting import multi_endpoint_loss
-from models import build_model
+from models import build_model, precision
 from models.runs import open_checkpoints, write_config
 from models.weights import load_weights, named_variables
+from train.compiled import network_forward
 from train.config import TrainConfig
 
 
@@ -118,8 +127,11 @@ class Trainer:
             # A seeded init: the same config gives the same network, so runs are reproducible
             # and a resumed run continues exactly the uninterrupted one.
             keras.utils.set_random_seed(config.seed)
-            self.model = build_model(config.model, **config.model_kwargs())
+            self.model = build_model(config.model, precision=config.mixed_precision,
+                                     **config.model_kwargs())
         self.input_shape = tuple(int(d) for d in self.model.input.shape[1:])
+        self.forward, self.compiled = network_forward(self.model, strategy, self.input_shape,
+                                                      config.jit_compile, self.log)
         self.source = source or open_source(config.dataset, self.input_shape, config.data_dir,
                                             config.manual_dir)
         if self.source.skipped:
@@ -130,8 +142,16 @@ class Trainer:
             raise ValueError(f"dataset {self.source.name} has {self.source.num_examples} "
                              f"images, fewer than one batch of {config.batch_size}")
         self.total_steps = self.steps_per_epoch * config.epochs
+        self.restored_from = self._restore(self._build_state())
+        self.writer = (tf.summary.create_file_writer(os.path.join(config.model_dir, "train"))
+                       if self.chief else tf.summary.create_noop_writer())
+        self._loop_fn = None
 
-        with strategy.scope():
+    def _build_state(self) -> str | None:
+        """The training state in the strategy's scope: counters, schedule, optimizer, NAT
+        assignment and their checkpoint. Returns the checkpoint restored, if any."""
+        config = self.config
+        with self.strategy.scope():
             self.lr_scale = tf.Variable(1.0, trainable=False, name="lr_scale")
             self.best_loss = tf.Variable(np.inf, trainable=False, dtype=tf.float32,
                                          name="best_loss")
@@ -141,26 +161,25 @@ class Trainer:
                 [config.seed, self.source.num_examples, config.batch_size], trainable=False,
                 dtype=tf.int64, name="fingerprint")
             self.schedule = LearningRate(config.lr, config.lr_t0, config.lr_gamma, self.lr_scale)
-            self.optimizer = keras.optimizers.SGD(learning_rate=self.schedule,
-                                                  momentum=config.momentum)
+            self.optimizer = precision.loss_scaled(
+                keras.optimizers.SGD(learning_rate=self.schedule, momentum=config.momentum),
+                config.mixed_precision)
             self.optimizer.build(self.model.trainable_variables)
             self.nat = None
             if config.method == "nat":
                 self.nat = NoiseAsTargets(self.source.num_examples, config.nat_dim, config.seed,
                                           scope=config.nat_scope)
-            objects = dict(model=named_variables(self.model), optimizer=self.optimizer,
+            objects = dict(model=named_variables(self.model),
+                           **precision.checkpoint_objects(self.optimizer),
                            epoch=self.epoch, lr_scale=self.lr_scale, best_loss=self.best_loss,
                            bad_epochs=self.bad_epochs, fingerprint=self.fingerprint)
             if self.nat is not None:
                 objects["nat"] = self.nat
             self._checkpoint_dir = config.model_dir if self.chief else tempfile.mkdtemp()
             self.checkpoint, self.manager, latest = open_checkpoints(
-                config.model_dir, objects, config.keep_checkpoints, self._checkpoint_dir)
-
-        self.restored_from = self._restore(latest)
-        self.writer = (tf.summary.create_file_writer(os.path.join(config.model_dir, "train"))
-                       if self.chief else tf.summary.create_noop_writer())
-        self._loop_fn = None
+                config.model_dir, objects, config.keep_checkpoints, self._checkpoint_dir,
+                optional=(precision.LOSS_SCALE_KEY,))
+        return latest
 
     # ---------------------------------------------------------------------------------------
     # restore
@@ -192,7 +211,7 @@ class Trainer:
         indices, images = batch
         step = tf.cast(self.optimizer.iterations, tf.int64)
         with tf.GradientTape() as tape:
-            endpoints = self.model(images, training=True)
+            endpoints = self.forward(images)
             if self.nat is not None:
                 per_example, nat_stats = self.nat(indices, endpoints["embedding"], reassign)
                 stats = {"nat/reassigned_fraction": nat_stats["reassigned_fraction"]}
@@ -209,8 +228,10 @@ class Trainer:
                 loss += tf.nn.scale_regularization_loss(0.5 * cfg.weight_decay * _l2(self.model))
             if cfg.inject_nan_at_step >= 0:
                 loss += tf.where(step == cfg.inject_nan_at_step, np.nan, 0.0)
-        grads = tape.gradient(loss, self.model.trainable_variables)
-        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
+            target = precision.scale_loss(self.optimizer, loss)
+        variables = self.model.trainable_variables
+        grads = precision.unscaled_gradients(self.optimizer, tape, target, variables)
+        precision.apply_gradients(self.optimizer, grads, variables)
         return loss, stats
 
     def _stat_names(self) -> list[str]:
@@ -295,9 +316,7 @@ class Trainer:
         """
         cfg = self.config
         start = self.step
-        self.log(f"{cfg.method} on {self.source.name} ({self.source.num_examples} images) with "
-                 f"{cfg.model}, {self.strategy.num_replicas_in_sync} replica(s), "
-                 f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs; {self.restored_from}")
+        self.log(self.describe())
         if start >= self.total_steps:
             return self._summary(float("nan"))
 
@@ -347,6 +366,15 @@ class Trainer:
                 since_save = 0
         self.writer.flush()
         return self._summary(last_loss)
+
+    def describe(self) -> str:
+        """One line: method, data, network, precision, XLA, replicas, steps, where it starts."""
+        cfg = self.config
+        compute = "" if cfg.mixed_precision == "none" else f", {cfg.mixed_precision}"
+        compute += ", XLA" if self.compiled else ""
+        return (f"{cfg.method} on {self.source.name} ({self.source.num_examples} images) with "
+                f"{cfg.model}{compute}, {self.strategy.num_replicas_in_sync} replica(s), "
+                f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs; {self.restored_from}")
 
     def _summary(self, last_loss: float) -> dict:
         return {"steps": self.step, "epochs": int(self.epoch.numpy()), "last_loss": last_loss}
