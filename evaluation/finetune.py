@@ -17,6 +17,8 @@ Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
 - augmentation: a random translation of up to --translate pixels (reflect padding, then a
   random crop) and, where it is label-preserving, a horizontal mirror (--mirror; default on
   for stl10, cifar10 and imagenet2012, off for the digits of mnist and digits);
+- --mixed_precision=bf16|fp16 computes the network in bfloat16 / float16 (float32 variables,
+  BN statistics, logits and loss; dynamic loss scaling for fp16: models/precision.py);
 - the test split is read once, at the end; the result is the mean ± std test accuracy
   over --seeds. Each seed fixes the label draw, the validation carve, the classifier's init,
   the batch order and the augmentation; with --compare_scratch the same seeds also train
@@ -41,7 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from data import LABELLED_DATASETS
-from models import MODEL_NAMES, cli
+from models import MODEL_NAMES, PRECISIONS, cli
 from models.cli import UsageError, option
 
 # TensorFlow loads after the flags are checked (models/cli.py).
@@ -49,6 +51,7 @@ tf = cli.lazy_import("tensorflow")
 keras = cli.lazy_import("keras")
 labelled = cli.lazy_import("data.labelled")
 report = cli.lazy_import("evaluation.report")
+precision = cli.lazy_import("models.precision")
 
 PROGRAM = "evaluation.finetune"
 # Labels per class of the SC protocol (0: every train label).
@@ -87,12 +90,16 @@ class FinetuneConfig:
     val_fraction: float = option(0.1, "Fraction of each class held out for validation.",
                                  lower=0.0, upper=0.9)
     max_test_examples: int = option(0, "Score on the first n test examples (0: all).", lower=0)
+    mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
+                                  "bf16 or fp16 (with dynamic loss scaling).",
+                                  choices=PRECISIONS)
     output_dir: str = option("", "Where config.json, finetune.json and finetune.md go "
                              "(default: <init>/finetune).")
 
     def __post_init__(self):
         cli.require("init", self.init)
         cli.check_choice("dataset", self.dataset, LABELLED_DATASETS)
+        cli.check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         if not self.seeds:
             raise UsageError("--seeds is empty")
         if self.model and self.model not in MODEL_NAMES:
@@ -158,18 +165,19 @@ def model_spec(cfg: FinetuneConfig) -> tuple[str, dict]:
     return name, kwargs
 
 
-def initial_model(name: str, kwargs: dict, init: str | None, seed: int):
-    """(the network before fine-tuning, the LoadReport or None): built under `seed`, then (init
-    not None) every variable the checkpoint holds is loaded; the backbone layers must all be
-    there. With the same seed, a pretrained and a scratch model differ only in the loaded
-    variables.
+def initial_model(name: str, kwargs: dict, init: str | None, seed: int,
+                  mixed_precision: str = "none"):
+    """(the network before fine-tuning, the LoadReport or None): built under `seed` (and the
+    dtype policy of `mixed_precision`), then (init not None) every variable the checkpoint
+    holds is loaded; the backbone layers must all be there. With the same seed, a pretrained
+    and a scratch model differ only in the loaded variables.
     """
     from models import build_model
     from models.runs import backbone_layers
     from models.weights import load_weights
 
     keras.utils.set_random_seed(seed)
-    model = build_model(name, **kwargs)
+    model = build_model(name, precision=mixed_precision, **kwargs)
     if init is None:
         return model, None
     loaded = load_weights(model, init, require=backbone_layers(name, **kwargs))
@@ -261,8 +269,9 @@ def train(model, data: Labelled, cfg: FinetuneConfig, seed: int
 
     The plateau rule watches the validation loss (the training loss without validation).
     """
-    optimizer = keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum,
-                                     weight_decay=cfg.weight_decay or None)
+    optimizer = precision.loss_scaled(
+        keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum,
+                             weight_decay=cfg.weight_decay or None), cfg.mixed_precision)
     optimizer.build(model.trainable_variables)
     translate = cfg.translate
     if translate is None:
@@ -270,11 +279,13 @@ def train(model, data: Labelled, cfg: FinetuneConfig, seed: int
 
     @tf.function(reduce_retracing=True)
     def step(x, y):
+        variables = model.trainable_variables
         with tf.GradientTape() as tape:
             logits = model(x, training=True)["logits"]
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-        gradients = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+            target = precision.scale_loss(optimizer, loss)
+        gradients = precision.unscaled_gradients(optimizer, tape, target, variables)
+        precision.apply_gradients(optimizer, gradients, variables)
         return loss
 
     lr = cfg.learning_rate
@@ -308,7 +319,7 @@ def train(model, data: Labelled, cfg: FinetuneConfig, seed: int
 def run_seed(cfg: FinetuneConfig, name: str, kwargs: dict, init: str | None, seed: int,
              data: Labelled) -> RunResult:
     """One fine-tuning run: the initial model of (init, seed), training, then the test split."""
-    model, loaded = initial_model(name, kwargs, init, seed)
+    model, loaded = initial_model(name, kwargs, init, seed, cfg.mixed_precision)
     best_epoch, history = train(model, data, cfg, seed)
     best = history[best_epoch - 1] if best_epoch else history[-1]
     test_indices = np.arange(cfg.max_test_examples) if cfg.max_test_examples else None

@@ -33,9 +33,8 @@ Protocol (the voc-classification code of Krahenbuhl et al. 2015, used by BiGAN a
   own name, the sklearn AP the reference code printed (`sklearn_map`); printed as a table and
   written to `<model_dir>/results.json` and `results.md`.
 
-The run (resume, checkpoints, config.json, the step loop, results files) is the VOC skeleton
-of `evaluation.voc.common`. Without `--init_checkpoint` the network stays at random
-initialisation: the "random init" baseline.
+The run (resume, checkpoints, config.json, the step loop, results, --mixed_precision) is the
+VOC skeleton of `evaluation.voc.common`. Without `--init_checkpoint`: the random-init baseline.
 """
 
 from __future__ import annotations
@@ -55,6 +54,7 @@ tf = cli.lazy_import("tensorflow")
 keras = cli.lazy_import("keras")
 voc_data = cli.lazy_import("data.voc")
 voc_metrics = cli.lazy_import("evaluation.voc.metrics")
+precision = cli.lazy_import("models.precision")
 
 PROGRAM = "evaluation.voc.classification"
 TRAIN_LAYERS: dict[str, tuple[str, ...]] = {
@@ -312,11 +312,12 @@ def make_train_step(net: keras.Model, optimizer: keras.optimizers.Optimizer,
         with tf.GradientTape() as tape:
             logits = net(images, training=True)["logits"]
             loss = tf.reduce_mean(masked_sigmoid_loss(logits, labels))
-        grads = tape.gradient(loss, variables)
+            target = precision.scale_loss(optimizer, loss)
+        grads = precision.unscaled_gradients(optimizer, tape, target, variables)
         grads, _ = tf.clip_by_global_norm(grads, config.clip_norm)
         grads = [g + d * v.value if d else g for g, d, v in zip(grads, decay, variables,
                                                                   strict=True)]
-        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        precision.apply_gradients(optimizer, grads, variables)
         return loss
 
     return step

@@ -9,9 +9,12 @@
             ->  evaluation on the test split  ->  results.json, results.md, printed table
 
 A protocol (`VocProtocol`) supplies what differs: its network, initialisation, data, train
-step, evaluation and report. Checkpoints hold the network (by name, models/weights.py), the
-optimizer and its step; the training stream is re-seeded with the step, so a resumed run is
-deterministic (not bit-identical to an uninterrupted one).
+step, evaluation and report. The network is built under the dtype policy of
+--mixed_precision, with a loss-scaled optimizer for fp16 (models/precision.py); the train
+steps differentiate `precision.scale_loss` and apply true gradients with
+`precision.apply_gradients`. Checkpoints hold the network (by name, models/weights.py), the
+optimizer and its step, and the fp16 loss scale; the training stream is re-seeded with the
+step, so a resumed run is deterministic (not bit-identical to an uninterrupted one).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from models import PREPROCESSINGS, cli
+from models import PRECISIONS, PREPROCESSINGS, cli
 from models.cli import UsageError, option
 
 tf = cli.lazy_import("tensorflow")
 keras = cli.lazy_import("keras")
+precision = cli.lazy_import("models.precision")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,9 @@ class VocRunConfig:
     data_dir: str = option("", "tfds data_dir ('' = tfds default).")
     manual_dir: str = option("", "tfds manual_dir for --download.")
     download: bool = option(False, "Prepare voc/2007 first (may download).")
+    mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
+                                  "bf16 or fp16 (with dynamic loss scaling).",
+                                  choices=PRECISIONS)
 
     def __post_init__(self):
         self.validate()
@@ -57,6 +64,7 @@ class VocRunConfig:
         if self.preprocessing and self.preprocessing not in PREPROCESSINGS:
             raise UsageError(f"preprocessing={self.preprocessing!r}: choose one of "
                              f"{', '.join(PREPROCESSINGS)}")
+        cli.check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
 
     def positive(self, *names: str) -> None:
         for name in names:
@@ -167,12 +175,15 @@ def run(protocol: VocProtocol, config) -> dict:
     config.validate()
     preprocessing = resolve_preprocessing(config)
     keras.utils.set_random_seed(config.seed)
-    net, schedule, variables = protocol.build(config, preprocessing)
-    optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
+    with precision.policy_scope(config.mixed_precision):
+        net, schedule, variables = protocol.build(config, preprocessing)
+    optimizer = precision.loss_scaled(keras.optimizers.SGD(schedule, momentum=config.momentum),
+                                      config.mixed_precision)
     optimizer.build(variables)
     _, manager, latest = open_checkpoints(
-        config.model_dir, {"model": named_variables(net), "optimizer": optimizer},
-        config.keep_checkpoints)
+        config.model_dir, {"model": named_variables(net),
+                           **precision.checkpoint_objects(optimizer)},
+        config.keep_checkpoints, optional=(precision.LOSS_SCALE_KEY,))
     if latest is not None:
         from absl import logging
 

@@ -57,11 +57,14 @@ def test_augment_translates_and_mirrors():
     np.testing.assert_array_equal(again, augment(image, seed, 2, True))
 
 
-def test_fine_tuning_updates_every_layer(tmp_path):
-    cfg = config(tmp_path)
+@pytest.mark.parametrize("mixed_precision", ["none", "fp16"])
+def test_fine_tuning_updates_every_layer(tmp_path, mixed_precision):
+    cfg = config(tmp_path, mixed_precision=mixed_precision)
     name, kwargs = finetune.model_spec(cfg)
-    model, loaded = finetune.initial_model(name, kwargs, None, seed=0)
+    model, loaded = finetune.initial_model(name, kwargs, None, 0, mixed_precision)
     assert loaded is None
+    assert model.get_layer("conv2_1").compute_dtype == {"none": "float32",
+                                                         "fp16": "float16"}[mixed_precision]
     data = finetune.labelled_data(cfg, tuple(SHAPE), seed=0)
     assert len(data.y_fit) + len(data.y_val) == 30
     before = {v.path: v.numpy().copy() for v in model.trainable_variables}
@@ -101,8 +104,8 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
     starts, batches = [], []
     initial_model, train_batches = finetune.initial_model, finetune.train_batches
 
-    def recording_initial_model(name, kwargs, init, seed):
-        model, loaded = initial_model(name, kwargs, init, seed)
+    def recording_initial_model(name, kwargs, init, seed, *args):
+        model, loaded = initial_model(name, kwargs, init, seed, *args)
         starts.append((init, {k: v.numpy().copy() for k, v in named_variables(model).items()}))
         return model, loaded
 
@@ -147,6 +150,7 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
      "--labels_per_class=500: 500 labels per class is more than class"),
     (["--init=none"], "--model is required"),
     (["--init=none", "--model=vgg"], "--model=vgg: choose one of alexnet"),
+    (["--init=none", "--mixed_precision=fp8"], "--mixed_precision=fp8"),
     ([], "--init is required (see --help)"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, expected):
