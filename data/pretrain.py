@@ -22,6 +22,11 @@ The stream (`pretrain_dataset`), per input pipeline (one per worker under tf.dis
     index) -> batch(per-replica batch, drop_remainder) -> take(batches of one epoch) -> the
     run's epochs one after the other -> prefetch
 
+For a resized crop (`Augment(crop="resize")`, the ImageNet setting) of a source of encoded
+files (a folder, imagenet2012), decoding and cropping are one step: the box is drawn from the
+image size in the JPEG header and only that window is decoded (`tf.io.decode_and_crop_jpeg`),
+with the same pixels as decoding the whole file; PNG and other formats are decoded whole.
+
 The shuffle is stateless: blocks of SHUFFLE_BUFFER consecutive elements are permuted by keys
 drawn from (seed, epoch, block), which is a uniform permutation of the whole dataset when it
 fits in one block (digits, small folders); larger datasets also pass through a shuffle buffer
@@ -45,7 +50,15 @@ import numpy as np
 import tensorflow as tf
 
 from data import CROPS, PRETRAIN_DATASETS, digits
-from data.images import IMAGE_EXTENSIONS, decode_image, list_images, resize_to_input, to_channels
+from data.images import (
+    IMAGE_EXTENSIONS,
+    decode_image,
+    decode_jpeg_window,
+    decode_pixels,
+    list_images,
+    resize_to_input,
+    to_channels,
+)
 
 TFDS_PRETRAIN_SPLIT = {
     "mnist": "train",
@@ -66,14 +79,20 @@ class Augment:
 
     crop: "pad" pads `pad` pixels (edge reflection) and cuts a random H x W window, i.e. a
       random translation of up to `pad` pixels; "resize" cuts a random box of `min_scale`..1 of
-      the area with aspect ratio 3/4..4/3 and resizes it to H x W; "none" keeps the image.
+      the area with aspect ratio 3/4..4/3 and resizes it to H x W (bilinear, antialiased);
+      "none" keeps the image.
     flip: random horizontal mirroring with probability 1/2.
+    fused: for a resized crop of an encoded image (a folder, imagenet2012), JPEG files decode
+      only the box (`data.images.decode_jpeg_window`); other formats, or fused=False, decode
+      the whole file and slice the box. The pixels are the same either way; fused=False is
+      there to measure the difference (benchmarks/input_pipeline.py).
     """
 
     crop: str = "pad"
     pad: int = 2
     min_scale: float = 0.35
     flip: bool = False
+    fused: bool = True
 
     def __post_init__(self):
         if self.crop not in CROPS:
@@ -91,6 +110,8 @@ class PretrainSource:
     fixed_size: decoded images already have the model's H x W.
     skipped: folder files that could not be decoded.
     paths: for a folder, `paths[i]` is the file of index i.
+    read: for sources of encoded files (a folder, imagenet2012), raw -> the file's bytes, of
+      which `decode` is the zoo's decoding; a resized crop then decodes only its box.
     """
 
     name: str
@@ -101,6 +122,7 @@ class PretrainSource:
     fixed_size: bool
     skipped: tuple[str, ...] = field(default=())
     paths: tuple[str, ...] = field(default=())  # folder: the file of each index
+    read: Callable[[tf.Tensor], tf.Tensor] | None = None
 
 
 def _digits(input_shape) -> PretrainSource:
@@ -147,7 +169,8 @@ def _tfds(name: str, input_shape, data_dir, manual_dir) -> PretrainSource:
         image = decode_image(raw)
         return resize_to_input(image, input_shape) if fixed else to_channels(image, channels)
 
-    return PretrainSource(name, n, input_shape, elements, decode, fixed_size=fixed)
+    return PretrainSource(name, n, input_shape, elements, decode, fixed_size=fixed,
+                          read=None if fixed else tf.identity)
 
 
 def _readable(path: str) -> bool:
@@ -185,7 +208,8 @@ def _folder(root: str, input_shape) -> PretrainSource:
         return to_channels(decode_image(tf.io.read_file(path)), channels)
 
     return PretrainSource(f"folder:{root}", len(paths), input_shape, elements, decode,
-                          fixed_size=False, skipped=skipped, paths=tuple(paths))
+                          fixed_size=False, skipped=skipped, paths=tuple(paths),
+                          read=tf.io.read_file)
 
 
 def open_source(name: str, input_shape: tuple[int, int, int], data_dir: str | None = None,
@@ -219,20 +243,55 @@ def translate_and_flip(image: tf.Tensor, pad: int, flip: bool, crop_seed: tf.Ten
     return image
 
 
-def _augment(image: tf.Tensor, seed: tf.Tensor, source: PretrainSource, augment: Augment
+def _crop_box(shape: tf.Tensor, seed: tf.Tensor, augment: Augment
+              ) -> tuple[tf.Tensor, tf.Tensor]:
+    """(begin, size), int32 [3] each: a random box of `min_scale`..1 of the area of an image
+    of `shape` [h, w, c], aspect ratio 3/4..4/3, a function of the stateless `seed` alone."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(augment.min_scale, 1.0),
+        use_image_if_no_bounding_boxes=True)
+    return begin, size
+
+
+def _resized_crop_of_file(data: tf.Tensor, seed: tf.Tensor, source: PretrainSource,
+                          augment: Augment) -> tf.Tensor:
+    """An encoded image's resized crop, float32 [H, W, C] in [0, 1]: the box of `_crop_box`
+    (on [h, w, 3]) cut from the uint8 pixels, resized, divided by 255 and given C channels.
+    JPEG bytes (known by their first bytes, whatever the file name) decode only the box when
+    `augment.fused`; the pixels are the same (`data.images.decode_jpeg_window`)."""
+    height, width, channels = source.input_shape
+
+    def whole():
+        pixels = decode_pixels(data)
+        begin, size = _crop_box(tf.shape(pixels), seed, augment)
+        return tf.slice(pixels, begin, size)
+
+    def window():
+        shape = tf.io.extract_jpeg_shape(data)
+        begin, size = _crop_box(tf.concat([shape[:2], [3]], 0), seed, augment)
+        return decode_jpeg_window(data, begin, size)
+
+    crop = tf.cond(tf.io.is_jpeg(data), window, whole) if augment.fused else whole()
+    image = tf.image.resize(crop, (height, width), antialias=True) / 255.0
+    return to_channels(image, channels)
+
+
+def _augment(raw: tf.Tensor, seed: tf.Tensor, source: PretrainSource, augment: Augment
              ) -> tf.Tensor:
-    """One example's augmentation; `seed` is an int64 [2] stateless seed."""
+    """One example, decoded from `raw` and augmented; `seed` is an int64 [2] stateless seed."""
     height, width, _ = source.input_shape
     seeds = tf.random.experimental.stateless_split(seed, 3)
-    if augment.crop == "resize":
-        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seeds[0],
-            min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-            area_range=(augment.min_scale, 1.0), use_image_if_no_bounding_boxes=True)
-        image = tf.slice(image, begin, size)
-        image = tf.image.resize(image, (height, width), antialias=True)
-    elif not source.fixed_size:
-        image = resize_to_input(image, source.input_shape, center_crop=True)
+    if augment.crop == "resize" and source.read is not None:
+        image = _resized_crop_of_file(source.read(raw), seeds[0], source, augment)
+    elif augment.crop == "resize":
+        image = source.decode(raw)
+        begin, size = _crop_box(tf.shape(image), seeds[0], augment)
+        image = tf.image.resize(tf.slice(image, begin, size), (height, width), antialias=True)
+    else:
+        image = source.decode(raw)
+        if not source.fixed_size:
+            image = resize_to_input(image, source.input_shape, center_crop=True)
     pad = augment.pad if augment.crop == "pad" else 0
     image = translate_and_flip(image, pad, augment.flip, seeds[1], seeds[2])
     image.set_shape(source.input_shape)
@@ -303,7 +362,7 @@ def pretrain_dataset(source: PretrainSource, global_batch: int, augment: Augment
         def prepare(index, raw):
             example_seed = tf.stack([tf.constant(seed, tf.int64),
                                      epoch * source.num_examples + index])
-            image = _augment(source.decode(raw), example_seed, source, augment)
+            image = _augment(raw, example_seed, source, augment)
             return tf.cast(index, tf.int32), image
 
         ds = (_shuffled(elements, seed, epoch, shard_size)
