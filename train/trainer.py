@@ -28,11 +28,10 @@ below the best one by `plateau_min_delta` for `plateau_patience` epochs (0: neve
 
 Checkpoints hold everything a resumed run needs: the model (name-keyed, models/weights.py), the
 optimizer (with its step counter), the fp16 loss scale, the NAT assignment, the epoch counter,
-the plateau state and the run's fingerprint (seed, dataset size, global batch). A run may be
-resumed in another precision (an fp16 resume of a run without a loss scale starts from the
-initial scale). They are written every
-`checkpoint_every` steps and at each epoch end. The data stream and the SC patches are
-functions of (seed, step), so that is the whole random state. A run restarts from the latest
+the plateau state and the run's fingerprint (seed, dataset size, global batch). They are
+written every `checkpoint_every` steps and at each epoch end. A run may be resumed in another
+precision (in fp16, a run saved without a loss scale starts from the initial scale). The data
+stream and the SC patches are functions of (seed, step), so that is the whole random state. A run restarts from the latest
 checkpoint in `model_dir`; otherwise it loads the backbone of `init_checkpoint`; otherwise it
 starts fresh.
 
