@@ -57,12 +57,16 @@ def decode_jpeg_window(raw: tf.Tensor, begin: tf.Tensor, size: tf.Tensor) -> tf.
     """uint8 [size[0], size[1], 3]: the pixels [y:y+h, x:x+w] of a JPEG file, with
     (y, x) = begin[:2] and (h, w) = size[:2], decoding little more than that window.
 
-    The same pixels as `decode_pixels(raw)[y:y+h, x:x+w]`, bit for bit. libjpeg
-    (`tf.io.decode_and_crop_jpeg`) decodes only the 8x8 or 16x16 blocks that meet a window,
-    but it upsamples subsampled chroma (4:2:0, 4:2:2) with a triangle filter that reaches one
-    chroma sample, two pixels, past each pixel, and treats the edge of the decoded window as
-    the edge of the image; so the window grown by JPEG_WINDOW_MARGIN pixels on each side
-    (clipped to the image) is decoded, and the margin cut off.
+    The same pixels as `decode_pixels(raw)[y:y+h, x:x+w]`, bit for bit.
+    `tf.io.decode_and_crop_jpeg` upsamples subsampled chroma (4:2:0, 4:2:2) with a triangle
+    filter that reaches one chroma sample, two pixels, past each pixel, and treats the edge
+    of the window as the edge of the image; so the window grown by JPEG_WINDOW_MARGIN pixels
+    on each side (clipped to the image) is decoded, and the margin cut off.
+
+    Cost, measured on 500 x 375 photographs (benchmarks/input_pipeline.py): the decoder stops
+    after the window's last row, but rows above it and columns beside it cost nearly as much
+    as when they are kept. A window in the top half is about 40% cheaper than the whole file;
+    a random 35-100% box saves 5-10% of the decoding on average.
     """
     shape = tf.io.extract_jpeg_shape(raw)
     begin = tf.cast(begin[:2], tf.int32)

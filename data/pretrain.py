@@ -26,6 +26,7 @@ For a resized crop (`Augment(crop="resize")`, the ImageNet setting) of a source 
 files (a folder, imagenet2012), decoding and cropping are one step: the box is drawn from the
 image size in the JPEG header and only that window is decoded (`tf.io.decode_and_crop_jpeg`),
 with the same pixels as decoding the whole file; PNG and other formats are decoded whole.
+(What it saves is measured, and small, in `data.images.decode_jpeg_window`.)
 
 The shuffle is stateless: blocks of SHUFFLE_BUFFER consecutive elements are permuted by keys
 drawn from (seed, epoch, block), which is a uniform permutation of the whole dataset when it
