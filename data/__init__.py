@@ -2,7 +2,8 @@
 
     images    listing image files; decoding; the resize and channel rule
     digits    the embedded scikit-learn digits and their fixed split
-    pretrain  (index, image) streams for pretraining, with their augmentation
+    pretrain  (index, image) streams for pretraining
+    augment   the pretraining augmentations, one image at a time
     labelled  (image, label) splits and label draws for probes and fine-tuning; STL-10 folds
     voc       PASCAL VOC 2007 in the devkit's terms
 
@@ -15,7 +16,11 @@ PRETRAIN_DATASETS = ("digits", "mnist", "cifar10", "stl10", "imagenet2012", "fol
 LABELLED_DATASETS = ("digits", "mnist", "cifar10", "stl10", "imagenet2012")
 """Labelled datasets of the probes and of fine-tuning (`data.labelled`)."""
 CROPS = ("pad", "resize", "short_side", "none")
-"""Pretraining crops (`data.pretrain.Augment`)."""
+"""Pretraining crops (`data.augment.Augment`)."""
+
+
+class DataError(ValueError):
+    """A dataset cannot be used as asked; the message says why and what to do."""
 
 
 def is_pretrain_dataset(name: str) -> bool:

@@ -5,7 +5,8 @@ rule maps any image to it (`resize_to_input`), used by pretraining, the labelled
 the exported SavedModels alike:
 
 - decoding (`decode_image`): JPEG, PNG, GIF (first frame), BMP or WebP bytes -> uint8 RGB
-  (grey files tiled, alpha dropped, 16-bit PNGs rescaled) -> float32 / 255;
+  (grey files tiled, alpha dropped, 16-bit PNGs rescaled; `decode_pixels`) -> float32 / 255;
+  `decode_jpeg_window` decodes a window of a JPEG without the rest of the file;
 - channels (`to_channels`): a grey image is tiled to 3 channels for an RGB model; a colour
   image is averaged over its channels for a grey model (the rule of `Grayscale`);
 - size: resized bilinearly with antialiasing when H, W differ from the model's, without
@@ -37,11 +38,45 @@ def list_images(root: str) -> list[str]:
     return sorted(found)
 
 
+def decode_pixels(raw: tf.Tensor) -> tf.Tensor:
+    """Encoded bytes -> uint8 [h, w, 3] (the decoding rule of the module docstring)."""
+    image = tf.io.decode_image(raw, channels=3, expand_animations=False, dtype=tf.uint8)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
 def decode_image(raw: tf.Tensor) -> tf.Tensor:
     """Encoded bytes -> float32 [h, w, 3] in [0, 1]."""
-    image = tf.io.decode_image(raw, channels=3, expand_animations=False, dtype=tf.uint8)
-    image = tf.cast(image, tf.float32) / 255.0
-    return tf.ensure_shape(image, [None, None, 3])
+    return tf.cast(decode_pixels(raw), tf.float32) / 255.0
+
+
+JPEG_WINDOW_MARGIN = 2
+"""Pixels decoded around a JPEG window (see `decode_jpeg_window`)."""
+
+
+def decode_jpeg_window(raw: tf.Tensor, begin: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """uint8 [size[0], size[1], 3]: the pixels [y:y+h, x:x+w] of a JPEG file, with
+    (y, x) = begin[:2] and (h, w) = size[:2], decoding little more than that window.
+
+    The same pixels as `decode_pixels(raw)[y:y+h, x:x+w]`, bit for bit.
+    `tf.io.decode_and_crop_jpeg` upsamples subsampled chroma (4:2:0, 4:2:2) with a triangle
+    filter that reaches one chroma sample, two pixels, past each pixel, and treats the edge
+    of the window as the edge of the image; so the window grown by JPEG_WINDOW_MARGIN pixels
+    on each side (clipped to the image) is decoded, and the margin cut off.
+
+    Cost, measured on 500 x 375 photographs (benchmarks/input_pipeline.py): the decoder stops
+    after the window's last row, but rows above it and columns beside it cost nearly as much
+    as when they are kept. A window in the top half is about 40% cheaper than the whole file;
+    a random 35-100% box saves 5-10% of the decoding on average.
+    """
+    shape = tf.io.extract_jpeg_shape(raw)
+    begin = tf.cast(begin[:2], tf.int32)
+    end = begin + tf.cast(size[:2], tf.int32)
+    start = tf.maximum(begin - JPEG_WINDOW_MARGIN, 0)
+    stop = tf.minimum(end + JPEG_WINDOW_MARGIN, shape[:2])
+    window = tf.io.decode_and_crop_jpeg(raw, tf.concat([start, stop - start], 0), channels=3)
+    offset = begin - start
+    return tf.ensure_shape(window[offset[0]:offset[0] + end[0] - begin[0],
+                                  offset[1]:offset[1] + end[1] - begin[1]], [None, None, 3])
 
 
 def to_channels(images: tf.Tensor, channels: int) -> tf.Tensor:

@@ -23,7 +23,8 @@ Every image is float32 [H, W, C] in [0, 1], mapped to a model's input shape by t
 All image reads go through `load`, and all label reads through `load_labels`; protocols rely
 on that to show, in tests, that a test split is not read before the final evaluation.
 Nothing here downloads: tfds datasets must be prepared in `data_dir` (ImageNet from
-`manual_dir`) unless `LabelledSource.prepare` is set.
+`manual_dir`) unless `LabelledSource.prepare` is set. `train_stream` gives the augmented
+training batches of fine-tuning.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from data import LABELLED_DATASETS, digits
+from data.augment import translate_and_flip
 from data.images import resize_to_input
 
 SPLITS = ("train", "test")
@@ -285,3 +287,27 @@ def split_validation(labels: np.ndarray, fraction: float, rng: np.random.Generat
         fit.append(members[n_val:])
     return (np.sort(np.concatenate(fit)).astype(np.int64),
             np.sort(np.concatenate(val)).astype(np.int64))
+
+
+def train_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epochs: int,
+                 translate: int, mirror: bool):
+    """The augmented (images, labels) batches of epochs 1..epochs, one after the other: epoch
+    e visits the examples in an order fixed by (seed, e), in ceil(N / batch_size) batches, each
+    image moved by `data.pretrain.translate_and_flip` seeded by (seed, e, index)."""
+
+    orders = np.stack([np.random.default_rng([seed, 2, epoch]).permutation(len(y))
+                       for epoch in range(1, epochs + 1)]).astype(np.int64)
+    images, labels, orders = tf.constant(x), tf.constant(y), tf.constant(orders)
+
+    def one_epoch(epoch):
+        def apply(index):
+            stateless = tf.stack([tf.constant(seed * 100_003, tf.int64) + epoch, index])
+            image = translate_and_flip(tf.gather(images, index), translate, mirror, stateless,
+                                       stateless + 1)
+            return image, tf.gather(labels, index)
+
+        order = tf.data.Dataset.from_tensor_slices(orders[epoch - 1])
+        return order.map(apply, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+
+    epochs_ds = tf.data.Dataset.range(1, epochs + 1)
+    return epochs_ds.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)

@@ -30,6 +30,12 @@ the remainder of the epoch first, then from its first batches). The stream stays
 of (seed, epoch, index) and of the set of unreadable files, so a run resumes exactly as long
 as the same files fail, and consistently when more fail.
 
+For a resized crop (`Augment(crop="resize")`, the ImageNet setting) of a source of encoded
+files (a folder, imagenet2012), decoding and cropping are one step: the box is drawn from the
+image size in the JPEG header and only that window is decoded (`tf.io.decode_and_crop_jpeg`),
+with the same pixels as decoding the whole file; PNG and other formats are decoded whole.
+(What it saves is measured, and small, in `data.images.decode_jpeg_window`.)
+
 The stream (`pretrain_dataset`), per input pipeline (one per worker under tf.distribute):
 
     elements -> shard(pipelines) -> per epoch e: shuffle(seed, e) -> decode -> augment(seed, e,
@@ -60,7 +66,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from data import CROPS, PRETRAIN_DATASETS, digits
+from data import PRETRAIN_DATASETS, DataError, digits
+from data.augment import (
+    Augment,
+    crop_box,
+    resized_crop_of_file,
+    scale_short_side,
+    translate_and_flip,
+)
 from data.images import IMAGE_EXTENSIONS, decode_image, list_images, resize_to_input, to_channels
 
 TFDS_PRETRAIN_SPLIT = {
@@ -70,38 +83,6 @@ TFDS_PRETRAIN_SPLIT = {
     "imagenet2012": "train",
 }
 SHUFFLE_BUFFER = 16384
-
-
-class DataError(ValueError):
-    """A dataset cannot be used as asked; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Random crop and flip (NAT Sec. 3.3; SC Sec. 5 "mild data augmentations").
-
-    crop: "pad" pads `pad` pixels (edge reflection) and cuts a random H x W window, i.e. a
-      random translation of up to `pad` pixels; "resize" cuts a random box of `min_scale`..1 of
-      the area with aspect ratio 3/4..4/3 and resizes it to H x W; "short_side" scales the
-      image (bilinear, antialiased) so that its shorter side is `short_side` pixels, then cuts
-      a uniformly placed H x W window (the AlexNet crop of Krizhevsky et al. 2012 and of the
-      released NAT code: 256, then 224); "none" keeps the image (a folder or ImageNet image is
-      centre-cropped to a square and resized).
-    flip: random horizontal mirroring with probability 1/2.
-    """
-
-    crop: str = "pad"
-    pad: int = 2
-    min_scale: float = 0.35
-    short_side: int = 256
-    flip: bool = False
-
-    def __post_init__(self):
-        if self.crop not in CROPS:
-            raise DataError(f"unknown crop {self.crop!r}; choose one of {', '.join(CROPS)}")
-        if self.pad < 0 or not 0.0 < self.min_scale <= 1.0 or self.short_side < 1:
-            raise DataError(f"bad augmentation: pad={self.pad}, min_scale={self.min_scale}, "
-                            f"short_side={self.short_side}")
 
 
 class SkipLog:
@@ -135,9 +116,11 @@ class PretrainSource:
     fixed_size: decoded images already have the model's H x W.
     skipped: (path, reason) of the folder files left out when the folder was scanned.
     paths: for a folder, `paths[i]` is the file of index i; `root` is the folder.
-    load: for sources whose files may fail at training time (folders): raw -> (float32
-      [h, w, C], ok bool) that never raises; a failure is added to `failures` (module
-      docstring). None: `decode` cannot fail.
+    encoded: raw is an image file's bytes (imagenet2012), so that a resized crop can decode
+      only its box.
+    load: for sources whose files may fail at training time (folders): (raw, seed, decoder)
+      -> (float32 [h, w, C], ok bool), never raising, where decoder(file bytes, seed) decodes;
+      a failure is added to `failures` (module docstring). None: `decode` cannot fail.
     """
 
     name: str
@@ -149,7 +132,8 @@ class PretrainSource:
     skipped: tuple[tuple[str, str], ...] = field(default=())
     paths: tuple[str, ...] = field(default=())
     root: str = ""
-    load: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
+    encoded: bool = False
+    load: Callable[[tf.Tensor, tf.Tensor, Callable], tuple[tf.Tensor, tf.Tensor]] | None = None
     failures: SkipLog | None = None
 
 
@@ -197,7 +181,8 @@ def _tfds(name: str, input_shape, data_dir, manual_dir) -> PretrainSource:
         image = decode_image(raw)
         return resize_to_input(image, input_shape) if fixed else to_channels(image, channels)
 
-    return PretrainSource(name, n, input_shape, elements, decode, fixed_size=fixed)
+    return PretrainSource(name, n, input_shape, elements, decode, fixed_size=fixed,
+                          encoded=not fixed)
 
 
 def load_file(path: str) -> tuple[tf.Tensor | None, str]:
@@ -209,9 +194,14 @@ def load_file(path: str) -> tuple[tf.Tensor | None, str]:
         return None, f"cannot read: {error.strerror or error}"
     try:
         return decode_image(tf.constant(raw)), ""
-    except tf.errors.OpError as error:  # eager messages wrap the decoder's in op details
-        text = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:.*$", "", str(error.message))
-        return None, " ".join(text.split("\n")[0].split()) or "cannot decode"
+    except tf.errors.OpError as error:
+        return None, _decoder_error(error)
+
+
+def _decoder_error(error: tf.errors.OpError) -> str:
+    """The decoder's own words: eager messages wrap them in op details."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:.*$", "", str(error.message))
+    return " ".join(text.split("\n")[0].split()) or "cannot decode"
 
 
 def _unreadable(path: str) -> str:
@@ -252,19 +242,23 @@ def _folder(root: str, input_shape, files: Sequence[str] | None) -> PretrainSour
     def decode(path):
         return to_channels(decode_image(tf.io.read_file(path)), channels)
 
-    def fetch(path):
+    def fetch(path, seed, decoder):
         name = path.numpy().decode()
-        image, reason = load_file(name)
-        if image is None:
-            failures.add(name, reason)
-            return tf.zeros([1, 1, 3]), False
-        return image, True
+        try:
+            with open(name, "rb") as f:
+                raw = f.read()
+            return decoder(tf.constant(raw), seed), True
+        except OSError as error:
+            failures.add(name, f"cannot read: {error.strerror or error}")
+        except tf.errors.OpError as error:
+            failures.add(name, _decoder_error(error))
+        return tf.zeros([1, 1, channels]), False
 
-    def load(path):
+    def load(path, seed, decoder):
         # Python, so that a failure is caught and named instead of ending the input pipeline.
-        image, ok = tf.py_function(fetch, [path], [tf.float32, tf.bool])
-        return to_channels(tf.ensure_shape(image, [None, None, 3]), channels), \
-            tf.ensure_shape(ok, [])
+        image, ok = tf.py_function(lambda p, s: fetch(p, s, decoder), [path, seed],
+                                   [tf.float32, tf.bool])
+        return tf.ensure_shape(image, [None, None, channels]), tf.ensure_shape(ok, [])
 
     return PretrainSource(f"folder:{root}", len(paths), input_shape, elements, decode,
                           fixed_size=False, skipped=skipped, paths=tuple(paths), root=root,
@@ -292,43 +286,38 @@ def open_source(name: str, input_shape: tuple[int, int, int], data_dir: str | No
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(PRETRAIN_DATASETS)}")
 
 
-def translate_and_flip(image: tf.Tensor, pad: int, flip: bool, crop_seed: tf.Tensor,
-                       flip_seed: tf.Tensor) -> tf.Tensor:
-    """[H, W, C] -> [H, W, C]: a random translation by up to `pad` pixels in each axis
-    (reflect padding, then a random H x W crop; SC Sec. 5's "small translations") and, if
-    `flip`, a left-right mirror with probability 1/2. The seeds are stateless seeds [2]."""
-    if pad > 0:
-        shape = tf.shape(image)
-        padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-        image = tf.image.stateless_random_crop(padded, shape, crop_seed)
-    if flip:
-        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    return image
+def _decoded(raw: tf.Tensor, seed: tf.Tensor, source: PretrainSource, augment: Augment
+             ) -> tuple[tf.Tensor, tf.Tensor]:
+    """(float32 [h, w, C], ok): one example decoded, and already cut and resized for
+    crop="resize" (whose box is drawn from `seed`); ok is False for a folder file that failed
+    (`PretrainSource.load`)."""
+    resize = augment.crop == "resize"
+
+    def decode_file(data, crop_seed):
+        if resize:
+            return resized_crop_of_file(data, crop_seed, augment, source.input_shape)
+        return to_channels(decode_image(data), source.input_shape[-1])
+
+    if source.load is not None:
+        return source.load(raw, seed, decode_file)
+    if source.encoded:
+        return decode_file(raw, seed), tf.constant(True)
+    image = source.decode(raw)
+    if resize:
+        begin, size = crop_box(tf.shape(image), seed, augment)
+        image = tf.image.resize(tf.slice(image, begin, size), source.input_shape[:2],
+                                antialias=True)
+    return image, tf.constant(True)
 
 
-def _scale_short_side(image: tf.Tensor, side: int) -> tf.Tensor:
-    """[h, w, C] -> [round(h s / m), round(w s / m), C] with m = min(h, w), s = side."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float64)
-    size = tf.cast(tf.round(shape * (side / tf.reduce_min(shape))), tf.int32)
-    return tf.image.resize(image, tf.maximum(size, side), antialias=True)
-
-
-def _augment(image: tf.Tensor, seed: tf.Tensor, source: PretrainSource, augment: Augment
+def _augment(image: tf.Tensor, seeds: tf.Tensor, source: PretrainSource, augment: Augment
              ) -> tf.Tensor:
-    """One example's augmentation; `seed` is an int64 [2] stateless seed."""
-    height, width, _ = source.input_shape
-    seeds = tf.random.experimental.stateless_split(seed, 3)
-    if augment.crop == "resize":
-        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seeds[0],
-            min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-            area_range=(augment.min_scale, 1.0), use_image_if_no_bounding_boxes=True)
-        image = tf.slice(image, begin, size)
-        image = tf.image.resize(image, (height, width), antialias=True)
-    elif augment.crop == "short_side":
-        image = tf.image.stateless_random_crop(_scale_short_side(image, augment.short_side),
+    """The rest of one example's augmentation after `_decoded`; `seeds` are int64 [3, 2]
+    stateless seeds (the first drew the resized crop's box)."""
+    if augment.crop == "short_side":
+        image = tf.image.stateless_random_crop(scale_short_side(image, augment.short_side),
                                                source.input_shape, seeds[1])
-    elif not source.fixed_size:
+    elif augment.crop != "resize" and not source.fixed_size:
         image = resize_to_input(image, source.input_shape, center_crop=True)
     pad = augment.pad if augment.crop == "pad" else 0
     image = translate_and_flip(image, pad, augment.flip, seeds[1], seeds[2])
@@ -362,15 +351,23 @@ def _shuffled(elements: tf.data.Dataset, seed: int, epoch: tf.Tensor, size: int
     return ds
 
 
-def _prepared(ds: tf.data.Dataset, source: PretrainSource, prepare) -> tf.data.Dataset:
-    """(index, raw) -> prepare(index, decoded image). Where files can fail (`source.load`),
-    those that do are dropped and the epoch's order repeats to refill (module docstring)."""
+def _prepared(ds: tf.data.Dataset, source: PretrainSource, augment: Augment,
+              seeds: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
+    """(index, raw) -> (index int32, augmented image), `seeds(index)` giving the example's
+    [3, 2] stateless seeds. Where files can fail (`source.load`), those that do are dropped
+    and the epoch's order repeats to refill (module docstring)."""
     parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def finish(index, image):
+        return tf.cast(index, tf.int32), _augment(image, seeds(index), source, augment)
+
     if source.load is None:
-        return ds.map(lambda index, raw: prepare(index, source.decode(raw)), **parallel)
-    return (ds.map(lambda index, raw: (index, *source.load(raw)), **parallel)
+        return ds.map(lambda index, raw: finish(
+            index, _decoded(raw, seeds(index)[0], source, augment)[0]), **parallel)
+    return (ds.map(lambda index, raw: (index, *_decoded(raw, seeds(index)[0], source, augment)),
+                   **parallel)
             .filter(lambda index, image, ok: ok)
-            .map(lambda index, image, ok: prepare(index, image), **parallel)
+            .map(lambda index, image, ok: finish(index, image), **parallel)
             .repeat())
 
 
@@ -412,12 +409,11 @@ def pretrain_dataset(source: PretrainSource, global_batch: int, augment: Augment
     elements = source.elements().shard(pipelines, pipeline_id)
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-        def prepare(index, image):
-            example_seed = tf.stack([tf.constant(seed, tf.int64),
-                                     epoch * source.num_examples + index])
-            return tf.cast(index, tf.int32), _augment(image, example_seed, source, augment)
+        def seeds(index):
+            return tf.random.experimental.stateless_split(
+                tf.stack([tf.constant(seed, tf.int64), epoch * source.num_examples + index]), 3)
 
-        ds = _prepared(_shuffled(elements, seed, epoch, shard_size), source, prepare)
+        ds = _prepared(_shuffled(elements, seed, epoch, shard_size), source, augment, seeds)
         ds = ds.batch(per_replica, drop_remainder=True).take(batches_per_epoch)
         # The first epoch of a resumed run skips the batches done before the interruption.
         first = tf.cast(tf.equal(epoch, start_epoch), tf.int64)

@@ -19,6 +19,8 @@ Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
   get several SGD steps per epoch;
 - augmentation: a random translation of up to --translate pixels and, where it preserves the
   label, a horizontal mirror (--mirror; default on except for the digits of mnist, digits);
+- --mixed_precision=bf16|fp16 computes the network in bfloat16 / float16 (float32 variables,
+  BN statistics, logits and loss; dynamic loss scaling for fp16: models/precision.py);
 - the test split is read once, at the end; the result is the mean ± std test accuracy
   over --seeds. Each seed fixes the label draw, the validation carve, the classifier's init,
   the batch order and the augmentation; with --compare_scratch the same seeds also train
@@ -42,7 +44,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from data import LABELLED_DATASETS
-from models import MODEL_NAMES, cli
+from models import MODEL_NAMES, PRECISIONS, cli
 from models import runs as folders
 from models.cli import UsageError, option
 from models.progress import Progress
@@ -52,6 +54,7 @@ tf = cli.lazy_import("tensorflow")
 keras = cli.lazy_import("keras")
 labelled = cli.lazy_import("data.labelled")
 report = cli.lazy_import("evaluation.report")
+precision = cli.lazy_import("models.precision")
 
 PROGRAM = "evaluation.finetune"
 RESUMABLE = ("output_dir", "data_dir", "manual_dir", "stl10_dir")  # where, not what
@@ -96,12 +99,16 @@ class FinetuneConfig:
     min_val_per_class: int = option(5, "Validation images per class needed to choose an epoch "
                                     "on them (else: the training loss, no carve).", lower=1)
     max_test_examples: int = option(0, "Score on the first n test examples (0: all).", lower=0)
+    mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
+                                  "bf16 or fp16 (with dynamic loss scaling).",
+                                  choices=PRECISIONS)
     output_dir: str = option("", "Where config.json, finetune.json and finetune.md go "
                              "(default: <init>/finetune).")
 
     def __post_init__(self):
         cli.require("init", self.init)
         cli.check_choice("dataset", self.dataset, LABELLED_DATASETS)
+        cli.check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         if not self.seeds:
             raise UsageError("--seeds is empty")
         if self.model and self.model not in MODEL_NAMES:
@@ -155,17 +162,18 @@ def model_spec(cfg: FinetuneConfig) -> tuple[str, dict]:
     return name, kwargs
 
 
-def initial_model(name: str, kwargs: dict, init: str | None, seed: int):
-    """(the network before fine-tuning, the LoadReport or None): built under `seed`, then (init
-    not None) every variable the checkpoint holds is loaded; the backbone layers must all be
-    there. With the same seed, a pretrained and a scratch model differ only in the loaded
-    variables.
+def initial_model(name: str, kwargs: dict, init: str | None, seed: int,
+                  mixed_precision: str = "none"):
+    """(the network before fine-tuning, the LoadReport or None): built under `seed` (and the
+    dtype policy of `mixed_precision`), then (init not None) every variable the checkpoint
+    holds is loaded; the backbone layers must all be there. With the same seed, a pretrained
+    and a scratch model differ only in the loaded variables.
     """
     from models import build_model
     from models.weights import load_weights
 
     keras.utils.set_random_seed(seed)
-    model = build_model(name, **kwargs)
+    model = build_model(name, precision=mixed_precision, **kwargs)
     if init is None:
         return model, None
     loaded = load_weights(model, init, require=folders.backbone_layers(name, **kwargs))
@@ -204,31 +212,6 @@ def labelled_data(cfg: FinetuneConfig, input_shape: tuple[int, int, int], seed: 
     fit, val = labelled.split_validation(y, validation_fraction(y, cfg),
                                          np.random.default_rng([seed, 1]))
     return Labelled(x[fit], y[fit], x[val], y[val])
-
-
-def train_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epochs: int,
-                 translate: int, mirror: bool):
-    """The augmented (images, labels) batches of epochs 1..epochs, one after the other: epoch
-    e visits the examples in an order fixed by (seed, e), in ceil(N / batch_size) batches, each
-    image moved by `data.pretrain.translate_and_flip` seeded by (seed, e, index)."""
-    from data.pretrain import translate_and_flip
-
-    orders = np.stack([np.random.default_rng([seed, 2, epoch]).permutation(len(y))
-                       for epoch in range(1, epochs + 1)]).astype(np.int64)
-    images, labels, orders = tf.constant(x), tf.constant(y), tf.constant(orders)
-
-    def one_epoch(epoch):
-        def apply(index):
-            stateless = tf.stack([tf.constant(seed * 100_003, tf.int64) + epoch, index])
-            image = translate_and_flip(tf.gather(images, index), translate, mirror, stateless,
-                                       stateless + 1)
-            return image, tf.gather(labels, index)
-
-        order = tf.data.Dataset.from_tensor_slices(orders[epoch - 1])
-        return order.map(apply, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-
-    epochs_ds = tf.data.Dataset.range(1, epochs + 1)
-    return epochs_ds.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,11 +257,13 @@ def _train_epoch(model, optimizer):
         total = tf.constant(0.0)
         for _ in tf.range(steps):
             x, y = next(batches)
+            variables = model.trainable_variables
             with tf.GradientTape() as tape:
                 logits = model(x, training=True)["logits"]
                 loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-            gradients = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+                target = precision.scale_loss(optimizer, loss)
+            gradients = precision.unscaled_gradients(optimizer, tape, target, variables)
+            precision.apply_gradients(optimizer, gradients, variables)
             total += loss
         return total / tf.cast(steps, tf.float32)
 
@@ -289,8 +274,9 @@ def train(model, data: Labelled, cfg: FinetuneConfig, seed: int, bar: Progress |
           ) -> tuple[int, bool, tuple[dict, ...]]:
     """Fine-tune every trainable variable (module docstring); returns (the epoch whose
     weights are kept, converged, the per-epoch history)."""
-    optimizer = keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum,
-                                     weight_decay=cfg.weight_decay or None)
+    optimizer = precision.loss_scaled(
+        keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum,
+                             weight_decay=cfg.weight_decay or None), cfg.mixed_precision)
     optimizer.build(model.trainable_variables)
     run_epoch = _train_epoch(model, optimizer)
     translate = cfg.translate
@@ -298,7 +284,7 @@ def train(model, data: Labelled, cfg: FinetuneConfig, seed: int, bar: Progress |
         translate = max(1, round(model.input_shape[1] / 16))
     batch = min(cfg.batch_size, len(data.y_fit))
     steps = -(-len(data.y_fit) // batch)
-    batches = iter(train_stream(data.x_fit, data.y_fit, batch, seed, cfg.epochs, translate,
+    batches = iter(labelled.train_stream(data.x_fit, data.y_fit, batch, seed, cfg.epochs, translate,
                                 cfg.mirrored))
     validating = len(data.y_val) > 0
     lr, best_loss, best_epoch, best_weights, wait, cuts = cfg.learning_rate, np.inf, 0, None, 0, 0
@@ -337,7 +323,7 @@ def _keep(model, best_weights, best_epoch: int, last_epoch: int) -> int:
 def run_seed(cfg: FinetuneConfig, name: str, kwargs: dict, init: str | None, seed: int,
              data: Labelled, label: str = "") -> RunResult:
     """One fine-tuning run: the initial model of (init, seed), training, then the test split."""
-    model, loaded = initial_model(name, kwargs, init, seed)
+    model, loaded = initial_model(name, kwargs, init, seed, cfg.mixed_precision)
     bar = Progress(cfg.epochs, label or f"seed {seed}", unit=" epochs")
     kept, converged, history = train(model, data, cfg, seed, bar)
     bar.close()

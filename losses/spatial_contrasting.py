@@ -166,9 +166,10 @@ def sample_patch_pairs(feature_map: tf.Tensor, patch_size: PatchSize, seed: Seed
         channel) order.
 
     Returns:
-      (p1, p2), each [N, h*w*C] ("flatten") or [N, C] ("avg"), in the feature map's dtype:
-      p1[n] is the window at `patch_offsets(...)[n, 0]`, p2[n] the one at `[n, 1]`. The two
-      windows of an image may overlap or even coincide.
+      (p1, p2), each [N, h*w*C] ("flatten") or [N, C] ("avg"), float32 (a bfloat16 or float16
+      map of a mixed-precision network is cast before the average, which then sums in
+      float32): p1[n] is the window at `patch_offsets(...)[n, 0]`, p2[n] the one at
+      `[n, 1]`. The two windows of an image may overlap or even coincide.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
@@ -187,6 +188,7 @@ def sample_patch_pairs(feature_map: tf.Tensor, patch_size: PatchSize, seed: Seed
     # Gathers (not one-hot products) keep the windows bit-exact and the gradient sparse.
     windows = tf.gather(feature_map, rows, axis=1, batch_dims=1)  # [N, 2, h, W, C]
     windows = tf.gather(windows, cols, axis=3, batch_dims=2)  # [N, 2, h, w, C]
+    windows = tf.cast(windows, tf.float32)
     if pool == "avg":
         vectors = tf.reduce_mean(windows, axis=[2, 3])
     else:

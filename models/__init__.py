@@ -3,6 +3,7 @@
     MODEL_NAMES        the zoo's models
     TRANSFER_ENDPOINT  name -> the endpoint used for transfer by default (paper protocol)
     PREPROCESSINGS     the fixed input fronts of AlexNet (models/layers.py)
+    PRECISIONS         the compute precisions of a network (models/precision.py)
     build_model        build by name, with the builder's keyword arguments
 
 This file imports neither Keras nor TensorFlow: binaries check their flags against these
@@ -23,6 +24,10 @@ TRANSFER_ENDPOINT: dict[str, str] = {
 
 PREPROCESSINGS = ("sobel", "gray", "highpass", "rgb")
 
+PRECISIONS = ("none", "bf16", "fp16")
+"""Compute precision of a network: float32 throughout ("none"), or the Keras mixed policy
+with bfloat16 or float16 compute and float32 variables (models/precision.py)."""
+
 
 def builder(name: str):
     """The builder function of the model `name` (imports Keras)."""
@@ -37,7 +42,18 @@ def builder(name: str):
     return getattr(nin, name)
 
 
-def build_model(name: str, **kwargs):
+def build_model(name: str, precision: str | None = None, **kwargs):
     """Build the model `name` (one of MODEL_NAMES) with the builder's keyword arguments;
-    returns a keras.Model."""
-    return builder(name)(**kwargs)
+    returns a keras.Model.
+
+    `precision` (one of PRECISIONS) is the dtype policy its layers are created under
+    (`models.precision.policy_scope`); None keeps the current one (float32 unless the caller
+    is inside a scope). It is not a builder argument, so a run's recorded model kwargs
+    rebuild the network in float32.
+    """
+    if precision is None:
+        return builder(name)(**kwargs)
+    from models.precision import policy_scope
+
+    with policy_scope(precision):
+        return builder(name)(**kwargs)

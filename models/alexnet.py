@@ -29,6 +29,8 @@ Choices the paper leaves open, and why:
   under tf.distribute.
 - The NAT embedding is linear (no ReLU, no BN) before the normalisation, so features can point
   anywhere on the sphere, as the targets do.
+- Under a mixed-precision policy (models/precision.py) the head, NAT's Dense layer and L2
+  normalisation or the logits, computes in float32.
 
 Layer names are part of the checkpoint format: do not rename them.
 """
@@ -125,7 +127,7 @@ def alexnet(
 
     if head == "nat":
         z = keras.layers.Dense(feature_dim, kernel_initializer="he_normal",
-                               name="embedding_fc")(x)
+                               name="embedding_fc", dtype="float32")(x)
         endpoints["embedding"] = L2Normalize(name="embedding", dtype="float32")(z)
     elif head == "softmax":
         endpoints["logits"] = keras.layers.Dense(num_classes, name="logits",

@@ -42,7 +42,8 @@ Choices the table leaves open, and why:
 - "softmax" (default): the table's classifier, endpoint `head` (the last map or vector before
   the logits) and `logits` [N, num_classes].
 - "nat": a NAT embedding instead of the classifier: the global average of `sc`, a
-  Dense(feature_dim) and L2 normalisation -> `embedding` [N, feature_dim], unit rows.
+  Dense(feature_dim) and L2 normalisation -> `embedding` [N, feature_dim], unit rows (the
+  Dense layer and the normalisation compute in float32 under a mixed-precision policy).
 - "none": stop at `sc`.
 The layers up to `sc` have the same names in every head, so SC or NAT weights load by name
 into the "softmax" model for fine-tuning.
@@ -195,7 +196,7 @@ def _build(model_name: str, input_shape, head: str, num_classes: int, feature_di
     elif head == "nat":
         pooled = keras.layers.GlobalAveragePooling2D(name="embedding_pool")(x)
         z = keras.layers.Dense(feature_dim, kernel_initializer="he_normal",
-                               name="embedding_fc")(pooled)
+                               name="embedding_fc", dtype="float32")(pooled)
         endpoints["embedding"] = L2Normalize(name="embedding", dtype="float32")(z)
     return keras.Model(inputs, endpoints, name=model_name)
 

@@ -38,7 +38,7 @@ import os
 import pathlib
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 CONFIG_FILE = "config.json"
@@ -213,10 +213,13 @@ def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | No
     return LoadedModel(built, name, kwargs, path, loaded, config)
 
 
-def open_checkpoints(model_dir: str, objects: Mapping, keep: int, directory: str | None = None):
+def open_checkpoints(model_dir: str, objects: Mapping, keep: int, directory: str | None = None,
+                     optional: Sequence[str] = ()):
     """The checkpoint of a run (`objects` by key, e.g. {"model": named_variables(net),
     "optimizer": opt}), its manager in `directory` (default model_dir), restored from the latest
-    checkpoint there when there is one.
+    checkpoint there when there is one. Every object must be in that checkpoint, except those
+    whose key is in `optional`, which keep their values when it lacks them (e.g. the fp16
+    loss scale when a run resumes in another precision).
 
     Returns (checkpoint, manager, the restored prefix or None).
     """
@@ -228,7 +231,9 @@ def open_checkpoints(model_dir: str, objects: Mapping, keep: int, directory: str
     manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
     latest = manager.latest_checkpoint
     if latest is not None:
-        checkpoint.restore(latest).assert_existing_objects_matched()
+        saved = {name.split("/")[0] for name, _ in tf.train.list_variables(latest)}
+        present = {k: v for k, v in objects.items() if k not in optional or k in saved}
+        tf.train.Checkpoint(**present).restore(latest).assert_existing_objects_matched()
     return checkpoint, manager, latest
 
 

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from data import CROPS, PRETRAIN_DATASETS, is_pretrain_dataset
 from losses import NAT_SCOPES, NAT_TARGETS, SC_POOLS
-from models import MODEL_NAMES, PREPROCESSINGS
+from models import MODEL_NAMES, PRECISIONS, PREPROCESSINGS
 from models.cli import UsageError, check_choice, check_range, option
 from models.runs import fingerprint_of
 
@@ -125,6 +125,12 @@ class TrainConfig:
                                   "the random crop of --crop=short_side.", lower=1)
     flip: bool = option(False, "Random horizontal flips.")
     strategy: str = option("auto", "tf.distribute strategy.", choices=STRATEGIES)
+    mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
+                                  "bf16 or fp16 (with dynamic loss scaling); variables, BN "
+                                  "statistics, the heads and the losses stay float32.",
+                                  choices=PRECISIONS)
+    jit_compile: bool = option(False, "Compile the network's forward and backward pass with XLA "
+                               "(one replica; the NAT assignment runs outside).")
     cpu_replicas: int = option(1, "Split the CPU into N logical devices (testing).", lower=1)
     steps_per_loop: int = option(10, "Steps per tf.function call.", lower=1)
     checkpoint_every: int = option(100, "Steps between checkpoints (also at epoch ends).",
@@ -167,7 +173,7 @@ class TrainConfig:
     RESUMABLE: ClassVar[tuple[str, ...]] = (
         "model_dir", "epochs", "data_dir", "manual_dir", "strategy", "cpu_replicas",
         "steps_per_loop", "checkpoint_every", "keep_checkpoints", "export_dir",
-        "probe_every_epochs", "inject_nan_at_step")
+        "probe_every_epochs", "inject_nan_at_step", "jit_compile")
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -209,8 +215,8 @@ class TrainConfig:
 
     @property
     def augment(self):
-        """The data.pretrain.Augment of the crop and flip settings."""
-        from data.pretrain import Augment
+        """The data.augment.Augment of the crop and flip settings."""
+        from data.augment import Augment
 
         return Augment(crop=self.crop, pad=self.crop_pad, min_scale=self.crop_min_scale,
                        short_side=self.crop_short_side, flip=self.flip)

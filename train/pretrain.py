@@ -3,15 +3,17 @@ r"""Unsupervised pretraining by Noise As Targets (NAT) or Spatial Contrasting (S
     python -m train.pretrain                                   # NAT, nin_mnist, embedded digits
     python -m train.pretrain --flagfile=train/configs/sc_digits.flags
     python -m train.pretrain --flagfile=train/configs/nat_alexnet_imagenet.flags \
-        --data_dir=/data/tfds --manual_dir=/data/imagenet --model_dir=runs/nat_alexnet
+        --data_dir=/data/tfds --manual_dir=/data/imagenet --model_dir=runs/nat_alexnet \
+        --mixed_precision=bf16 --jit_compile                  # on one GPU
 
 Protocol (train/trainer.py): the model is trained without labels on the dataset's images;
 checkpoints go to --model_dir every --checkpoint_every steps and at each epoch end, and a
 rerun with the same --model_dir resumes. Every --probe_every_epochs epochs a linear probe
 measures the frozen features (NAT Figure 2). At the end the feature extractor is exported as a
-SavedModel (serving/export.py) and the final table compares the pretrained network with the
-same network at random init: a linear probe (--final_eval=probe) or whole-network fine-tuning
-with labels (--final_eval=finetune, the SC protocol).
+SavedModel (serving/export.py), in float32 whatever --mixed_precision the network trained in,
+and the final table compares the pretrained network with the same network at random init: a
+linear probe (--final_eval=probe) or whole-network fine-tuning with labels
+(--final_eval=finetune, the SC protocol).
 
 The run folder belongs to one process and one set of settings (models/runs.py): a second
 process on it, or a restart with a setting that changes the result (train/config.py lists
@@ -117,7 +119,8 @@ def _finetune_table(config: TrainConfig, dataset: str) -> tuple[dict, str]:
         init=config.model_dir, dataset=dataset, data_dir=config.data_dir,
         manual_dir=config.manual_dir, labels_per_class=config.probe_labels_per_class,
         seeds=tuple(range(config.probe_splits)), compare_scratch=True,
-        output_dir=os.path.join(config.model_dir, "finetune"))
+        output_dir=os.path.join(config.model_dir, "finetune"),
+        mixed_precision=config.mixed_precision)
     results, text = finetune.run(ft_config)
     summary = {key: [r.test_accuracy for r in runs] for key, runs in results.items()}
     return {"finetune": summary}, text
@@ -197,14 +200,23 @@ def _report(config: TrainConfig, trainer, summary: dict) -> dict:
     from train import records
 
     summary["probe_history"] = records.probe_history(config.model_dir, summary["epochs"])
+    model = trainer.model
+    if config.mixed_precision != "none":
+        # The export and the final table use the network in float32, as a rebuild from the
+        # run folder (serving.export) does: served features do not depend on the training
+        # precision, and the random-init row is float32 too.
+        from models.precision import float32_copy
+
+        model = float32_copy(model, config.model, **config.model_kwargs())
     if _export_base(config) != "none":
         from serving.export import export_features
 
         summary["export"] = export_features(
-            trainer.model, _export_base(config), config.model,
+            model, _export_base(config), config.model,
             metadata={"checkpoint": trainer.manager.latest_checkpoint, "method": config.method,
-                      "model_kwargs": config.model_kwargs()}, log=trainer.log)
-    figures, text = final_table(config, trainer.model)
+                      "model_kwargs": config.model_kwargs(),
+                      "mixed_precision": config.mixed_precision}, log=trainer.log)
+    figures, text = final_table(config, model)
     summary["final"], summary["final_table"] = figures, text
     _plot(config, summary["probe_history"], figures)
     records.write_results(config.model_dir, summary)

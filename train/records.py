@@ -59,6 +59,21 @@ def record_images(model_dir: str, files: Sequence[str]) -> None:
         write_text_atomic(os.path.join(model_dir, IMAGES), "".join(f"{f}\n" for f in files))
 
 
+def record_source(model_dir: str, source, files: Sequence[str]) -> str:
+    """images.txt (a folder's `files`, first start) and the files the folder scan left out
+    (skipped.json); returns the line to log about those ("" if none)."""
+    if source.paths:
+        record_images(model_dir, files)
+    skipped = source.skipped
+    if not skipped:
+        return ""
+    record_skipped(model_dir, skipped, "scan")
+    names = ", ".join(os.path.relpath(p, source.root) for p, _ in skipped[:3])
+    return (f"dataset {source.name}: {len(skipped)} unreadable files left out "
+            f"({names}{', ...' if len(skipped) > 3 else ''}); each is listed with its reason "
+            f"in {os.path.join(model_dir, SKIPPED)}")
+
+
 def record_skipped(model_dir: str, entries: Iterable[tuple[str, str]], when: str
                    ) -> list[tuple[str, str]]:
     """Add the (path, reason) entries whose path skipped.json lacks; returns those."""

@@ -9,6 +9,9 @@ One global step, on every replica (inside `strategy.run`):
     loss = compute_average_loss(per_example, global_batch) + scale_regularization(wd/2 ||W||^2)
     gradients summed over replicas by the optimizer; SGD with momentum
 
+`mixed_precision`: a Keras mixed policy, and for fp16 a loss-scaled SGD (models/precision.py).
+`jit_compile`: the forward pass and its gradient in XLA, the Hungarian outside (train/compiled.py).
+
 `steps_per_loop` steps run in one `tf.function` (`tf.range` loop). A loop never crosses an
 epoch boundary, so the NAT re-assignment flag (every `nat_reassign_every`-th epoch, counting
 from epoch 0; 0 = never, the paper's fixed-P baseline) is constant inside it.
@@ -29,10 +32,11 @@ the folder scan left out (skipped.json) written; temporaries of a dead process a
 first, and named.
 
 Checkpoints hold everything a resumed run needs: the model (name-keyed, models/weights.py), the
-optimizer (with its step counter), the NAT assignment, the epoch counter, the plateau state
-and the mean loss of the last loop (for the results of any later process). They are written
-every `checkpoint_every` steps and at each epoch end. The data stream and the SC patches are
-functions of (seed, step), so that is the whole random state. A run restarts from the latest
+optimizer (with its step counter), the fp16 loss scale, the NAT assignment, the epoch counter,
+the plateau state and the mean loss of the last loop (for the results of any later process).
+They are written every `checkpoint_every` steps and at each epoch end. The data stream and the
+SC patches are functions of (seed, step), so that is the whole random state. A run restarts
+from the latest
 checkpoint in `model_dir`; otherwise it loads the backbone of `init_checkpoint`; otherwise it
 starts fresh. Image files that fail to load during training are dropped and refilled
 (data/pretrain.py), logged and added to skipped.json.
@@ -59,8 +63,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from data import DataError
 from data.pretrain import (
-    DataError,
     PretrainSource,
     open_source,
     pretrain_dataset,
@@ -68,12 +72,14 @@ from data.pretrain import (
 )
 from losses.nat import NoiseAsTargets
 from losses.spatial_contrasting import multi_endpoint_loss
-from models import build_model
+from models import build_model, precision
 from models.progress import Progress
 from models.runs import abandon_run, claim_run, open_checkpoints, start_run
 from models.weights import load_weights, named_variables
 from train import records
+from train.compiled import network_forward
 from train.config import TrainConfig
+from train.schedule import LearningRate
 from train.strategy import input_pipelines
 
 
@@ -82,21 +88,6 @@ class NonFiniteLoss(RuntimeError):
 
 
 EpochHook = Callable[["Trainer", int], None]
-
-
-class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """lr * scale / (1 + gamma * max(0, t - t0)); `scale` is a variable the plateau rule cuts."""
-
-    def __init__(self, lr: float, t0: int, gamma: float, scale: tf.Variable):
-        self.lr, self.t0, self.gamma, self.scale = float(lr), int(t0), float(gamma), scale
-
-    def __call__(self, step):
-        t = tf.cast(step, tf.float32)
-        decay = 1.0 + self.gamma * tf.maximum(t - float(self.t0), 0.0)
-        return self.lr * tf.cast(self.scale, tf.float32) / decay
-
-    def get_config(self):
-        return {"lr": self.lr, "t0": self.t0, "gamma": self.gamma}
 
 
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -161,8 +152,12 @@ class Trainer:
             # A seeded init: the same config gives the same network, so runs are reproducible
             # and a resumed run continues exactly the uninterrupted one.
             keras.utils.set_random_seed(cfg.seed)
-            self.model = build_model(cfg.model, **cfg.model_kwargs())
+            self.model = build_model(cfg.model, precision=cfg.mixed_precision,
+                                     **cfg.model_kwargs())
         self.input_shape = tuple(int(d) for d in self.model.input.shape[1:])
+        self.forward, self.compiled = network_forward(self.model, self.strategy,
+                                                      self.input_shape, cfg.jit_compile,
+                                                      self.log)
         self.source = source or open_source(cfg.dataset, self.input_shape, cfg.data_dir,
                                             cfg.manual_dir, records.recorded_images(cfg.model_dir))
         self.steps_per_epoch = steps_per_epoch(self.source.num_examples, cfg.batch_size)
@@ -189,34 +184,31 @@ class Trainer:
             self.last_loss = tf.Variable(np.nan, trainable=False, dtype=tf.float64,
                                          name="last_loss")
             self.schedule = LearningRate(cfg.lr, cfg.lr_t0, cfg.lr_gamma, self.lr_scale)
-            self.optimizer = keras.optimizers.SGD(learning_rate=self.schedule,
-                                                  momentum=cfg.momentum)
+            self.optimizer = precision.loss_scaled(
+                keras.optimizers.SGD(learning_rate=self.schedule, momentum=cfg.momentum),
+                cfg.mixed_precision)
             self.optimizer.build(self.model.trainable_variables)
             self.nat = None
             if cfg.method == "nat":
                 self.nat = NoiseAsTargets(self.source.num_examples, cfg.nat_dim, cfg.seed,
                                           scope=cfg.nat_scope, targets=cfg.nat_targets)
-            objects = dict(model=named_variables(self.model), optimizer=self.optimizer,
+            objects = dict(model=named_variables(self.model),
+                           **precision.checkpoint_objects(self.optimizer),
                            epoch=self.epoch, lr_scale=self.lr_scale, best_loss=self.best_loss,
                            bad_epochs=self.bad_epochs, last_loss=self.last_loss)
             if self.nat is not None:
                 objects["nat"] = self.nat
             self._checkpoint_dir = cfg.model_dir if self.chief else tempfile.mkdtemp()
             self.checkpoint, self.manager, latest = open_checkpoints(
-                cfg.model_dir, objects, cfg.keep_checkpoints, self._checkpoint_dir)
+                cfg.model_dir, objects, cfg.keep_checkpoints, self._checkpoint_dir,
+                optional=(precision.LOSS_SCALE_KEY,))
         self.restored_from = self._restore(latest)
 
     def _record_data(self) -> None:
         """images.txt (first start) and the files the folder scan left out."""
-        if self.source.paths:
-            records.record_images(self.config.model_dir, self._files())
-        skipped = self.source.skipped
-        if skipped:
-            records.record_skipped(self.config.model_dir, skipped, "scan")
-            names = ", ".join(os.path.relpath(p, self.source.root) for p, _ in skipped[:3])
-            self.log(f"dataset {self.source.name}: {len(skipped)} unreadable files left out "
-                     f"({names}{', ...' if len(skipped) > 3 else ''}); each is listed with "
-                     f"its reason in {os.path.join(self.config.model_dir, records.SKIPPED)}")
+        note = records.record_source(self.config.model_dir, self.source, self._files())
+        if note:
+            self.log(note)
 
     def _note_failures(self) -> None:
         """Log and record the files that failed to load since the last call."""
@@ -257,7 +249,7 @@ class Trainer:
         indices, images = batch
         step = tf.cast(self.optimizer.iterations, tf.int64)
         with tf.GradientTape() as tape:
-            endpoints = self.model(images, training=True)
+            endpoints = self.forward(images)
             if self.nat is not None:
                 per_example, nat_stats = self.nat(indices, endpoints["embedding"], reassign)
                 stats = {"nat/reassigned_fraction": nat_stats["reassigned_fraction"]}
@@ -274,8 +266,10 @@ class Trainer:
                 loss += tf.nn.scale_regularization_loss(0.5 * cfg.weight_decay * _l2(self.model))
             if cfg.inject_nan_at_step >= 0:
                 loss += tf.where(step == cfg.inject_nan_at_step, np.nan, 0.0)
-        grads = tape.gradient(loss, self.model.trainable_variables)
-        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
+            target = precision.scale_loss(self.optimizer, loss)
+        variables = self.model.trainable_variables
+        grads = precision.unscaled_gradients(self.optimizer, tape, target, variables)
+        precision.apply_gradients(self.optimizer, grads, variables)
         return loss, stats
 
     def _stat_names(self) -> list[str]:
@@ -360,9 +354,7 @@ class Trainer:
         """
         cfg = self.config
         start = self.step
-        self.log(f"{cfg.method} on {self.source.name} ({self.source.num_examples} images) with "
-                 f"{cfg.model}, {self.strategy.num_replicas_in_sync} replica(s), "
-                 f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs; {self.restored_from}")
+        self.log(self.describe())
         if start >= self.total_steps:
             return self._summary()
         if self.chief:
@@ -436,6 +428,15 @@ class Trainer:
                 f"{self.manager.latest_checkpoint or 'none'}")
         self.last_loss.assign(result.loss)
         return result, elapsed
+
+    def describe(self) -> str:
+        """One line: method, data, network, precision, XLA, replicas, steps, where it starts."""
+        cfg = self.config
+        compute = "" if cfg.mixed_precision == "none" else f", {cfg.mixed_precision}"
+        compute += ", XLA" if self.compiled else ""
+        return (f"{cfg.method} on {self.source.name} ({self.source.num_examples} images) with "
+                f"{cfg.model}{compute}, {self.strategy.num_replicas_in_sync} replica(s), "
+                f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs; {self.restored_from}")
 
     def _summary(self) -> dict:
         return {"steps": self.step, "epochs": int(self.epoch.numpy()),

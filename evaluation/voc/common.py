@@ -9,9 +9,12 @@
             ->  evaluation on the test split  ->  results.json, results.md, printed table
 
 A protocol (`VocProtocol`) supplies what differs: its network, initialisation, data, train
-step, evaluation and report. Checkpoints hold the network (by name, models/weights.py), the
-optimizer and its step; the training stream is re-seeded with the step, so a resumed run is
-deterministic (not bit-identical to an uninterrupted one).
+step, evaluation and report. The network is built under the dtype policy of
+--mixed_precision, with a loss-scaled optimizer for fp16 (models/precision.py); the train
+steps differentiate `precision.scale_loss` and apply true gradients with
+`precision.apply_gradients`. Checkpoints hold the network (by name, models/weights.py), the
+optimizer and its step, and the fp16 loss scale; the training stream is re-seeded with the
+step, so a resumed run is deterministic (not bit-identical to an uninterrupted one).
 
 The run folder belongs to one process and one configuration (models/runs.py): it is locked,
 and every setting but those of `RESUMABLE` (where data and checkpoints go, how often to log
@@ -30,12 +33,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from models import PREPROCESSINGS, cli
+from models import PRECISIONS, PREPROCESSINGS, cli
 from models.cli import UsageError, option
 from models.progress import Progress
 
 tf = cli.lazy_import("tensorflow")
 keras = cli.lazy_import("keras")
+precision = cli.lazy_import("models.precision")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class VocRunConfig:
     data_dir: str = option("", "tfds data_dir ('' = tfds default).")
     manual_dir: str = option("", "tfds manual_dir for --download.")
     download: bool = option(False, "Prepare voc/2007 first (may download).")
+    mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
+                                  "bf16 or fp16 (with dynamic loss scaling).",
+                                  choices=PRECISIONS)
 
     # Settings a restart may change, for every VOC protocol (module docstring): how often to
     # log and save, where data, checkpoints and detection proposals are, how many steps (to
@@ -72,6 +79,7 @@ class VocRunConfig:
         if self.preprocessing and self.preprocessing not in PREPROCESSINGS:
             raise UsageError(f"preprocessing={self.preprocessing!r}: choose one of "
                              f"{', '.join(PREPROCESSINGS)}")
+        cli.check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
 
     def positive(self, *names: str) -> None:
         for name in names:
@@ -217,12 +225,15 @@ def _start(protocol: VocProtocol, config):
 
     preprocessing = resolve_preprocessing(config)
     keras.utils.set_random_seed(config.seed)
-    net, schedule, variables = protocol.build(config, preprocessing)
-    optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
+    with precision.policy_scope(config.mixed_precision):
+        net, schedule, variables = protocol.build(config, preprocessing)
+    optimizer = precision.loss_scaled(keras.optimizers.SGD(schedule, momentum=config.momentum),
+                                      config.mixed_precision)
     optimizer.build(variables)
     _, manager, latest = open_checkpoints(
-        config.model_dir, {"model": named_variables(net), "optimizer": optimizer},
-        config.keep_checkpoints)
+        config.model_dir, {"model": named_variables(net),
+                           **precision.checkpoint_objects(optimizer)},
+        config.keep_checkpoints, optional=(precision.LOSS_SCALE_KEY,))
     if latest is not None:
         from absl import logging
 

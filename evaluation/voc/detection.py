@@ -55,6 +55,7 @@ voc_metrics = cli.lazy_import("evaluation.voc.metrics")
 det_data = cli.lazy_import("evaluation.voc.fast_rcnn.data")
 det_model = cli.lazy_import("evaluation.voc.fast_rcnn.model")
 inference = cli.lazy_import("evaluation.voc.fast_rcnn.inference")
+precision = cli.lazy_import("models.precision")
 
 PROGRAM = "evaluation.voc.detection"
 FREEZE_CHOICES = ("none", "conv1", "conv2", "conv3", "conv4", "conv5")
@@ -166,10 +167,11 @@ def make_train_step(net: keras.Model, optimizer: keras.optimizers.Optimizer,
             cls, box = det_model.detection_loss(out["cls_logits"], out["bbox_deltas"],
                                                 batch["labels"], batch["targets"])
             loss = cls + box
-        grads = tape.gradient(loss, variables)
+            target = precision.scale_loss(optimizer, loss)
+        grads = precision.unscaled_gradients(optimizer, tape, target, variables)
         grads = [g + d * v.value if d else g
                  for g, d, v in zip(grads, decay, variables, strict=True)]
-        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        precision.apply_gradients(optimizer, grads, variables)
         return cls, box
 
     return step

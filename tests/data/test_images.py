@@ -8,7 +8,14 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data.images import IMAGE_EXTENSIONS, decode_image, list_images, resize_to_input
+from data.images import (
+    IMAGE_EXTENSIONS,
+    decode_image,
+    decode_jpeg_window,
+    decode_pixels,
+    list_images,
+    resize_to_input,
+)
 
 
 def test_resize_to_input_channels_and_identity():
@@ -68,3 +75,33 @@ def test_decode_image_gives_rgb_in_0_1(fmt, mode):
     expected = np.asarray(image.convert("RGB"), np.float32) / 255.0
     tolerance = 0.05 if fmt in ("JPEG", "WEBP") else 1e-6
     np.testing.assert_allclose(decoded, expected, atol=tolerance)
+
+
+def jpeg_bytes(height: int, width: int, seed: int = 0, subsampling: int = 2,
+               mode: str = "RGB") -> bytes:
+    """A JPEG (quality 90) of smooth colours plus noise, with chroma subsampling 0 (4:4:4),
+    1 (4:2:2) or 2 (4:2:0, libjpeg's default and most photographs')."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3),
+                                          dtype=np.uint8)).resize((width, height))
+    pixels = np.asarray(coarse, np.float32) + rng.normal(0, 10, (height, width, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert(mode)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90, **({"subsampling": subsampling} if mode == "RGB" else {}))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("height, width, subsampling, mode", [
+    (75, 100, 2, "RGB"), (61, 47, 1, "RGB"), (40, 56, 0, "RGB"), (33, 50, 2, "L")])
+def test_a_jpeg_window_is_the_slice_of_the_whole_image(height, width, subsampling, mode):
+    raw = tf.constant(jpeg_bytes(height, width, subsampling=subsampling, mode=mode))
+    whole = decode_pixels(raw).numpy()
+    rng = np.random.default_rng(height)
+    boxes = [(0, 0, height, width), (0, 0, 1, 1), (height - 1, width - 1, 1, 1)]
+    for _ in range(40):
+        h, w = rng.integers(1, height + 1), rng.integers(1, width + 1)
+        boxes.append((rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w))
+    for y, x, h, w in boxes:
+        window = decode_jpeg_window(raw, tf.constant([y, x, 0]), tf.constant([h, w, -1]))
+        np.testing.assert_array_equal(window.numpy(), whole[y:y + h, x:x + w],
+                                      err_msg=str((y, x, h, w)))

@@ -9,10 +9,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from data import DataError
 from data import pretrain as pretrain_data
+from data.augment import Augment
 from data.pretrain import (
-    Augment,
-    DataError,
     PretrainSource,
     open_source,
     pretrain_dataset,
@@ -286,3 +286,41 @@ def test_tfds_stream_through_mock_data():
         assert images.shape == (8, 32, 32, 3) and len(set(indices)) == 8
         assert images.min() >= 0.0 and images.max() <= 1.0
     assert set(np.concatenate([b[0] for b in batches[:3]])) == set(range(24))
+
+
+def test_resized_crops_of_jpeg_files_decode_the_box_only_with_the_same_pixels(tmp_path):
+    from tests.data.test_images import jpeg_bytes
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i, (h, w, sub) in enumerate([(75, 100, 2), (61, 47, 1), (40, 56, 0), (90, 64, 2)]):
+        (root / f"{i}.jpg").write_bytes(jpeg_bytes(h, w, seed=i, subsampling=sub))
+    (root / "4.png").write_bytes(jpeg_bytes(50, 70, seed=4))  # a JPEG, whatever its name
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (45, 60, 3), dtype=np.uint8)
+                    ).save(root / "5.png")
+    for shape in ((16, 16, 3), (16, 16, 1)):
+        source = open_source(f"folder:{root}", shape)
+        streams = {fused: _take(_stream(source, 3, Augment(crop="resize", flip=True,
+                                                           fused=fused), seed=1), 6)
+                   for fused in (True, False)}
+        for (i_fused, x_fused), (i_whole, x_whole) in zip(*streams.values(), strict=True):
+            np.testing.assert_array_equal(i_fused, i_whole)
+            np.testing.assert_array_equal(x_fused, x_whole)
+        assert x_fused.shape == (3, *shape) and 0 <= x_fused.min() and x_fused.max() <= 1
+    # (seed, epoch, index) determinism: a resumed stream continues with the same crops.
+    resumed = _take(_stream(source, 3, Augment(crop="resize", flip=True), seed=1,
+                            start_step=3), 3)
+    for (i_full, x_full), (i_res, x_res) in zip(streams[True][3:], resumed, strict=True):
+        np.testing.assert_array_equal(i_full, i_res)
+        np.testing.assert_array_equal(x_full, x_res)
+
+
+def test_imagenet_crops_come_from_the_encoded_jpegs():
+    with tfds.testing.mock_data(num_examples=8):  # tfds' mock ImageNet holds JPEG bytes
+        source = open_source("imagenet2012", (32, 32, 3))
+        assert source.read is not None and not source.fixed_size
+        streams = [_take(_stream(source, 4, Augment(crop="resize", fused=fused), seed=0,
+                                 epochs=1), 2) for fused in (True, False)]
+    for (i_fused, x_fused), (i_whole, x_whole) in zip(*streams, strict=True):
+        np.testing.assert_array_equal(i_fused, i_whole)
+        np.testing.assert_array_equal(x_fused, x_whole)

@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from data.pretrain import translate_and_flip
+from data import labelled
+from data.augment import translate_and_flip
 from evaluation import finetune
 from models import build_model, cli
 from models.runs import RunMismatch
@@ -58,11 +59,14 @@ def test_augment_translates_and_mirrors():
     np.testing.assert_array_equal(again, augment(image, seed, 2, True))
 
 
-def test_fine_tuning_updates_every_layer(tmp_path):
-    cfg = config(tmp_path)
+@pytest.mark.parametrize("mixed_precision", ["none", "fp16"])
+def test_fine_tuning_updates_every_layer(tmp_path, mixed_precision):
+    cfg = config(tmp_path, mixed_precision=mixed_precision)
     name, kwargs = finetune.model_spec(cfg)
-    model, loaded = finetune.initial_model(name, kwargs, None, seed=0)
+    model, loaded = finetune.initial_model(name, kwargs, None, 0, mixed_precision)
     assert loaded is None
+    assert model.get_layer("conv2_1").compute_dtype == {"none": "float32",
+                                                         "fp16": "float16"}[mixed_precision]
     data = finetune.labelled_data(cfg, tuple(SHAPE), seed=0)
     # 3 labels per class cannot spare 5 per class for validation: all 30 train
     assert len(data.y_fit) == 30 and len(data.y_val) == 0
@@ -103,7 +107,7 @@ def test_plateau_cuts_the_learning_rate_on_the_watched_loss(tmp_path, labels, mi
 def test_batches_never_exceed_the_labelled_set_and_cover_it_each_epoch():
     x = np.random.default_rng(0).uniform(size=(7, 4, 4, 1)).astype(np.float32)
     y = np.arange(7)
-    batches = list(finetune.train_stream(x, y, 3, seed=1, epochs=2, translate=0, mirror=False))
+    batches = list(labelled.train_stream(x, y, 3, seed=1, epochs=2, translate=0, mirror=False))
     assert [len(b[1]) for b in batches] == [3, 3, 1, 3, 3, 1]
     for epoch in (0, 1):
         labels = np.concatenate([b[1].numpy() for b in batches[3 * epoch:3 * epoch + 3]])
@@ -133,10 +137,10 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
                                     feature_dim=8)
     cfg = config(tmp_path, init=model_dir, model="", model_kwargs="{}", compare_scratch=True)
     starts, batches = [], []
-    initial_model, train_stream = finetune.initial_model, finetune.train_stream
+    initial_model, train_stream = finetune.initial_model, labelled.train_stream
 
-    def recording_initial_model(name, kwargs, init, seed):
-        model, loaded = initial_model(name, kwargs, init, seed)
+    def recording_initial_model(name, kwargs, init, seed, *args):
+        model, loaded = initial_model(name, kwargs, init, seed, *args)
         starts.append((init, {k: v.numpy().copy() for k, v in named_variables(model).items()}))
         return model, loaded
 
@@ -146,7 +150,7 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
         return ds
 
     monkeypatch.setattr(finetune, "initial_model", recording_initial_model)
-    monkeypatch.setattr(finetune, "train_stream", recording_batches)
+    monkeypatch.setattr(labelled, "train_stream", recording_batches)
     results, table = finetune.run(cfg)
     assert "pretrained" in table and "none (scratch)" in table
     assert "pretrained - scratch: " in table and "(one pair: no spread, no test)" in table
@@ -189,6 +193,7 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
      "--labels_per_class=500: 500 labels per class is more than class"),
     (["--init=none"], "--model is required"),
     (["--init=none", "--model=vgg"], "--model=vgg: choose one of alexnet"),
+    (["--init=none", "--mixed_precision=fp8"], "--mixed_precision=fp8"),
     ([], "--init is required (see --help)"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, expected):

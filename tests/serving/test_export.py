@@ -16,6 +16,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from models import build_model
 from models.cli import UsageError
 from models.pooling import pool_features
+from models.precision import float32_copy
 from serving.export import (
     ExportConfig,
     checkpoint_digest,
@@ -188,6 +189,24 @@ def test_signatures_match_the_model(grey):
         for name in want:
             assert got[name].dtype == tf.float32
             np.testing.assert_allclose(got[name].numpy(), want[name], atol=TOL, err_msg=label)
+
+
+def test_a_mixed_precision_network_is_served_in_float32(tmp_path):
+    # The pretraining binary exports the float32 copy of a mixed-precision network; a mixed
+    # network exported as it is takes and returns float32 too (bf16 inside).
+    kwargs = dict(input_shape=(16, 16, 1), head="nat", feature_dim=8)
+    mixed = build_model("nin_mnist", precision="bf16", **kwargs)
+    _randomise_statistics(mixed, 2)
+    copy = float32_copy(mixed, "nin_mnist", **kwargs)
+    pixels = _images((3, 16, 16, 1))
+    want = _expected(copy, pixels / np.float32(255), [("embedding", "none")])["embedding"]
+    loaded = tf.saved_model.load(export_features(mixed, str(tmp_path), "mixed",
+                                                 {"embedding": "none"}))
+    for signature, images in (("serving_default", pixels.astype(np.float32) / 255),
+                              ("serving_uint8", pixels)):
+        got = loaded.signatures[signature](images=tf.constant(images))["embedding"]
+        assert got.dtype == tf.float32
+        np.testing.assert_allclose(got.numpy(), want, atol=0.05)  # bf16: 8-bit mantissa
 
 
 def test_resize_and_channel_rules(grey, rgb):

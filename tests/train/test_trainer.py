@@ -19,7 +19,8 @@ from tests.helpers import (
     two_replica_strategy,
 )
 from train.config import TrainConfig
-from train.trainer import LearningRate, NonFiniteLoss, Trainer
+from train.schedule import LearningRate
+from train.trainer import NonFiniteLoss, Trainer
 
 
 def _config(tmp_path, name="run", **kwargs) -> TrainConfig:

@@ -18,8 +18,9 @@ from absl import logging as absl_logging
 
 from data import voc as voc_data
 from evaluation.voc import classification as vc
+from evaluation.voc import fc_init
 from evaluation.voc import metrics as voc_metrics
-from models import cli
+from models import cli, precision
 from models.runs import RunMismatch
 from tests.data.test_voc import as_dataset_fn, make_example
 from tests.helpers import make_run_dir, run_module
@@ -55,7 +56,8 @@ def test_config_validation_one_line():
                          ({"fc_init": "zeros"}, "fc_init='zeros'"),
                          ({"min_scale": 0.9, "max_scale": 0.5}, "min_scale"),
                          ({"crop_size": 32}, "crop_size=32"),
-                         ({"test_crops": 0}, "test_crops=0")]:
+                         ({"test_crops": 0}, "test_crops=0"),
+                         ({"mixed_precision": "fp8"}, "--mixed_precision=fp8")]:
         with pytest.raises(ValueError, match=pattern) as caught:
             dataclasses.replace(vc.VocClassificationConfig(model_dir="x"), **bad).validate()
         assert "\n" not in str(caught.value)
@@ -111,15 +113,19 @@ def test_random_crop_geometry():
     assert vc.random_crop(wide, tf.constant([0, 0]), 80, 0.5, 1.0, 1.0).shape == (80, 80, 3)
 
 
-def test_train_step_is_clipped_momentum_sgd_with_weight_decay():
-    """Two steps of fc8-only training against the update written out by hand."""
+@pytest.mark.parametrize("mixed_precision", ["none", "fp16"])
+def test_train_step_is_clipped_momentum_sgd_with_weight_decay(mixed_precision):
+    """Two steps of fc8-only training against the update written out by hand. Under fp16 loss
+    scaling the clipping and the decay see the true gradients: the same update."""
     config = vc.VocClassificationConfig(model_dir="x", crop_size=SIZE, train_layers="fc8",
                                         dropout=0.0, learning_rate=0.1, weight_decay=0.5,
-                                        clip_norm=0.05, momentum=0.9)
+                                        clip_norm=0.05, momentum=0.9,
+                                        mixed_precision=mixed_precision)
     keras.utils.set_random_seed(0)
     net = vc.build_classifier(SIZE, "rgb", dropout=0.0)
     variables = vc.set_trainable(net, "fc8")
-    optimizer = keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
+    optimizer = precision.loss_scaled(
+        keras.optimizers.SGD(config.learning_rate, momentum=config.momentum), mixed_precision)
     optimizer.build(variables)
     step = vc.make_train_step(net, optimizer, variables, config)
     rng = np.random.default_rng(0)
@@ -148,10 +154,10 @@ def test_kmeans_dense_init():
     rng = np.random.default_rng(0)
     centres = np.array([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
     x = np.concatenate([c + 0.1 * rng.normal(size=(20, 3)) for c in centres])
-    found = vc.kmeans(x, 3, rng)
+    found = fc_init.kmeans(x, 3, rng)
     assert sorted(np.argmax(found, axis=1).tolist()) == [0, 1, 2]
     np.testing.assert_allclose(np.sort(found.max(axis=1)), [5, 5, 5], atol=0.1)
-    kernel, mean, var = vc.kmeans_dense_init(x, 5, rng)  # 5 units: 3 centroids + 2 random
+    kernel, mean, var = fc_init.kmeans_dense_init(x, 5, rng)  # 5 units: 3 centroids + 2 random
     assert kernel.shape == (3, 5)
     out = x @ kernel.astype(np.float64)
     np.testing.assert_allclose(out.std(axis=0), 1.0, rtol=1e-5)
@@ -165,7 +171,7 @@ def test_apply_kmeans_init_whitens_fc_outputs():
     keras.utils.set_random_seed(0)
     net = vc.build_classifier(SIZE, "rgb")
     images = np.random.default_rng(3).uniform(size=(24, SIZE, SIZE, 3)).astype(np.float32)
-    vc.apply_kmeans_init(net, images, seed=0)
+    fc_init.apply_kmeans_init(net, images, seed=0)
     logits = net.predict(images, verbose=0)["logits"].astype(np.float64)
     np.testing.assert_allclose(logits.mean(axis=0), 0.0, atol=1e-3)
     np.testing.assert_allclose(logits.std(axis=0), 1.0, rtol=1e-3)

@@ -1,0 +1,189 @@
+"""Training-step throughput of the zoo's real settings, on whatever device there is.
+
+    python -m benchmarks.gpu_throughput            # on a GPU: batch 256, a few minutes
+    python -m benchmarks.gpu_throughput --quick    # small batches: a few minutes on a CPU
+
+Rows: one training step (forward, loss, backward, SGD update; `strategy.run` in the
+Trainer's tf.function loop) of
+    alexnet 224x224   NAT (head d = 2048) with re-assignment on and off, and supervised
+                      softmax on 1000 classes with the same trunk (fc7 -> one Dense layer)
+    nin_stl10 96x96   SC at `sc` (windows of 30% of the map), and supervised (its softmax head)
+    nin_cifar10 32x32 SC, and supervised
+for every precision (none = float32, bf16, fp16 with loss scaling; models/precision.py) with
+XLA off and on (--jit_compile; train/compiled.py). NAT and SC steps are the pretraining
+Trainer's own; the supervised step is benchmarks/steps.py's with the same precision
+and XLA helpers; neither has weight decay (its L2 term would cost both the same). Every step
+trains on one fixed batch of random images, so the input pipeline is not measured
+(benchmarks/input_pipeline.py does that). The rows of a (model, precision,
+XLA) cell are interleaved over `--rounds` rounds of `--steps` steps; medians are reported.
+
+How to read it:
+- images/s: batch x steps / time. "time / supervised" is this row's step time over the
+  supervised step's in the same cell: for NAT with re-assignment it is NAT Table 1's "barely
+  less efficient" (goal <= 1.05: at most 5% slower than supervised training).
+- NAT re-assignment on / off: the cost of the Hungarian epochs (one in three in the paper).
+- bf16 and fp16 should roughly double a recent GPU's throughput over float32 for the conv
+  layers; on a CPU without bfloat16 or float16 arithmetic they are emulated and slower, and
+  XLA fuses the casts away. "XLA n/a" means the step fell back to the plain one (the reason is
+  printed once).
+- The Hungarian table: scipy's linear_sum_assignment on a B x B cost (unit features against
+  sphere targets, d = 2048) for global batches B = 256 ... 4096, beside the measured NAT step
+  time of one replica (AlexNet, float32, XLA off, re-assignment on). With --nat_scope=global
+  every replica waits for the B x B solution each step of a re-assignment epoch, so its share
+  of the step is scipy / (step + scipy) for B / b replicas of batch b; with the default
+  --nat_scope=replica each replica solves only b x b. When the share grows past a few
+  percent, global scope is no longer free.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import scipy.optimize
+import tensorflow as tf
+from absl import app, flags, logging
+
+from benchmarks.steps import SupervisedStep, fixed_batches, synthetic_source
+from losses.nat import sphere_targets
+from models import PRECISIONS
+from train.config import TrainConfig
+from train.strategy import make_strategy
+from train.trainer import Trainer
+
+_QUICK = flags.DEFINE_boolean("quick", False, "A size for a CPU: batch 4, 1 step, 1 round "
+                              "(the same rows).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Batch of every step.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round and row.", lower_bound=1)
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds (median reported).", lower_bound=1)
+
+WORKLOADS = (  # model, input size, pretraining method
+    ("alexnet", 224, "nat"),
+    ("nin_stl10", 96, "sc"),
+    ("nin_cifar10", 32, "sc"),
+)
+GLOBAL_BATCHES = (256, 1024, 2048, 4096)
+NAT_DIM = 2048
+
+
+def _sizes() -> tuple[int, int, int]:
+    """(batch, steps, rounds)."""
+    if _QUICK.value:
+        return 4, 1, 1
+    return _BATCH.value, _STEPS.value, _ROUNDS.value
+
+
+def _cell(strategy, model: str, size: int, method: str, prec: str, jit: bool, batch: int,
+          tmp: str, notes: set[str]) -> dict[str, Callable[[object, int], object]]:
+    """{row: run_steps(iterator, n)} of one (model, precision, XLA) cell."""
+    shape = (size, size, 3)
+    config = TrainConfig(model_dir=os.path.join(tmp, f"{model}_{prec}_{jit}"), method=method,
+                         model=model, input_shape=f"{size},{size},3", dataset="folder:none",
+                         batch_size=batch, nat_dim=NAT_DIM, mixed_precision=prec,
+                         jit_compile=jit, weight_decay=0.0)
+    trainer = Trainer(config, strategy, source=synthetic_source(shape, 4 * batch),
+                      log=notes.add)
+    classes = 1000 if model == "alexnet" else 10
+    supervised = SupervisedStep(model, shape, np.arange(batch) % classes, batch, strategy,
+                                num_classes=classes, mixed_precision=prec, jit_compile=jit,
+                                log=notes.add)
+    xla = "XLA" if trainer.compiled else ("XLA n/a" if jit else "")
+    if method == "nat":
+        rows = {"NAT, re-assign on": lambda it, n: trainer.run_steps(it, n, True),
+                "NAT, re-assign off": lambda it, n: trainer.run_steps(it, n, False)}
+    else:
+        rows = {"SC": lambda it, n: trainer.run_steps(it, n, False)}
+    rows["supervised"] = supervised.run_steps
+    return {f"{name}|{xla}": step for name, step in rows.items()}
+
+
+def _time_cell(rows: dict, iterator, steps: int, rounds: int) -> dict[str, float]:
+    """Median seconds per step of each row, rows interleaved."""
+    for step in rows.values():
+        step(iterator, steps)  # trace, compile, warm up
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, step in rows.items():
+            start = time.perf_counter()
+            step(iterator, steps)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _hungarian_ms(size: int) -> float:
+    """Median milliseconds of scipy's assignment on a size x size NAT cost (d = 2048)."""
+    z = tf.math.l2_normalize(tf.random.stateless_normal([size, NAT_DIM], seed=[size, 1]), 1)
+    c = sphere_targets(tf.range(size), NAT_DIM, seed=size)
+    cost = (2.0 - 2.0 * tf.matmul(z, c, transpose_b=True)).numpy()
+    times = []
+    for _ in range(3 if size <= 1024 else 1):
+        start = time.perf_counter()
+        scipy.optimize.linear_sum_assignment(cost)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.ERROR)  # tf.function's notes on retracing: one per cell
+    strategy = make_strategy("one_device")
+    device = strategy.extended.worker_devices[0]
+    batch, steps, rounds = _sizes()
+    tmp = tempfile.mkdtemp()
+    notes: set[str] = set()
+    results = []  # (model, size, row, precision, xla, seconds per step, supervised seconds)
+    for model, size, method in WORKLOADS:
+        iterator = fixed_batches(strategy, batch, size)
+        for prec in PRECISIONS:
+            for jit in (False, True):
+                start = time.perf_counter()
+                rows = _cell(strategy, model, size, method, prec, jit, batch, tmp, notes)
+                seconds = _time_cell(rows, iterator, steps, rounds)
+                print(f"{model} {prec} XLA {'on' if jit else 'off'}: "
+                      f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+                base = next(v for k, v in seconds.items() if k.startswith("supervised"))
+                for key, value in seconds.items():
+                    name, xla = key.split("|")
+                    results.append((model, size, name, prec, xla, value, base))
+                del rows
+                gc.collect()
+    hungarian = [(b, _hungarian_ms(b)) for b in GLOBAL_BATCHES]
+    _print(device, batch, steps, rounds, results, hungarian, notes)
+
+
+def _print(device, batch, steps, rounds, results, hungarian, notes) -> None:
+    print(f"device {device}; TensorFlow {tf.__version__}; batch {batch}; median of {rounds} "
+          f"rounds x {steps} steps{' (--quick)' if _QUICK.value else ''}\n")
+    print(f"| {'model':<17} | {'step':<19} | {'precision':<9} | {'XLA':<7} | {'images/s':>9} "
+          f"| {'ms/step':>9} | {'time / supervised':>17} |")
+    print(f"|{'-' * 19}|{'-' * 21}|{'-' * 11}|{'-' * 9}|{'-' * 11}|{'-' * 11}|{'-' * 19}|")
+    for model, size, name, prec, xla, seconds, base in results:
+        print(f"| {f'{model} {size}':<17} | {name:<19} | {prec:<9} | {xla:<7} | "
+              f"{batch / seconds:>9.1f} | {1e3 * seconds:>9.1f} | {seconds / base:>17.2f} |")
+    for note in sorted(notes):
+        print(f"note: {note}")
+    step = next(s for m, _, n, p, x, s, _ in results
+                if m == "alexnet" and n == "NAT, re-assign on" and p == "none" and not x)
+    print(f"\nHungarian (scipy linear_sum_assignment, d = {NAT_DIM}) beside one replica's "
+          f"AlexNet NAT step ({1e3 * step:.0f} ms at batch {batch}, float32, XLA off)\n")
+    print(f"| {'global batch B':>14} | {'replicas':>8} | {'B x B ms':>9} | {'share, global':>13} "
+          f"| {'b x b ms':>8} | {'share, replica':>14} |")
+    print(f"|{'-' * 16}|{'-' * 10}|{'-' * 11}|{'-' * 15}|{'-' * 10}|{'-' * 16}|")
+    local = _hungarian_ms(batch)
+    for size, ms in hungarian:
+        share = ms / (ms + 1e3 * step)
+        print(f"| {size:>14} | {max(size // batch, 1):>8} | {ms:>9.1f} | {share:>13.1%} | "
+              f"{local:>8.2f} | {local / (local + 1e3 * step):>14.2%} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
