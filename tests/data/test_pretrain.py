@@ -318,7 +318,7 @@ def test_resized_crops_of_jpeg_files_decode_the_box_only_with_the_same_pixels(tm
 def test_imagenet_crops_come_from_the_encoded_jpegs():
     with tfds.testing.mock_data(num_examples=8):  # tfds' mock ImageNet holds JPEG bytes
         source = open_source("imagenet2012", (32, 32, 3))
-        assert source.read is not None and not source.fixed_size
+        assert source.encoded and not source.fixed_size
         streams = [_take(_stream(source, 4, Augment(crop="resize", fused=fused), seed=0,
                                  epochs=1), 2) for fused in (True, False)]
     for (i_fused, x_fused), (i_whole, x_whole) in zip(*streams, strict=True):
