@@ -231,9 +231,13 @@ def open_checkpoints(model_dir: str, objects: Mapping, keep: int, directory: str
     manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
     latest = manager.latest_checkpoint
     if latest is not None:
+        status = checkpoint.restore(latest)  # restores the save counter too
         saved = {name.split("/")[0] for name, _ in tf.train.list_variables(latest)}
-        present = {k: v for k, v in objects.items() if k not in optional or k in saved}
-        tf.train.Checkpoint(**present).restore(latest).assert_existing_objects_matched()
+        if all(k in saved for k in optional if k in objects):
+            status.assert_existing_objects_matched()
+        else:  # check everything but the optional objects the checkpoint lacks
+            present = {k: v for k, v in objects.items() if k not in optional or k in saved}
+            tf.train.Checkpoint(**present).restore(latest).assert_existing_objects_matched()
     return checkpoint, manager, latest
 
 

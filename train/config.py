@@ -155,7 +155,8 @@ class TrainConfig:
     # Hungarian problems (per replica or global).
     FINGERPRINT_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "method": ("method",),
-        "model": ("model", "input_shape", "preprocessing", "nat_dim", "model_kwargs"),
+        "model": ("model", "input_shape", "preprocessing", "nat_dim", "model_kwargs",
+                  "mixed_precision"),
         "data": ("dataset", "images", "files"),
         "batch": ("batch_size",),
         "seed": ("seed",),

@@ -18,8 +18,10 @@ def test_the_compiled_step_takes_the_same_decisions_as_the_plain_step(tmp_path):
     orders reductions differently)."""
     runs = {}
     for jit in (False, True):
+        # Pad-and-crop: on the default resized crops (smooth upsampled digits, near-ties in
+        # the max-pools) early layers' updates differ by up to 0.7%, against 0.07% here.
         config = TrainConfig(model_dir=str(tmp_path / f"jit{jit}"), batch_size=128, nat_dim=16,
-                             jit_compile=jit)
+                             jit_compile=jit, crop="pad")
         trainer = Trainer(config, tf.distribute.get_strategy(), log=lambda _: None)
         assert trainer.compiled == jit
         before = [v.numpy() for v in trainer.model.trainable_variables]
