@@ -219,9 +219,8 @@ def open_checkpoints(model_dir: str, objects: Mapping, keep: int, directory: str
     "optimizer": opt}), its manager in `directory` (default model_dir), restored from the latest
     checkpoint there when there is one. Every object must be in that checkpoint, except those
     whose key is in `optional`, which keep their values when it lacks them (e.g. the fp16
-    loss scale when a run resumes in another precision).
-
-    Returns (checkpoint, manager, the restored prefix or None).
+    loss scale when a run resumes in another precision). Returns (checkpoint, manager, the
+    restored prefix or None).
     """
     import tensorflow as tf
 
@@ -233,10 +232,10 @@ def open_checkpoints(model_dir: str, objects: Mapping, keep: int, directory: str
     if latest is not None:
         status = checkpoint.restore(latest)  # restores the save counter too
         saved = {name.split("/")[0] for name, _ in tf.train.list_variables(latest)}
-        if all(k in saved for k in optional if k in objects):
+        present = {k: v for k, v in objects.items() if k not in optional or k in saved}
+        if len(present) == len(objects):
             status.assert_existing_objects_matched()
         else:  # check everything but the optional objects the checkpoint lacks
-            present = {k: v for k, v in objects.items() if k not in optional or k in saved}
             tf.train.Checkpoint(**present).restore(latest).assert_existing_objects_matched()
     return checkpoint, manager, latest
 
