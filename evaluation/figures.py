@@ -196,6 +196,7 @@ def plot_ablation(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(variants), 4.2), dpi=110)
     width = 0.8 / len(views)
     for i, view in enumerate(views):
+        labelled = False  # one legend entry per view, at its first bar
         for j, variant in enumerate(variants):
             row = next((r for r in rows if r["view"] == view and r["variant"] == variant), None)
             if row is None:
@@ -205,7 +206,8 @@ def plot_ablation(rows: list[dict], path: str) -> None:
             ax.bar(x, 100 * row["gap"]["mean"], width, yerr=100 * (row["gap"]["sd"] or 0),
                    capsize=3, color=f"C{i}" if significant else "white",
                    edgecolor=f"C{i}", linewidth=1.5,
-                   label=names[view] if j == 0 else None)
+                   label=None if labelled else names[view])
+            labelled = True
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(variants)), variants)
     ax.set(ylabel="pretrained - random-init twin (points)",
