@@ -45,7 +45,9 @@ import tempfile
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from models.cli import quiet_tensorflow
+
+quiet_tensorflow()  # the zoo's quiet start: no TensorFlow start-up lines
 
 import numpy as np
 import scipy.optimize

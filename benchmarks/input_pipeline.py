@@ -6,9 +6,10 @@ What it measures. `--files` JPEG files written to a temporary folder with ImageN
 statistics: 500 x 375 and 500 x 333 landscape and 375 x 500 portrait photographs, quality 90,
 4:2:0 chroma (libjpeg's default), of synthetic scenes whose power spectrum falls as 1/f^2 as
 that of natural images does (about 120 kB a file; ILSVRC-2012's train files average about
-110 kB). They are read as `--dataset=folder:<tmp>` and streamed by `data.pretrain`'s
-`pretrain_dataset` exactly as pretraining streams them: stateless shuffle, the ImageNet
-resized crop (35-100% of the area, aspect 3/4-4/3, resized to 224 x 224 with antialiasing),
+110 kB). They are streamed by `data.pretrain`'s `pretrain_dataset` as imagenet2012 is (the
+files' bytes decoded in the graph; the last row: as `--dataset=folder:<tmp>` is, through the
+loader that names files failing mid-run, a Python function per file): stateless shuffle, the
+ImageNet resized crop (35-100% of the area, aspect 3/4-4/3, resized to 224 x 224 with antialiasing),
 random flip, batches. Two crops are compared:
 
     fused     the box is drawn from the JPEG header and only that window is decoded
@@ -45,7 +46,9 @@ import statistics
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from models.cli import quiet_tensorflow
+
+quiet_tensorflow()  # the zoo's quiet start: no TensorFlow start-up lines
 
 import numpy as np
 import tensorflow as tf
@@ -130,6 +133,20 @@ def _settings(cores: int) -> list[Setting]:
     ]
 
 
+def _as_encoded(folder):
+    """The folder as imagenet2012 streams: file bytes in the elements, decoded in the graph
+    (`PretrainSource.encoded`), without the folder's guarded loader (a Python function per
+    file that names files failing mid-run; measured in its own row)."""
+    paths = tf.constant(list(folder.paths))
+
+    def elements():
+        indices = tf.data.Dataset.range(len(folder.paths))
+        return indices.map(lambda i: (i, tf.io.read_file(tf.gather(paths, i))))
+
+    return dataclasses.replace(folder, elements=elements, encoded=True, load=None,
+                               failures=None)
+
+
 def _measure(source, setting: Setting, fused: bool) -> tuple[float, float]:
     """(images per wall second, images per CPU-second) of one fresh stream."""
     augment = Augment(crop="resize", flip=True, fused=fused)
@@ -211,14 +228,20 @@ def main(argv: list[str]) -> None:
         root = os.path.join(tmp, "photos")
         os.makedirs(root)
         kilobytes = write_files(root, _FILES.value)
-        source = open_source(f"folder:{root}", (224, 224, 3))
+        folder = open_source(f"folder:{root}", (224, 224, 3))
+        source = _as_encoded(folder)
         settings = _settings(cores)
+        guarded = Setting(f"folder: loader, {cores} threads", cores)
         rates: dict[tuple[str, bool], list[tuple[float, float]]] = {}
         for _ in range(_ROUNDS.value):
             for setting in settings:
                 for fused in (True, False):
                     rates.setdefault((setting.name, fused), []).append(
                         _measure(source, setting, fused))
+            for fused in (True, False):
+                rates.setdefault((guarded.name, fused), []).append(
+                    _measure(folder, guarded, fused))
+        settings.append(guarded)
         parts = _parts(root)
         step_rate = _alexnet_step(tmp)
     finally:

@@ -29,12 +29,13 @@ bf16 is emulated and several times slower than float32; the ratio is still meani
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from models.cli import quiet_tensorflow
+
+quiet_tensorflow()  # the zoo's quiet start: no TensorFlow start-up lines
 
 import numpy as np
 import tensorflow as tf

@@ -23,11 +23,12 @@ One step of either network takes seconds on a small CPU, hence the few steps by 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from models.cli import quiet_tensorflow
+
+quiet_tensorflow()  # the zoo's quiet start: no TensorFlow start-up lines
 
 import keras
 import numpy as np

@@ -30,11 +30,13 @@ the remainder of the epoch first, then from its first batches). The stream stays
 of (seed, epoch, index) and of the set of unreadable files, so a run resumes exactly as long
 as the same files fail, and consistently when more fail.
 
-For a resized crop (`Augment(crop="resize")`, the ImageNet setting) of a source of encoded
-files (a folder, imagenet2012), decoding and cropping are one step: the box is drawn from the
-image size in the JPEG header and only that window is decoded (`tf.io.decode_and_crop_jpeg`),
-with the same pixels as decoding the whole file; PNG and other formats are decoded whole.
-(What it saves is measured, and small, in `data.images.decode_jpeg_window`.)
+For a resized crop (`Augment(crop="resize")`, the ImageNet setting) of imagenet2012, decoding
+and cropping are one step: the box is drawn from the image size in the JPEG header and only
+that window is decoded (`tf.io.decode_and_crop_jpeg`), with the same pixels as decoding the
+whole file; PNG and other formats are decoded whole. (What it saves is measured, and small, in
+`data.images.decode_jpeg_window`.) A folder's files go through the guarded loader above, a
+Python function per file, which decodes whole files: it streams at about half the rate of
+the graph (benchmarks/input_pipeline.py).
 
 The stream (`pretrain_dataset`), per input pipeline (one per worker under tf.distribute):
 
@@ -56,6 +58,7 @@ epoch and continues with the same stream.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import threading
@@ -299,6 +302,9 @@ def _decoded(raw: tf.Tensor, seed: tf.Tensor, source: PretrainSource, augment: A
         return to_channels(decode_image(data), source.input_shape[-1])
 
     if source.load is not None:
+        # The guarded loader decodes eagerly, where the window's extra ops cost more than the
+        # rows they save (benchmarks/input_pipeline.py): whole files there.
+        augment = dataclasses.replace(augment, fused=False)
         return source.load(raw, seed, decode_file)
     if source.encoded:
         return decode_file(raw, seed), tf.constant(True)
