@@ -5,11 +5,11 @@ distributed tests can build a two-replica MirroredStrategy on a CPU-only machine
 code is unaffected: it runs on the first logical CPU.
 """
 
-import os
+from models.cli import quiet_tensorflow
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+quiet_tensorflow()  # as the binaries start: TensorFlow's start-up lines are not shown
 
-import tensorflow as tf
+import tensorflow as tf  # noqa: E402
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
