@@ -296,18 +296,19 @@ def _decoded(raw: tf.Tensor, seed: tf.Tensor, source: PretrainSource, augment: A
     (`PretrainSource.load`)."""
     resize = augment.crop == "resize"
 
-    def decode_file(data, crop_seed):
-        if resize:
-            return resized_crop_of_file(data, crop_seed, augment, source.input_shape)
-        return to_channels(decode_image(data), source.input_shape[-1])
+    def decoder(crop: Augment):
+        def decode_file(data, crop_seed):
+            if resize:
+                return resized_crop_of_file(data, crop_seed, crop, source.input_shape)
+            return to_channels(decode_image(data), source.input_shape[-1])
+        return decode_file
 
     if source.load is not None:
         # The guarded loader decodes eagerly, where the window's extra ops cost more than the
         # rows they save (benchmarks/input_pipeline.py): whole files there.
-        augment = dataclasses.replace(augment, fused=False)
-        return source.load(raw, seed, decode_file)
+        return source.load(raw, seed, decoder(dataclasses.replace(augment, fused=False)))
     if source.encoded:
-        return decode_file(raw, seed), tf.constant(True)
+        return decoder(augment)(raw, seed), tf.constant(True)
     image = source.decode(raw)
     if resize:
         begin, size = crop_box(tf.shape(image), seed, augment)
@@ -364,16 +365,18 @@ def _prepared(ds: tf.data.Dataset, source: PretrainSource, augment: Augment,
     and the epoch's order repeats to refill (module docstring)."""
     parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    def finish(index, image):
-        return tf.cast(index, tf.int32), _augment(image, seeds(index), source, augment)
+    def decoded(index, raw):
+        example_seeds = seeds(index)  # drawn once per example, for the crop and the rest
+        return (index, example_seeds, *_decoded(raw, example_seeds[0], source, augment))
 
+    def finish(index, example_seeds, image, ok):
+        return tf.cast(index, tf.int32), _augment(image, example_seeds, source, augment)
+
+    ds = ds.map(decoded, **parallel)
     if source.load is None:
-        return ds.map(lambda index, raw: finish(
-            index, _decoded(raw, seeds(index)[0], source, augment)[0]), **parallel)
-    return (ds.map(lambda index, raw: (index, *_decoded(raw, seeds(index)[0], source, augment)),
-                   **parallel)
-            .filter(lambda index, image, ok: ok)
-            .map(lambda index, image, ok: finish(index, image), **parallel)
+        return ds.map(finish, **parallel)
+    return (ds.filter(lambda index, example_seeds, image, ok: ok)
+            .map(finish, **parallel)
             .repeat())
 
 
