@@ -9,7 +9,8 @@ Trainer's tf.function loop) of
                       softmax on 1000 classes with the same trunk (fc7 -> one Dense layer)
     nin_stl10 96x96   SC at `sc` (windows of 30% of the map), and supervised (its softmax head)
     nin_cifar10 32x32 SC, and supervised
-for every precision (none = float32, bf16, fp16 with loss scaling; models/precision.py) with
+for every precision (none = float32, bf16, fp16 with loss scaling; models/precision.py,
+losses/loss_scale.py) with
 XLA off and on (--jit_compile; train/compiled.py). NAT and SC steps are the pretraining
 Trainer's own; the supervised step is benchmarks/steps.py's with the same precision
 and XLA helpers; neither has weight decay (its L2 term would cost both the same). Every step
@@ -45,7 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from models.cli import quiet_tensorflow
+from runtime.cli import quiet_tensorflow
 
 quiet_tensorflow()  # the zoo's quiet start: no TensorFlow start-up lines
 

@@ -46,7 +46,7 @@ import statistics
 import tempfile
 import time
 
-from models.cli import quiet_tensorflow
+from runtime.cli import quiet_tensorflow
 
 quiet_tensorflow()  # the zoo's quiet start: no TensorFlow start-up lines
 

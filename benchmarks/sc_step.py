@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from models.cli import quiet_tensorflow
+from runtime.cli import quiet_tensorflow
 
 quiet_tensorflow()  # the zoo's quiet start: no TensorFlow start-up lines
 

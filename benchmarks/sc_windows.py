@@ -23,7 +23,7 @@ import itertools
 import numpy as np
 from absl import app, flags
 
-from models import cli
+from runtime import cli
 
 _MODEL = flags.DEFINE_string("model", "nin_mnist", "Network (at random init).")
 _WINDOW = flags.DEFINE_integer("window", 6, "Window side in cells.", lower_bound=1)

@@ -10,7 +10,8 @@ and kind of head: the global average of `sc` and one Dense layer (NiN models; Al
 softmax head, a Dense layer on fc7, already has the NAT head's shape), the like-for-like
 comparison of NAT Table 1. The loss is the softmax cross-entropy of `labels[index]`, averaged
 over the global batch; SGD with momentum, no weight decay. Precision and XLA go through the
-library's own helpers (models/precision.py, train/compiled.py), as in the pretraining
+library's own helpers (models/precision.py, losses/loss_scale.py, train/compiled.py), as in
+the pretraining
 Trainer, and the loop is the Trainer's: `strategy.run` inside one tf.function over `steps`
 steps.
 """
@@ -22,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from data.pretrain import PretrainSource
+from losses import loss_scale
 from models import build_model, precision
 from train.compiled import network_forward
 
@@ -44,7 +46,7 @@ class SupervisedStep:
             else:
                 self.model = build_model(model, head="softmax", input_shape=input_shape,
                                          num_classes=num_classes)
-            self.optimizer = precision.loss_scaled(keras.optimizers.SGD(0.01, momentum=0.9),
+            self.optimizer = loss_scale.loss_scaled(keras.optimizers.SGD(0.01, momentum=0.9),
                                                    mixed_precision)
             self.optimizer.build(self.model.trainable_variables)
         self.forward, self.compiled = network_forward(self.model, strategy, input_shape,
@@ -60,9 +62,9 @@ class SupervisedStep:
             per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
                 tf.gather(self.labels, indices), logits)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.batch)
-            target = precision.scale_loss(self.optimizer, loss)
-        grads = precision.unscaled_gradients(self.optimizer, tape, target, variables)
-        precision.apply_gradients(self.optimizer, grads, variables)
+            target = loss_scale.scale_loss(self.optimizer, loss)
+        grads = loss_scale.unscaled_gradients(self.optimizer, tape, target, variables)
+        loss_scale.apply_gradients(self.optimizer, grads, variables)
         return loss
 
     def _build_loop(self):

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from models import pooling
-from models.progress import Progress
+from runtime.progress import Progress
 
 PIXELS = "pixels"
 MAX_DIMS = 9216

@@ -20,7 +20,7 @@ Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
 - augmentation: a random translation of up to --translate pixels and, where it preserves the
   label, a horizontal mirror (--mirror; default on except for the digits of mnist, digits);
 - --mixed_precision=bf16|fp16 computes the network in bfloat16 / float16 (float32 variables,
-  BN statistics, logits and loss; dynamic loss scaling for fp16: models/precision.py);
+  BN statistics, logits and loss; dynamic loss scaling for fp16: losses/loss_scale.py);
 - the test split is read once, at the end; the result is the mean ± std test accuracy
   over --seeds. Each seed fixes the label draw, the validation carve, the classifier's init,
   the batch order and the augmentation; with --compare_scratch the same seeds also train
@@ -30,7 +30,7 @@ Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
 
 Writes config.json, finetune.json (every figure) and finetune.md to --output_dir (default
 `<init>/finetune`, or `runs/finetune_<model>_scratch` with --init=none) once the results are
-complete. The folder is one configuration's (models/runs.py): another (differing beyond
+complete. The folder is one configuration's (runtime/ownership.py): another (differing beyond
 RESUMABLE) is refused unless the folder is new; the same one rewrites its outputs. Example:
 `python -m evaluation.finetune --init=runs/sc_nin_mnist_digits --compare_scratch --seeds=0,1,2`
 """
@@ -44,17 +44,21 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from data import LABELLED_DATASETS
-from models import MODEL_NAMES, PRECISIONS, cli
-from models import runs as folders
-from models.cli import UsageError, option
-from models.progress import Progress
+from models import MODEL_NAMES, PRECISIONS
+from runtime import cli
+from runtime.cli import UsageError, option
+from runtime.ownership import claim_run, fingerprint_of, start_run
+from runtime.progress import Progress
+from runtime.run_config import pretraining_config, run_folder
 
-# TensorFlow loads after the flags are checked (models/cli.py).
+# TensorFlow loads after the flags are checked (runtime/cli.py).
 tf = cli.lazy_import("tensorflow")
 keras = cli.lazy_import("keras")
 labelled = cli.lazy_import("data.labelled")
 report = cli.lazy_import("evaluation.report")
 precision = cli.lazy_import("models.precision")
+loss_scale = cli.lazy_import("losses.loss_scale")
+runs = cli.lazy_import("models.runs")
 
 PROGRAM = "evaluation.finetune"
 RESUMABLE = ("output_dir", "data_dir", "manual_dir", "stl10_dir")  # where, not what
@@ -133,7 +137,7 @@ class FinetuneConfig:
         if self.output_dir:
             return self.output_dir
         if self.init != NONE:
-            return os.path.join(folders.run_folder(self.init), "finetune")
+            return os.path.join(run_folder(self.init), "finetune")
         return os.path.join("runs", f"finetune_{self.model or 'model'}_scratch")
 
     @property
@@ -150,9 +154,9 @@ def model_spec(cfg: FinetuneConfig) -> tuple[str, dict]:
     """(model name, build_model kwargs) of the classifier: the pretraining model of --init's
     config.json (or --model), with a softmax head over the dataset's classes."""
     name, kwargs = cfg.model, cfg.overrides()
-    config = folders.pretraining_config(cfg.init) if cfg.init != NONE else None
+    config = pretraining_config(cfg.init) if cfg.init != NONE else None
     if config is not None:
-        stored_name, stored = folders.model_spec(config)
+        stored_name, stored = model_spec(config)
         stored = {k: v for k, v in stored.items()
                   if k not in ("head", "feature_dim", "num_classes")}
         name, kwargs = name or stored_name, {**stored, **kwargs}
@@ -176,7 +180,7 @@ def initial_model(name: str, kwargs: dict, init: str | None, seed: int,
     model = build_model(name, precision=mixed_precision, **kwargs)
     if init is None:
         return model, None
-    loaded = load_weights(model, init, require=folders.backbone_layers(name, **kwargs))
+    loaded = load_weights(model, init, require=runs.backbone_layers(name, **kwargs))
     return model, loaded
 
 
@@ -261,9 +265,9 @@ def _train_epoch(model, optimizer):
             with tf.GradientTape() as tape:
                 logits = model(x, training=True)["logits"]
                 loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-                target = precision.scale_loss(optimizer, loss)
-            gradients = precision.unscaled_gradients(optimizer, tape, target, variables)
-            precision.apply_gradients(optimizer, gradients, variables)
+                target = loss_scale.scale_loss(optimizer, loss)
+            gradients = loss_scale.unscaled_gradients(optimizer, tape, target, variables)
+            loss_scale.apply_gradients(optimizer, gradients, variables)
             total += loss
         return total / tf.cast(steps, tf.float32)
 
@@ -274,7 +278,7 @@ def train(model, data: Labelled, cfg: FinetuneConfig, seed: int, bar: Progress |
           ) -> tuple[int, bool, tuple[dict, ...]]:
     """Fine-tune every trainable variable (module docstring); returns (the epoch whose
     weights are kept, converged, the per-epoch history)."""
-    optimizer = precision.loss_scaled(
+    optimizer = loss_scale.loss_scaled(
         keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum,
                              weight_decay=cfg.weight_decay or None), cfg.mixed_precision)
     optimizer.build(model.trainable_variables)
@@ -353,8 +357,8 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
     Returns ({"pretrained"|"scratch": [RunResult per seed]}, console text)."""
     from models import build_model
 
-    fingerprint = folders.fingerprint_of(cfg, RESUMABLE)
-    with folders.claim_run(cfg.out, fingerprint, "--output_dir") as claim:
+    fingerprint = fingerprint_of(cfg, RESUMABLE)
+    with claim_run(cfg.out, fingerprint, "--output_dir") as claim:
         name, kwargs = model_spec(cfg)
         try:
             input_shape = tuple(build_model(name, **kwargs).input_shape[1:])
@@ -379,7 +383,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
             for key, init in inits.items():  # same data, seed and schedule: only the init differs
                 results[key].append(run_seed(cfg, name, kwargs, init, seed, data,
                                              f"fine-tuning {key}, seed {seed}"))
-        folders.start_run(claim, asdict(cfg))  # complete results: config.json, then them
+        start_run(claim, asdict(cfg))  # complete results: config.json, then them
         text = write_report(cfg, name, kwargs, results, time.time() - tic)
     return results, text
 

@@ -13,7 +13,7 @@ Protocol (NAT Sec. 4 and Table 3; `evaluation.probe` has the details):
 
 Writes to --output_dir (default: `<model_dir>/probe`, or `runs/probe_<model>_random` for a
 bare --model): config.json (the flags), probe.json (every figure) and probe.md (the table),
-and prints the table. The folder belongs to one configuration (models/runs.py): a second
+and prints the table. The folder belongs to one configuration (runtime/ownership.py): a second
 process on it stops at once, and a configuration that differs in anything but `RESUMABLE`
 (output and data locations, the extraction batch size) is refused unless the folder is new.
 The same configuration recomputes and rewrites the outputs, for the weights the run holds then
@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from data import LABELLED_DATASETS
-from models import MODEL_NAMES, cli
-from models.cli import UsageError, option
+from models import MODEL_NAMES
+from runtime import cli
+from runtime.cli import UsageError, option
 
 PROGRAM = "evaluation.linear_probe"
 INITS = ("checkpoint", "random")
@@ -141,7 +142,7 @@ def run(cfg: ProbeConfig):
     """Run the probe of `cfg`; write config.json, probe.json and probe.md; print and return
     (result, console table)."""
     from evaluation import report
-    from models.runs import claim_run, fingerprint_of, start_run
+    from runtime.ownership import claim_run, fingerprint_of, start_run
 
     with claim_run(cfg.out, fingerprint_of(cfg, cfg.RESUMABLE), "--output_dir") as claim:
         result, seconds, name, weights = _probe(cfg)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.runs import write_json_atomic, write_text_atomic
+from runtime.files import write_json_atomic, write_text_atomic
 
 MIN_PAIRS = 3  # fewer pairs cannot tell a gap from its spread
 

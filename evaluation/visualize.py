@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models import cli
-from models.cli import UsageError, option
+from runtime import cli
+from runtime.cli import UsageError, option
 
 PROGRAM = "evaluation.visualize"
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models import MODEL_NAMES, build_model, cli
+from models import MODEL_NAMES, build_model
+from runtime import cli
 
 # The head each model is pretrained or evaluated with by default.
 _DEFAULT_HEAD = {"alexnet": "nat"}

@@ -16,6 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from models.checkpoints import resolve_checkpoint
+
 _PREFIX = "model/"
 _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -44,24 +46,6 @@ def named_variables(model: keras.Model) -> dict[str, keras.Variable]:
                 raise ValueError(f"two variables of {model.name} share the key {key!r}")
             named[key] = variable
     return named
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint prefix from a prefix or a directory (its latest checkpoint).
-
-    Raises FileNotFoundError naming `path` when it does not exist or holds no checkpoint.
-    """
-    if tf.io.gfile.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"no checkpoint in directory {path}")
-        return latest
-    if tf.io.gfile.exists(path + ".index"):
-        return path
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: give a run folder or a checkpoint "
-                                "prefix")
-    raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ compares); any other 4-D endpoint defaults to `flatten` and a 2-D one to `none`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -68,13 +70,13 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
-from models import MODEL_NAMES, TRANSFER_ENDPOINT, cli
-from models.cli import UsageError, option
-from models.runs import folder_lock
+from models import MODEL_NAMES, TRANSFER_ENDPOINT
+from runtime import cli
+from runtime.cli import UsageError, option
 from serving.graph import endpoint_shape, feature_module, input_size, output_shapes, signatures
 from serving.signatures import INPUTS, METADATA_FILE
 
-# TensorFlow loads after the flags are checked (models/cli.py).
+# TensorFlow loads after the flags are checked (runtime/cli.py).
 tf = cli.lazy_import("tensorflow")
 pooling_lib = cli.lazy_import("models.pooling")
 
@@ -84,6 +86,19 @@ _STAGING = re.compile(r"\.tmp-\d+-\d+")
 # What makes two exports the same (module docstring).
 IDENTITY = ("model", "model_kwargs", "input_size", "endpoints", "checkpoint",
             "checkpoint_digest")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+    """Hold an exclusive flock on `<folder>/.lock` (waiting for it) inside the block: the
+    processes that publish versions of one model take turns."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def default_endpoints(model, architecture: str | None = None) -> dict[str, str]:

@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from models import cli
-from models.cli import UsageError, option
-from models.progress import Progress
+from runtime import cli
+from runtime.cli import UsageError, option
+from runtime.progress import Progress
 from serving.client import GrpcClient, RestClient, SavedModelClient, ServingError
 
 PROGRAM = "serving.extract_features"
@@ -240,7 +240,7 @@ def extract_all(config: ExtractConfig, progress: bool = True) -> Extracted:
 
 def run(config: ExtractConfig) -> Extracted:
     """The binary: extract, write config.json and the outputs, print a summary line."""
-    from models.runs import write_json_atomic
+    from runtime.files import write_json_atomic
 
     try:
         result = extract_all(config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from models import cli
+from runtime import cli
 from serving.signatures import (
     BYTES_INPUT,
     BYTES_SIGNATURE,
@@ -19,7 +19,7 @@ from serving.signatures import (
     UINT8_SIGNATURE,
 )
 
-# TensorFlow loads after the flags of the binaries are checked (models/cli.py).
+# TensorFlow loads after the flags of the binaries are checked (runtime/cli.py).
 tf = cli.lazy_import("tensorflow")
 data_images = cli.lazy_import("data.images")
 pooling_lib = cli.lazy_import("models.pooling")

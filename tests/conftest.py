@@ -5,7 +5,7 @@ distributed tests can build a two-replica MirroredStrategy on a CPU-only machine
 code is unaffected: it runs on the first logical CPU.
 """
 
-from models.cli import quiet_tensorflow
+from runtime.cli import quiet_tensorflow
 
 quiet_tensorflow()  # as the binaries start: TensorFlow's start-up lines are not shown
 

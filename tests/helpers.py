@@ -13,8 +13,9 @@ import numpy as np
 import tensorflow as tf
 
 from models import build_model
-from models.runs import open_checkpoints, write_config
+from models.checkpoints import open_checkpoints
 from models.weights import named_variables
+from runtime.run_config import write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -31,8 +31,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from models import cli
-from models.cli import UsageError, option
+from runtime import cli
+from runtime.cli import UsageError, option
 
 PROGRAM = "train.ablate"
 SC_FLAGFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
@@ -93,7 +93,7 @@ def evaluate_run(cfg: AblateConfig, config) -> dict:
     """{view: {"pretrained": mean accuracy, "random init": ..., "pixels": ...}} of one run,
     cached in the run folder (`ablation.json`)."""
     from evaluation.report import write_json
-    from models.runs import read_json
+    from runtime.files import read_json
 
     path = os.path.join(config.model_dir, "ablation.json")
     cached = read_json(path)
@@ -121,7 +121,7 @@ def _finetune(cfg: AblateConfig, config) -> dict:
     shared by every SC variant."""
     from evaluation import finetune
     from evaluation.report import write_json
-    from models.runs import read_json
+    from runtime.files import read_json
 
     def accuracy(init: str, out: str) -> float:
         ft = finetune.FinetuneConfig(init=init, model=config.model, dataset="digits",
@@ -188,7 +188,7 @@ def run(cfg: AblateConfig) -> list[dict]:
     import time
 
     from evaluation.report import write_json
-    from models.runs import write_text_atomic
+    from runtime.files import write_text_atomic
     from train.pretrain import run as pretrain
 
     tic = time.time()

@@ -1,5 +1,5 @@
 """`TrainConfig`: every setting of a pretraining run. Its fields ARE the flags of
-`python -m train.pretrain` (models/cli.py generates them), so a config built in code and one
+`python -m train.pretrain` (runtime/cli.py generates them), so a config built in code and one
 built on the command line have the same defaults. It is written to `<model_dir>/config.json`.
 
 Every field is either in the run's fingerprint (`FINGERPRINT_GROUPS`: it changes the result,
@@ -20,8 +20,8 @@ from typing import ClassVar
 from data import CROPS, PRETRAIN_DATASETS, is_pretrain_dataset
 from losses import NAT_SCOPES, NAT_TARGETS, SC_POOLS
 from models import MODEL_NAMES, PRECISIONS, PREPROCESSINGS
-from models.cli import UsageError, check_choice, check_range, option
-from models.runs import fingerprint_of
+from runtime.cli import UsageError, check_choice, check_range, option
+from runtime.ownership import fingerprint_of
 
 METHODS = ("nat", "sc")
 FINAL_EVALS = ("probe", "finetune", "none")

@@ -15,7 +15,7 @@ and the final table compares the pretrained network with the same network at ran
 linear probe (--final_eval=probe) or whole-network fine-tuning with labels
 (--final_eval=finetune, the SC protocol).
 
-The run folder belongs to one process and one set of settings (models/runs.py): a second
+The run folder belongs to one process and one set of settings (runtime/ownership.py): a second
 process on it, or a restart with a setting that changes the result (train/config.py lists
 those a restart may change, e.g. --epochs), stops at once with one line and writes nothing.
 probe_history.json, probe.png and results.json are rebuilt from everything the run recorded
@@ -24,14 +24,14 @@ table from results.json.
 
 This module is the composition root: it builds the strategy, the trainer with its probe hook,
 the export and the final table. Bad flags and every failure the user can act on stop with
-one line and exit status 1 (models/cli.py); `--help` and `--helpfull` exit 0.
+one line and exit status 1 (runtime/cli.py); `--help` and `--helpfull` exit 0.
 """
 
 from __future__ import annotations
 
 import os
 
-from models import cli
+from runtime import cli
 from train.config import TrainConfig
 
 PROGRAM = "train.pretrain"

@@ -27,7 +27,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 
-from models.runs import read_json, temporary_path, write_json_if_changed, write_text_atomic
+from runtime.files import read_json, temporary_path, write_json_if_changed, write_text_atomic
 
 IMAGES = "images.txt"
 SKIPPED = "skipped.json"

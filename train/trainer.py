@@ -9,7 +9,7 @@ One global step, on every replica (inside `strategy.run`):
     loss = compute_average_loss(per_example, global_batch) + scale_regularization(wd/2 ||W||^2)
     gradients summed over replicas by the optimizer; SGD with momentum
 
-`mixed_precision`: a Keras mixed policy, and for fp16 a loss-scaled SGD (models/precision.py).
+`mixed_precision`: a Keras mixed policy, and for fp16 a loss-scaled SGD (losses/loss_scale.py).
 `jit_compile`: the forward pass and its gradient in XLA, the Hungarian outside (train/compiled.py).
 
 `steps_per_loop` steps run in one `tf.function` (`tf.range` loop). A loop never crosses an
@@ -27,7 +27,7 @@ The run folder belongs to the trainer (on the chief; other workers checkpoint to
 folder): it is locked, and its fingerprint (`TrainConfig.fingerprint`: every setting that
 changes the result, plus the number of images, a folder's file list, the input pipelines and
 NAT's problem size) is compared with the recorded one before anything is restored or written
-(models/runs.py). Only then are config.json, a folder's file list (images.txt) and the files
+(runtime/ownership.py). Only then are config.json, a folder's file list (images.txt) and the files
 the folder scan left out (skipped.json) written; temporaries of a dead process are removed
 first, and named.
 
@@ -70,12 +70,14 @@ from data.pretrain import (
     pretrain_dataset,
     steps_per_epoch,
 )
+from losses import loss_scale
 from losses.nat import NoiseAsTargets
 from losses.spatial_contrasting import multi_endpoint_loss
-from models import build_model, precision
-from models.progress import Progress
-from models.runs import abandon_run, claim_run, open_checkpoints, start_run
+from models import build_model
+from models.checkpoints import open_checkpoints
 from models.weights import load_weights, named_variables
+from runtime.ownership import abandon_run, claim_run, start_run
+from runtime.progress import Progress
 from train import records
 from train.compiled import network_forward
 from train.config import TrainConfig
@@ -184,7 +186,7 @@ class Trainer:
             self.last_loss = tf.Variable(np.nan, trainable=False, dtype=tf.float64,
                                          name="last_loss")
             self.schedule = LearningRate(cfg.lr, cfg.lr_t0, cfg.lr_gamma, self.lr_scale)
-            self.optimizer = precision.loss_scaled(
+            self.optimizer = loss_scale.loss_scaled(
                 keras.optimizers.SGD(learning_rate=self.schedule, momentum=cfg.momentum),
                 cfg.mixed_precision)
             self.optimizer.build(self.model.trainable_variables)
@@ -193,7 +195,7 @@ class Trainer:
                 self.nat = NoiseAsTargets(self.source.num_examples, cfg.nat_dim, cfg.seed,
                                           scope=cfg.nat_scope, targets=cfg.nat_targets)
             objects = dict(model=named_variables(self.model),
-                           **precision.checkpoint_objects(self.optimizer),
+                           **loss_scale.checkpoint_objects(self.optimizer),
                            epoch=self.epoch, lr_scale=self.lr_scale, best_loss=self.best_loss,
                            bad_epochs=self.bad_epochs, last_loss=self.last_loss)
             if self.nat is not None:
@@ -201,7 +203,7 @@ class Trainer:
             self._checkpoint_dir = cfg.model_dir if self.chief else tempfile.mkdtemp()
             self.checkpoint, self.manager, latest = open_checkpoints(
                 cfg.model_dir, objects, cfg.keep_checkpoints, self._checkpoint_dir,
-                optional=(precision.LOSS_SCALE_KEY,))
+                optional=(loss_scale.LOSS_SCALE_KEY,))
         self.restored_from = self._restore(latest)
 
     def _record_data(self) -> None:
@@ -266,10 +268,10 @@ class Trainer:
                 loss += tf.nn.scale_regularization_loss(0.5 * cfg.weight_decay * _l2(self.model))
             if cfg.inject_nan_at_step >= 0:
                 loss += tf.where(step == cfg.inject_nan_at_step, np.nan, 0.0)
-            target = precision.scale_loss(self.optimizer, loss)
+            target = loss_scale.scale_loss(self.optimizer, loss)
         variables = self.model.trainable_variables
-        grads = precision.unscaled_gradients(self.optimizer, tape, target, variables)
-        precision.apply_gradients(self.optimizer, grads, variables)
+        grads = loss_scale.unscaled_gradients(self.optimizer, tape, target, variables)
+        loss_scale.apply_gradients(self.optimizer, grads, variables)
         return loss, stats
 
     def _stat_names(self) -> list[str]:

@@ -44,17 +44,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from evaluation.voc import common
-from models import build_model, cli
-from models.cli import UsageError, option
-from models.progress import Progress
+from models import build_model
+from runtime import cli
+from runtime.cli import UsageError, option
+from runtime.progress import Progress
 
-# TensorFlow loads after the flags are checked (models/cli.py).
+# TensorFlow loads after the flags are checked (runtime/cli.py).
 tf = cli.lazy_import("tensorflow")
 keras = cli.lazy_import("keras")
 voc_data = cli.lazy_import("data.voc")
 voc_metrics = cli.lazy_import("evaluation.voc.metrics")
 fc_init = cli.lazy_import("evaluation.voc.fc_init")
-precision = cli.lazy_import("models.precision")
+loss_scale = cli.lazy_import("losses.loss_scale")
 
 PROGRAM = "evaluation.voc.classification"
 TRAIN_LAYERS: dict[str, tuple[str, ...]] = {
@@ -235,12 +236,12 @@ def make_train_step(net: keras.Model, optimizer: keras.optimizers.Optimizer,
         with tf.GradientTape() as tape:
             logits = net(images, training=True)["logits"]
             loss = tf.reduce_mean(masked_sigmoid_loss(logits, labels))
-            target = precision.scale_loss(optimizer, loss)
-        grads = precision.unscaled_gradients(optimizer, tape, target, variables)
+            target = loss_scale.scale_loss(optimizer, loss)
+        grads = loss_scale.unscaled_gradients(optimizer, tape, target, variables)
         grads, _ = tf.clip_by_global_norm(grads, config.clip_norm)
         grads = [g + d * v.value if d else g for g, d, v in zip(grads, decay, variables,
                                                                   strict=True)]
-        precision.apply_gradients(optimizer, grads, variables)
+        loss_scale.apply_gradients(optimizer, grads, variables)
         return loss
 
     return step

@@ -10,13 +10,13 @@
 
 A protocol (`VocProtocol`) supplies what differs: its network, initialisation, data, train
 step, evaluation and report. The network is built under the dtype policy of
---mixed_precision, with a loss-scaled optimizer for fp16 (models/precision.py); the train
-steps differentiate `precision.scale_loss` and apply true gradients with
-`precision.apply_gradients`. Checkpoints hold the network (by name, models/weights.py), the
+--mixed_precision, with a loss-scaled optimizer for fp16 (losses/loss_scale.py); the train
+steps differentiate `loss_scale.scale_loss` and apply true gradients with
+`loss_scale.apply_gradients`. Checkpoints hold the network (by name, models/weights.py), the
 optimizer and its step, and the fp16 loss scale; the training stream is re-seeded with the
 step, so a resumed run is deterministic (not bit-identical to an uninterrupted one).
 
-The run folder belongs to one process and one configuration (models/runs.py): it is locked,
+The run folder belongs to one process and one configuration (runtime/ownership.py): it is locked,
 and every setting but those of `RESUMABLE` (where data and checkpoints go, how often to log
 and save, and --num_steps, which extends a run) is compared with the recorded fingerprint
 before anything is restored; a refused start writes nothing.
@@ -33,13 +33,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from models import PRECISIONS, PREPROCESSINGS, cli
-from models.cli import UsageError, option
-from models.progress import Progress
+from models import PRECISIONS, PREPROCESSINGS
+from runtime import cli
+from runtime.cli import UsageError, option
+from runtime.progress import Progress
 
 tf = cli.lazy_import("tensorflow")
 keras = cli.lazy_import("keras")
 precision = cli.lazy_import("models.precision")
+loss_scale = cli.lazy_import("losses.loss_scale")
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def resolve_preprocessing(config: VocRunConfig) -> str:
 
     Raises UsageError if the pretraining run is not an AlexNet.
     """
-    from models.runs import pretraining_config
+    from runtime.run_config import pretraining_config
 
     pretraining = pretraining_config(config.init_checkpoint)
     if pretraining is not None and pretraining.get("model", "alexnet") != "alexnet":
@@ -142,7 +144,7 @@ class VocProtocol(typing.Protocol):
 
 def train_loop(step_fn: Callable, batches: Iterator, manager, schedule, start: int,
                config) -> float | None:
-    """Steps start+1 .. num_steps: the losses shown (models/progress.py) and logged every
+    """Steps start+1 .. num_steps: the losses shown (runtime/progress.py) and logged every
     log_every steps, a checkpoint every checkpoint_every steps and at the last one. Returns the
     mean seconds per step."""
     from absl import logging
@@ -177,7 +179,7 @@ def _jsonable(value):
 
 def write_results(config, results: dict, table: str, summary: str, title: str) -> None:
     """results.json (NaN as null) and results.md in the run folder."""
-    from models.runs import write_json_atomic, write_text_atomic
+    from runtime.files import write_json_atomic, write_text_atomic
 
     write_json_atomic(os.path.join(config.model_dir, "results.json"), _jsonable(results))
     write_text_atomic(os.path.join(config.model_dir, "results.md"),
@@ -191,7 +193,7 @@ def run(protocol: VocProtocol, config) -> dict:
     RunLocked / RunMismatch for a folder in use or of another configuration, and
     FileNotFoundError for a missing checkpoint or unprepared data, each with one line.
     """
-    from models.runs import claim_run, fingerprint_of, start_run
+    from runtime.ownership import claim_run, fingerprint_of, start_run
 
     config.validate()
     with claim_run(config.model_dir, fingerprint_of(config, config.RESUMABLE)) as claim:
@@ -220,20 +222,20 @@ def run(protocol: VocProtocol, config) -> dict:
 def _start(protocol: VocProtocol, config):
     """The network and optimizer, restored from the latest checkpoint or initialised, and the
     data: (net, optimizer, checkpoint manager, schedule, trained variables). Writes nothing."""
-    from models.runs import open_checkpoints
+    from models.checkpoints import open_checkpoints
     from models.weights import named_variables
 
     preprocessing = resolve_preprocessing(config)
     keras.utils.set_random_seed(config.seed)
     with precision.policy_scope(config.mixed_precision):
         net, schedule, variables = protocol.build(config, preprocessing)
-    optimizer = precision.loss_scaled(keras.optimizers.SGD(schedule, momentum=config.momentum),
+    optimizer = loss_scale.loss_scaled(keras.optimizers.SGD(schedule, momentum=config.momentum),
                                       config.mixed_precision)
     optimizer.build(variables)
     _, manager, latest = open_checkpoints(
         config.model_dir, {"model": named_variables(net),
-                           **precision.checkpoint_objects(optimizer)},
-        config.keep_checkpoints, optional=(precision.LOSS_SCALE_KEY,))
+                           **loss_scale.checkpoint_objects(optimizer)},
+        config.keep_checkpoints, optional=(loss_scale.LOSS_SCALE_KEY,))
     if latest is not None:
         from absl import logging
 

@@ -43,11 +43,11 @@ from absl import logging
 
 from evaluation.voc import common
 from evaluation.voc.fast_rcnn import proposals as det_proposals
-from models import cli
-from models.cli import UsageError, option
-from models.progress import Progress
+from runtime import cli
+from runtime.cli import UsageError, option
+from runtime.progress import Progress
 
-# TensorFlow loads after the flags are checked (models/cli.py).
+# TensorFlow loads after the flags are checked (runtime/cli.py).
 tf = cli.lazy_import("tensorflow")
 keras = cli.lazy_import("keras")
 voc_data = cli.lazy_import("data.voc")
@@ -55,7 +55,7 @@ voc_metrics = cli.lazy_import("evaluation.voc.metrics")
 det_data = cli.lazy_import("evaluation.voc.fast_rcnn.data")
 det_model = cli.lazy_import("evaluation.voc.fast_rcnn.model")
 inference = cli.lazy_import("evaluation.voc.fast_rcnn.inference")
-precision = cli.lazy_import("models.precision")
+loss_scale = cli.lazy_import("losses.loss_scale")
 
 PROGRAM = "evaluation.voc.detection"
 FREEZE_CHOICES = ("none", "conv1", "conv2", "conv3", "conv4", "conv5")
@@ -167,11 +167,11 @@ def make_train_step(net: keras.Model, optimizer: keras.optimizers.Optimizer,
             cls, box = det_model.detection_loss(out["cls_logits"], out["bbox_deltas"],
                                                 batch["labels"], batch["targets"])
             loss = cls + box
-            target = precision.scale_loss(optimizer, loss)
-        grads = precision.unscaled_gradients(optimizer, tape, target, variables)
+            target = loss_scale.scale_loss(optimizer, loss)
+        grads = loss_scale.unscaled_gradients(optimizer, tape, target, variables)
         grads = [g + d * v.value if d else g
                  for g, d, v in zip(grads, decay, variables, strict=True)]
-        precision.apply_gradients(optimizer, grads, variables)
+        loss_scale.apply_gradients(optimizer, grads, variables)
         return cls, box
 
     return step

@@ -11,9 +11,10 @@ from absl import flags
 from data import labelled
 from data.augment import translate_and_flip
 from evaluation import finetune
-from models import build_model, cli
-from models.runs import RunMismatch
+from models import build_model
 from models.weights import named_variables
+from runtime import cli
+from runtime.ownership import RunMismatch
 from tests.helpers import make_run_dir
 
 SHAPE = [12, 12, 1]

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from losses import loss_scale
 from models import build_model, precision
+from models.checkpoints import open_checkpoints
 from models.layers import batch_norm
-from models.runs import open_checkpoints
 
 
 def test_a_scoped_policy_builds_mixed_layers_and_leaves_other_models_float32():
@@ -45,21 +46,21 @@ def test_batch_norm_statistics_are_float32_under_float16():
 
 def test_the_loss_scaled_step_applies_true_gradients_and_counts_a_skipped_step():
     w = keras.Variable([1.0, 2.0])
-    optimizer = precision.loss_scaled(keras.optimizers.SGD(0.5), "fp16")
+    optimizer = loss_scale.loss_scaled(keras.optimizers.SGD(0.5), "fp16")
     optimizer.build([w])
-    assert precision.loss_scaled(keras.optimizers.SGD(0.5), "bf16").__class__ is \
+    assert loss_scale.loss_scaled(keras.optimizers.SGD(0.5), "bf16").__class__ is \
         keras.optimizers.SGD
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(3.0 * w)
-        target = precision.scale_loss(optimizer, loss)
+        target = loss_scale.scale_loss(optimizer, loss)
     assert float(target) == 9.0 * 2**15
-    grads = precision.unscaled_gradients(optimizer, tape, target, [w])
+    grads = loss_scale.unscaled_gradients(optimizer, tape, target, [w])
     np.testing.assert_array_equal(grads[0].numpy(), [3.0, 3.0])
-    precision.apply_gradients(optimizer, grads, [w])
+    loss_scale.apply_gradients(optimizer, grads, [w])
     np.testing.assert_array_equal(w.numpy(), [-0.5, 0.5])
     assert int(optimizer.iterations.numpy()) == 1
     # float16 overflowed: no update, the scale halves, and the step still counts.
-    precision.apply_gradients(optimizer, [tf.constant([np.inf, 1.0])], [w])
+    loss_scale.apply_gradients(optimizer, [tf.constant([np.inf, 1.0])], [w])
     np.testing.assert_array_equal(w.numpy(), [-0.5, 0.5])
     assert int(optimizer.iterations.numpy()) == 2
     assert float(optimizer.dynamic_scale.numpy()) == 2**14
@@ -67,9 +68,9 @@ def test_the_loss_scaled_step_applies_true_gradients_and_counts_a_skipped_step()
 
 def _objects(prec: str):
     w = tf.Variable([1.0])
-    optimizer = precision.loss_scaled(keras.optimizers.SGD(0.1, momentum=0.9), prec)
+    optimizer = loss_scale.loss_scaled(keras.optimizers.SGD(0.1, momentum=0.9), prec)
     optimizer.build([w])
-    return {"w": w, **precision.checkpoint_objects(optimizer)}, optimizer
+    return {"w": w, **loss_scale.checkpoint_objects(optimizer)}, optimizer
 
 
 def test_the_loss_scale_is_checkpointed_and_optional_across_precisions(tmp_path):
@@ -80,7 +81,7 @@ def test_the_loss_scale_is_checkpointed_and_optional_across_precisions(tmp_path)
     manager.save()
     objects, optimizer = _objects("fp16")
     *_, latest = open_checkpoints(str(tmp_path / "fp16"), objects, keep=1,
-                                  optional=[precision.LOSS_SCALE_KEY])
+                                  optional=[loss_scale.LOSS_SCALE_KEY])
     assert latest and float(optimizer.dynamic_scale.numpy()) == 4.0
     assert int(optimizer.step_counter.numpy()) == 7
     # A float32 run resumed in fp16 starts from the initial scale; without `optional` the

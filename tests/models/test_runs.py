@@ -1,35 +1,15 @@
-"""The run folder (models/runs.py): config.json, rebuilding a run's network, checkpoints."""
-
-import json
-import os
-import signal
-import subprocess
-import sys
+"""Rebuilding a run's network (models/runs.py) and its checkpoints (models/checkpoints.py)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from models import build_model
-from models.runs import (
-    RunLocked,
-    RunMismatch,
-    abandon_run,
-    backbone_layers,
-    claim_run,
-    load_run_model,
-    open_checkpoints,
-    pretraining_config,
-    read_config,
-    release_run,
-    start_run,
-    write_atomic,
-    write_config,
-    write_json_atomic,
-    write_json_if_changed,
-)
+from models.checkpoints import open_checkpoints
+from models.runs import backbone_layers, load_run_model
 from models.weights import named_variables
-from tests.helpers import ROOT, folder_contents, make_run_dir, test_env
+from runtime.run_config import read_config, write_config
+from tests.helpers import make_run_dir
 
 
 def test_pretrained_weights_really_load(tmp_path):
@@ -81,15 +61,6 @@ def test_missing_folders_configs_and_checkpoints_are_named(tmp_path):
         load_run_model("", "", init="random")
 
 
-def test_config_is_written_atomically_and_found_from_a_prefix(tmp_path):
-    path = write_config(str(tmp_path / "run"), {"model": "alexnet", "model_kwargs": {}, "b": 1})
-    assert json.loads(open(path).read())["b"] == 1
-    assert os.listdir(tmp_path / "run") == ["config.json"]  # no temporary file left
-    assert pretraining_config(str(tmp_path / "run" / "ckpt-3"))["model"] == "alexnet"
-    assert pretraining_config(str(tmp_path / "run")) is not None
-    assert pretraining_config(str(tmp_path)) is None and pretraining_config("") is None
-
-
 def test_open_checkpoints_restores_the_latest(tmp_path):
     step = tf.Variable(0)
     _, manager, latest = open_checkpoints(str(tmp_path), {"step": step}, keep=2)
@@ -105,121 +76,3 @@ def test_backbone_layers_are_the_layers_up_to_the_head():
     layers = backbone_layers("nin_mnist", head="softmax", num_classes=5)
     assert layers[0] == "conv1_1" and "embedding_fc" not in layers and "conv3_1" not in layers
     assert backbone_layers("alexnet", head="nat", feature_dim=8)[-1] == "fc7_bn"
-
-
-# ------------------------------------------------------------------------------- ownership
-
-HOLD = ("import sys, time\n"
-        "from models.runs import claim_run\n"
-        "claim_run(sys.argv[1], {'seed': 0})\n"
-        "print('held', flush=True)\n"
-        "time.sleep(600)\n")
-
-
-def test_a_second_process_stops_at_once_and_a_killed_owner_leaves_no_lock(tmp_path):
-    folder = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, folder], cwd=ROOT, env=test_env(),
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with pytest.raises(RunLocked) as refused:
-            claim_run(folder, {"seed": 0})
-        assert str(refused.value) == (f"{folder} is in use by another process (PID "
-                                      f"{holder.pid}): wait for it to end, or use another "
-                                      "--model_dir")
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait(timeout=60)
-    # The OS released the lock of the killed process: nothing stale is left to remove.
-    claim = claim_run(folder, {"seed": 0})
-    assert claim.fresh
-    assert open(os.path.join(folder, ".lock")).read() == f"{os.getpid()}\n"
-    release_run(folder)
-
-
-def test_a_start_with_other_settings_is_refused_before_anything_is_written(tmp_path):
-    folder = str(tmp_path / "run")
-    claim = claim_run(folder, {"seed": 0, "lr": 0.05, "model_kwargs": {"head": "nat"}})
-    start_run(claim, {"seed": 0, "lr": 0.05, "epochs": 3})
-    before = folder_contents(folder)
-    with pytest.raises(RunMismatch) as refused:
-        claim_run(folder, {"seed": 1, "lr": 0.05, "model_kwargs": {"head": "none"},
-                           "crop": "pad"})
-    assert str(refused.value) == (
-        f"{folder} holds a run with other settings (crop: (none) -> \"pad\"; model_kwargs: "
-        '{"head": "nat"} -> {"head": "none"}; seed: 0 -> 1): rerun with the recorded '
-        "settings, or use another --model_dir")
-    assert folder_contents(folder) == before
-    # The same settings are accepted; only config.json (the current settings) may change.
-    again = claim_run(folder, {"seed": 0, "lr": 0.05, "model_kwargs": {"head": "nat"}})
-    assert not again.fresh
-    start_run(again, {"seed": 0, "lr": 0.05, "epochs": 5})
-    after = folder_contents(folder)
-    assert json.loads(after.pop("config.json"))["epochs"] == 5
-    before.pop("config.json")
-    assert after == before
-    release_run(folder)
-
-
-def test_a_failed_first_start_leaves_no_folder(tmp_path):
-    folder = tmp_path / "fresh"
-
-    def fails():
-        raise ValueError("dataset folder:x: no such directory")
-
-    with pytest.raises(ValueError, match="no such directory"):
-        claim_run(str(folder), fails)
-    assert not folder.exists()
-    existing = tmp_path / "existing"
-    existing.mkdir()
-    (existing / "notes.txt").write_text("mine")
-    claim = claim_run(str(existing), {"seed": 0})
-    abandon_run(claim)  # e.g. the restore failed: the folder is as it was
-    assert folder_contents(existing) == {"notes.txt": b"mine"}
-
-
-def test_a_folder_of_an_earlier_version_is_refused(tmp_path):
-    folder, _ = make_run_dir(tmp_path / "old")
-    before = folder_contents(folder)
-    with pytest.raises(RunMismatch, match=f"^{folder} holds a run without fingerprint.json "
-                       r"\(written by an earlier version of the zoo\): use another --output"):
-        claim_run(folder, {"seed": 0}, what="--output_dir")
-    assert folder_contents(folder) == before
-
-
-def test_temporaries_of_dead_processes_are_removed_and_named(tmp_path):
-    folder = tmp_path / "run"
-    (folder / "ckpt-12_temp").mkdir(parents=True)
-    (folder / "ckpt-12_temp" / "part-00000-of-00001.data-00000-of-00001.tempstate77").touch()
-    (folder / "ckpt-8.index.tempstate123").touch()
-    (folder / f"checkpoint.tmp{'ab' * 16}").touch()
-    (folder / ".results.json.tmp4242.json").touch()
-    (folder / "fingerprint.json").write_text('{"seed": 0}')
-    keep = ["fingerprint.json", "ckpt-8.index", "ckpt-8.data-00000-of-00001", "checkpoint",
-            "train", "my_temp", "results.json"]
-    for name in keep[1:4] + keep[6:]:
-        (folder / name).touch()
-    for name in keep[4:6]:
-        (folder / name).mkdir()
-    claim = claim_run(str(folder), {"seed": 0})
-    assert claim.removed == (".results.json.tmp4242.json", f"checkpoint.tmp{'ab' * 16}",
-                             "ckpt-12_temp", "ckpt-8.index.tempstate123")
-    assert sorted(os.listdir(folder)) == sorted([".lock", *keep])
-    release_run(str(folder))
-
-
-def test_atomic_writes_leave_nothing_half_written(tmp_path):
-    path = str(tmp_path / "results.json")
-    write_json_atomic(path, {"a": 1})
-
-    def breaks(tmp):
-        with open(tmp, "w") as f:
-            f.write('{"a": ')
-        raise OSError(28, "No space left on device", tmp)
-
-    with pytest.raises(OSError):
-        write_atomic(path, breaks)
-    assert os.listdir(tmp_path) == ["results.json"]
-    assert json.loads(open(path).read()) == {"a": 1}
-    assert not write_json_if_changed(path, {"a": 1})
-    assert write_json_if_changed(path, {"a": 2})

@@ -14,9 +14,9 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from models import build_model
-from models.cli import UsageError
 from models.pooling import pool_features
 from models.precision import float32_copy
+from runtime.cli import UsageError
 from serving.export import (
     ExportConfig,
     checkpoint_digest,

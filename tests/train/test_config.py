@@ -7,8 +7,8 @@ import os
 import pytest
 from absl import flags
 
-from models import cli
-from models.cli import UsageError
+from runtime import cli
+from runtime.cli import UsageError
 from tests.helpers import ROOT
 from train.config import TrainConfig
 

@@ -28,7 +28,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from models.runs import release_run
+from runtime.ownership import release_run
 from tests.helpers import (
     ROOT,
     assignment,

@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from models.cli import UsageError
-from models.runs import RunMismatch
+from runtime.cli import UsageError
+from runtime.ownership import RunMismatch
 from tests.helpers import (
     folder_contents,
     is_permutation,

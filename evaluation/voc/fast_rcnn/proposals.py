@@ -211,7 +211,7 @@ def compute_proposals(images: Iterable[tuple[str, np.ndarray]], cache: ProposalC
       cache: where proposals are read and written.
       workers: processes running selective search (0: in this process).
       mode, max_proposals: `selective_search` settings.
-      progress: show progress over the images (models/progress.py).
+      progress: show progress over the images (runtime/progress.py).
       total: the number of images, for the progress bar.
       search_fn: image -> boxes, instead of selective search (in-process only).
       chunk: images handed to the workers at a time (bounds the memory held).
@@ -221,7 +221,7 @@ def compute_proposals(images: Iterable[tuple[str, np.ndarray]], cache: ProposalC
     """
     if search_fn is not None and workers:
         raise ValueError("a custom search_fn runs in-process only (workers=0)")
-    from models.progress import Progress
+    from runtime.progress import Progress
 
     counts = {"computed": 0, "cached": 0}
     bar = Progress(total, "selective search", unit=" images",

@@ -20,8 +20,9 @@ from data import voc as voc_data
 from evaluation.voc import classification as vc
 from evaluation.voc import fc_init
 from evaluation.voc import metrics as voc_metrics
-from models import cli, precision
-from models.runs import RunMismatch
+from losses import loss_scale
+from runtime import cli
+from runtime.ownership import RunMismatch
 from tests.data.test_voc import as_dataset_fn, make_example
 from tests.helpers import make_run_dir, run_module
 
@@ -124,7 +125,7 @@ def test_train_step_is_clipped_momentum_sgd_with_weight_decay(mixed_precision):
     keras.utils.set_random_seed(0)
     net = vc.build_classifier(SIZE, "rgb", dropout=0.0)
     variables = vc.set_trainable(net, "fc8")
-    optimizer = precision.loss_scaled(
+    optimizer = loss_scale.loss_scaled(
         keras.optimizers.SGD(config.learning_rate, momentum=config.momentum), mixed_precision)
     optimizer.build(variables)
     step = vc.make_train_step(net, optimizer, variables, config)

@@ -2,7 +2,7 @@
 
 import io
 
-from models.progress import Progress
+from runtime.progress import Progress
 
 
 class Terminal(io.StringIO):

@@ -11,7 +11,7 @@ A binary is a frozen config dataclass and a `run(config)` function:
 - every failure the user can act on is ONE line on stderr, `<program>: error: <message>`,
   and exit status 1: absl's own flag errors, `UsageError`, bad values, missing, vanished or
   unreadable files, full or read-only disks, a run folder in use or of other settings
-  (models/runs.py); file-system failures name the path and what to do. `--help` prints the
+  (runtime/ownership.py); file-system failures name the path and what to do. `--help` prints the
   binary's docstring and its flags, `--helpfull` every flag; both exit 0. `--check_flags`
   checks the flags (a flagfile, say) and exits 0 without doing anything.
 
