@@ -97,6 +97,18 @@ def random_twin(config: TrainConfig):
     return build_model(config.model, **config.model_kwargs())
 
 
+def calibrated_twin(config: TrainConfig):
+    """The random twin with its BN statistics calibrated on the run's pretraining images
+    (evaluation/random_init.py): the second random-init row of every comparison."""
+    from evaluation.random_init import calibrated, pretraining_images
+    from train.records import recorded_images
+
+    twin = random_twin(config)
+    images = pretraining_images(config.dataset, twin.input_shape[1:], config.data_dir,
+                                config.manual_dir, recorded_images(config.model_dir))
+    return calibrated(twin, images)
+
+
 def _probe_table(config: TrainConfig, model, dataset: str) -> tuple[dict, str]:
     from evaluation.compare import compare
     from models import TRANSFER_ENDPOINT
@@ -106,7 +118,7 @@ def _probe_table(config: TrainConfig, model, dataset: str) -> tuple[dict, str]:
         views["knn"] = "embedding"
     comparison = compare(model, random_twin(config), dataset, views,
                          config.probe_labels_per_class, config.probe_splits, config.seed,
-                         config.method)
+                         config.method, calibrated=calibrated_twin(config))
     return {"probe": comparison.to_json()}, comparison.table()
 
 
