@@ -70,7 +70,8 @@ class ProbeConfig:
     stl10_folds: bool = option(False, "STL-10: repetition s trains on predefined fold s.")
     labels_per_class: int = option(10, "Labelled train examples per class (0: all).", lower=0)
     splits: int = option(5, "Repetitions (draws of the labelled examples).", lower=1)
-    seed: int = option(0, "Seed of the draws and of the classifiers.")
+    seed: int = option(0, "Seed of the draws and of the classifiers (and of --init=random "
+                       "without --model_dir).")
     pool: str = option("avg", "Pooling of feature maps.", choices=POOLS)
     pool_size: int = option(0, "Pool maps to this many cells a side (0: by --max_dims).",
                             lower=0)

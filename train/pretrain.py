@@ -13,7 +13,9 @@ measures the frozen features (NAT Figure 2). At the end the feature extractor is
 SavedModel (serving/export.py), in float32 whatever --mixed_precision the network trained in,
 and the final table compares the pretrained network with the same network at random init: a
 linear probe (--final_eval=probe) or whole-network fine-tuning with labels
-(--final_eval=finetune, the SC protocol).
+(--final_eval=finetune, the SC protocol). The frozen random init is read two ways, its BN
+statistics at init and calibrated on the run's images (evaluation/random_init.py); both rows
+are shown and each view's gap is taken against the stronger one, named in the table.
 
 The run folder belongs to one process and one set of settings (runtime/ownership.py): a second
 process on it, or a restart with a setting that changes the result (train/config.py lists
