@@ -192,7 +192,8 @@ def _stronger_rows(results: dict) -> dict[str, str]:
     """{endpoint: the init whose mean accuracy is higher} over results {init: ProbeResult}."""
     from evaluation.random_init import stronger
 
-    endpoints = [e.endpoint for e in next(iter(results.values())).endpoints]
+    endpoints = [e.endpoint for e in next(iter(results.values())).endpoints
+                 if e.endpoint != "pixels"]  # the input: the same for both
     return {endpoint: stronger({init: next(e.accuracies for e in each.endpoints
                                            if e.endpoint == endpoint)
                                 for init, each in results.items()})
