@@ -9,6 +9,10 @@ images per class, draw s seeded by (seed, s)) for every network, so each draw gi
 - knn: 1-nearest-neighbour by cosine similarity on the embedding (NAT Figure 3's view of the
   features: images near each other in the learned space share a class).
 
+Given the random twin with its BN statistics calibrated too (`evaluation.random_init`), both
+random-init rows are reported and each view's gap is measured against the stronger of the two
+(the higher mean accuracy over the same draws); the table says which.
+
 Raw pixels, through the same classifiers, are the reference rows: a feature extractor that
 does not beat them has not learned anything a classifier could not find in the images.
 """
@@ -23,6 +27,7 @@ import numpy as np
 from evaluation import report
 from evaluation.features import PIXELS
 from evaluation.probe import run_probe
+from evaluation.random_init import AT_INIT, CALIBRATED, stronger
 
 VIEWS = {"linear": "linear probe", "knn": "1-NN (cosine)"}
 
@@ -33,7 +38,7 @@ class Row:
 
     view: str  # a key of VIEWS
     endpoint: str
-    init: str  # "pretrained", "random init" or "pixels"
+    init: str  # "pretrained", "random init" (or AT_INIT and CALIBRATED) or "pixels"
     accuracies: tuple[float, ...]
 
     @property
@@ -47,7 +52,8 @@ class Row:
 
 @dataclass(frozen=True)
 class Comparison:
-    """Every row, and per view the paired gap pretrained - random init."""
+    """Every row, and per view the paired gap pretrained - random init (`against`: the
+    random-init row the gap was measured against)."""
 
     dataset: str
     labels_per_class: int
@@ -55,6 +61,7 @@ class Comparison:
     method: str
     rows: tuple[Row, ...]
     gaps: dict[str, report.PairedGap] = field(default_factory=dict)
+    against: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "labels_per_class": self.labels_per_class,
@@ -62,7 +69,8 @@ class Comparison:
                 "rows": [{"view": r.view, "endpoint": r.endpoint, "init": r.init,
                           "accuracies": list(r.accuracies), "mean": r.mean, "std": r.std}
                          for r in self.rows],
-                "gaps": {view: {**gap.__dict__, "text": gap.describe()}
+                "gaps": {view: {**gap.__dict__, "text": gap.describe(),
+                                "against": self.against.get(view, "random init")}
                          for view, gap in self.gaps.items()}}
 
     def table(self) -> str:
@@ -75,9 +83,13 @@ class Comparison:
                          f"{100 * r.mean:.1f}% ± {100 * r.std:.1f}"])
         lines = [f"{self.dataset}, {self.labels_per_class} labels per class, the same "
                  f"{self.splits} draws for every row", report.format_table(headers, rows)]
-        lines += [f"{VIEWS[view]}: {self.method} pretrained - random init = {gap.describe()}"
-                  for view, gap in self.gaps.items()]
+        lines += [f"{VIEWS[view]}: {self.method} pretrained - "
+                  f"{self._against(view)} = {gap.describe()}" for view, gap in self.gaps.items()]
         return "\n".join(lines)
+
+    def _against(self, view: str) -> str:
+        name = self.against.get(view, "random init")
+        return f"{name} (the stronger random-init row)" if name != "random init" else name
 
 
 def _accuracies(model, endpoints: Sequence[str], view: str, dataset: str,
@@ -90,7 +102,7 @@ def _accuracies(model, endpoints: Sequence[str], view: str, dataset: str,
 
 def compare(pretrained, random_init, dataset: str, views: dict[str, str],
             labels_per_class: int = 10, splits: int = 5, seed: int = 0,
-            method: str = "") -> Comparison:
+            method: str = "", calibrated=None) -> Comparison:
     """Probe both networks and the pixels through each view.
 
     Args:
@@ -99,17 +111,23 @@ def compare(pretrained, random_init, dataset: str, views: dict[str, str],
       views: {view: endpoint}, e.g. {"linear": "sc", "knn": "embedding"}.
       labels_per_class, splits, seed: the label draws (as in `evaluation.probe.run_probe`).
       method: the pretraining method, for the table.
+      calibrated: the random-init network with its BN statistics calibrated, or None. Given,
+        `random_init` is the AT_INIT row, this one the CALIBRATED row, and each gap is taken
+        against the stronger of the two.
     """
-    rows, gaps = [], {}
+    randoms = {"random init": random_init} if calibrated is None else {
+        AT_INIT: random_init, CALIBRATED: calibrated}
+    rows, gaps, against = [], {}, {}
     for view, endpoint in views.items():
         if view not in VIEWS:
             raise ValueError(f"unknown view {view!r}; choose from {', '.join(VIEWS)}")
         trained = _accuracies(pretrained, [endpoint, PIXELS], view, dataset,
                               labels_per_class, splits, seed)
-        random = _accuracies(random_init, [endpoint], view, dataset, labels_per_class,
-                             splits, seed)
-        rows += [Row(view, endpoint, "pretrained", trained[endpoint]),
-                 Row(view, endpoint, "random init", random[endpoint]),
-                 Row(view, PIXELS, "pixels", trained[PIXELS])]
-        gaps[view] = report.paired_gap(trained[endpoint], random[endpoint], "label draws")
-    return Comparison(dataset, labels_per_class, splits, method, tuple(rows), gaps)
+        random = {name: _accuracies(net, [endpoint], view, dataset, labels_per_class, splits,
+                                    seed)[endpoint] for name, net in randoms.items()}
+        rows.append(Row(view, endpoint, "pretrained", trained[endpoint]))
+        rows += [Row(view, endpoint, name, accuracies) for name, accuracies in random.items()]
+        rows.append(Row(view, PIXELS, "pixels", trained[PIXELS]))
+        against[view] = stronger(random)
+        gaps[view] = report.paired_gap(trained[endpoint], random[against[view]], "label draws")
+    return Comparison(dataset, labels_per_class, splits, method, tuple(rows), gaps, against)

@@ -145,8 +145,8 @@ def plot_probe_curve(history, comparison: dict | None, path: str, title: str) ->
     ax.errorbar(epochs, means, yerr=sds, marker="o", capsize=3, color="C0",
                 label=f"pretrained (± sd over {draws} label draws)")
     for row in rows:
-        if row["view"] == "linear" and row["init"] == "random init":
-            _baseline(ax, row, "C3", "random init")
+        if row["view"] == "linear" and row["init"] in RANDOM_COLOURS:
+            _baseline(ax, row, RANDOM_COLOURS[row["init"]], row["init"])
         elif row["view"] == "linear" and row["init"] == "pixels":
             _baseline(ax, row, "C2", "raw pixels")
     endpoint = next((r["endpoint"] for r in rows if r["view"] == "linear"), "the transfer endpoint")
@@ -161,19 +161,24 @@ def plot_probe_curve(history, comparison: dict | None, path: str, title: str) ->
     _save(fig, path)
 
 
+# The random-init rows (evaluation/random_init.py; "random init" alone in older results).
+RANDOM_COLOURS = {"random init": "C3", "random init, BN at init": "C3",
+                  "random init, BN calibrated": "C1"}
+
+
 def _final_panel(ax, rows: list[dict], views: list[str]) -> None:
     names = {"linear": "linear probe", "knn": "1-NN (cosine)"}
-    colours = {"pretrained": "C0", "random init": "C3", "pixels": "C2"}
-    legend = {"pretrained": "pretrained", "random init": "random init",
-              "pixels": "raw pixels, same classifier"}
-    width = 0.27
-    for i, init in enumerate(("pretrained", "random init", "pixels")):
+    colours = {"pretrained": "C0", **RANDOM_COLOURS, "pixels": "C2"}
+    legend = {"pretrained": "pretrained", "pixels": "raw pixels, same classifier"}
+    inits = list(dict.fromkeys(r["init"] for r in rows))
+    width = 0.8 / len(inits)
+    for i, init in enumerate(inits):
         values = [next((r for r in rows if r["view"] == v and r["init"] == init), None)
                   for v in views]
-        xs = [j + (i - 1) * width for j in range(len(views))]
+        xs = [j + (i - (len(inits) - 1) / 2) * width for j in range(len(views))]
         ax.bar(xs, [100 * v["mean"] if v else 0 for v in values], width,
                yerr=[100 * v["std"] if v else 0 for v in values], capsize=3,
-               color=colours[init], label=legend[init])
+               color=colours[init], label=legend.get(init, init))
     ax.set_xticks(range(len(views)),
                   [f"{names[v]} on {next(r['endpoint'] for r in rows if r['view'] == v)}"
                    for v in views])
@@ -181,7 +186,7 @@ def _final_panel(ax, rows: list[dict], views: list[str]) -> None:
     ax.set_ylim(max(0.0, low - 5), 104)
     ax.set(ylabel="test accuracy (%)", title="At the end, on the same label draws")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
+    ax.legend(fontsize=8, loc="upper center", ncol=2, frameon=False)
 
 
 def plot_ablation(rows: list[dict], path: str) -> None:

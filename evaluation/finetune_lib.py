@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from data import LABELLED_DATASETS
+from evaluation.divergence import check_finite
 from models import MODEL_NAMES, PRECISIONS
 from runtime import cli
 from runtime.cli import UsageError, option
@@ -156,7 +157,7 @@ def model_spec(cfg: FinetuneConfig) -> tuple[str, dict]:
     name, kwargs = cfg.model, cfg.overrides()
     config = pretraining_config(cfg.init) if cfg.init != NONE else None
     if config is not None:
-        stored_name, stored = model_spec(config)
+        stored_name, stored = runs.model_spec(config)
         stored = {k: v for k, v in stored.items()
                   if k not in ("head", "feature_dim", "num_classes")}
         name, kwargs = name or stored_name, {**stored, **kwargs}
@@ -255,29 +256,32 @@ def _array_batches(x, y, batch_size):
 
 
 def _train_epoch(model, optimizer):
-    """A tf.function (batch iterator, steps) -> mean loss: one epoch of SGD steps in one call."""
+    """One epoch of SGD steps in one tf.function call, stopped before a NaN/Inf loss's step."""
     @tf.function
     def epoch(batches, steps):
-        total = tf.constant(0.0)
-        for _ in tf.range(steps):
+        total, bad, bad_loss = tf.constant(0.0), tf.constant(-1), tf.constant(0.0)
+        for i in tf.range(steps):
             x, y = next(batches)
             variables = model.trainable_variables
             with tf.GradientTape() as tape:
                 logits = model(x, training=True)["logits"]
                 loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
                 target = loss_scale.scale_loss(optimizer, loss)
+            if not tf.math.is_finite(loss):
+                bad, bad_loss = i, loss
+                break
             gradients = loss_scale.unscaled_gradients(optimizer, tape, target, variables)
             loss_scale.apply_gradients(optimizer, gradients, variables)
             total += loss
-        return total / tf.cast(steps, tf.float32)
+        return total / tf.cast(steps, tf.float32), bad_loss, bad
 
     return epoch
 
 
-def train(model, data: Labelled, cfg: FinetuneConfig, seed: int, bar: Progress | None = None
-          ) -> tuple[int, bool, tuple[dict, ...]]:
+def train(model, data: Labelled, cfg: FinetuneConfig, seed: int, bar: Progress | None = None,
+          what: str = "") -> tuple[int, bool, tuple[dict, ...]]:
     """Fine-tune every trainable variable (module docstring); returns (the epoch whose
-    weights are kept, converged, the per-epoch history)."""
+    weights are kept, converged, the per-epoch history). A NaN/Inf loss raises NonFiniteLoss."""
     optimizer = loss_scale.loss_scaled(
         keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum,
                              weight_decay=cfg.weight_decay or None), cfg.mixed_precision)
@@ -294,7 +298,14 @@ def train(model, data: Labelled, cfg: FinetuneConfig, seed: int, bar: Progress |
     lr, best_loss, best_epoch, best_weights, wait, cuts = cfg.learning_rate, np.inf, 0, None, 0, 0
     history = []
     for epoch in range(1, cfg.epochs + 1):
-        train_loss = float(run_epoch(batches, tf.constant(steps)))
+        train_loss, bad_loss, bad = run_epoch(batches, tf.constant(steps))
+        if int(bad) >= 0:  # evaluation/divergence.py
+            if bar is not None:
+                bar.close()
+            check_finite({"cross-entropy": float(bad_loss)}, (epoch - 1) * steps + int(bad) + 1,
+                         f"{what or f'fine-tuning, seed {seed}'} (epoch {epoch})", "nothing "
+                         "written; try a lower --learning_rate")
+        train_loss = float(train_loss)
         val_loss, val_acc = (evaluate(model, _array_batches(data.x_val, data.y_val, 512))
                              if validating else (float("nan"), float("nan")))
         history.append({"epoch": epoch, "learning_rate": lr, "train_loss": train_loss,
@@ -329,7 +340,7 @@ def run_seed(cfg: FinetuneConfig, name: str, kwargs: dict, init: str | None, see
     """One fine-tuning run: the initial model of (init, seed), training, then the test split."""
     model, loaded = initial_model(name, kwargs, init, seed, cfg.mixed_precision)
     bar = Progress(cfg.epochs, label or f"seed {seed}", unit=" epochs")
-    kept, converged, history = train(model, data, cfg, seed, bar)
+    kept, converged, history = train(model, data, cfg, seed, bar, label)
     bar.close()
     test_indices = np.arange(cfg.max_test_examples) if cfg.max_test_examples else None
     test = labelled.load(cfg.source, "test", model.input_shape[1:], test_indices).batch(256)

@@ -2,7 +2,11 @@ r"""Linear, MLP or nearest-neighbour probes on the frozen features of a pretrain
 
 Protocol (NAT Sec. 4 and Table 3; `evaluation.probe` has the details):
 - the network is loaded from a training --model_dir (its latest checkpoint), from a
-  --saved_model, or left at random initialisation (--init=random, the baseline);
+  --saved_model, or left at random initialisation (--init=random, the baseline: seeded by the
+  run's own seed with --model_dir, so that it is the run's random twin, else by --seed). A
+  random init is probed twice (evaluation/random_init.py): with its BN statistics at init, and
+  calibrated on the pretraining images (the run's dataset; without a run, the --dataset's
+  train images); both rows are reported and the stronger one per endpoint is named;
 - each --endpoints map is pooled (adaptive average or max) to at most --max_dims features
   (or --pool_size cells a side) and frozen;
 - for each of --splits repetitions, --labels_per_class labelled train examples per class are
@@ -37,6 +41,8 @@ from models import MODEL_NAMES
 from runtime import cli
 from runtime.cli import UsageError, option
 
+AT_INIT, CALIBRATED = "random init, BN at init", "random init, BN calibrated"
+
 PROGRAM = "evaluation.linear_probe"
 INITS = ("checkpoint", "random")
 HEADS = ("linear", "mlp", "knn")
@@ -64,7 +70,8 @@ class ProbeConfig:
     stl10_folds: bool = option(False, "STL-10: repetition s trains on predefined fold s.")
     labels_per_class: int = option(10, "Labelled train examples per class (0: all).", lower=0)
     splits: int = option(5, "Repetitions (draws of the labelled examples).", lower=1)
-    seed: int = option(0, "Seed of the draws and of the classifiers.")
+    seed: int = option(0, "Seed of the draws and of the classifiers (and of --init=random "
+                       "without --model_dir).")
     pool: str = option("avg", "Pooling of feature maps.", choices=POOLS)
     pool_size: int = option(0, "Pool maps to this many cells a side (0: by --max_dims).",
                             lower=0)
@@ -129,11 +136,12 @@ def load_model(cfg: ProbeConfig):
             raise UsageError(f"--saved_model={cfg.saved_model}: {error}") from None
         return client, None, cfg.saved_model
     try:
-        loaded = load_run_model(cfg.model_dir, cfg.model, cfg.overrides(), init=cfg.init)
+        loaded = load_run_model(cfg.model_dir, cfg.model, cfg.overrides(), init=cfg.init,
+                                seed=cfg.seed)
     except (FileNotFoundError, ValueError) as error:
         flag = "--model_dir" if cfg.model_dir else "--model_kwargs"
         raise UsageError(f"{flag}={cfg.model_dir or cfg.model_kwargs}: {error}") from None
-    weights = ("random init" if cfg.init == "random"
+    weights = (f"random init, seed {loaded.seed}" if cfg.init == "random"
                else f"{loaded.checkpoint} ({loaded.loaded} tensors)")
     return loaded.model, loaded.name, weights
 
@@ -146,36 +154,92 @@ def run(cfg: ProbeConfig):
 
     with claim_run(cfg.out, fingerprint_of(cfg, cfg.RESUMABLE), "--output_dir") as claim:
         result, seconds, name, weights = _probe(cfg)
+        # A random init is probed twice: BN at init (above) and BN calibrated.
+        results = {"": result} if cfg.init == "checkpoint" else {
+            AT_INIT: result, CALIBRATED: _probe_calibrated(cfg)}
         start_run(claim, asdict(cfg))  # complete results: config.json, then them
     labels = cfg.labels_per_class or "all"
     headers = ["endpoint", "pooled", "dims", "head", "labels/class", "splits", "val acc %",
                "test acc %"]
     rows = []
-    for e in result.endpoints:
-        val = [s.val_accuracy for s in e.splits if s.val_accuracy is not None]
-        rows.append([e.endpoint, "x".join(map(str, e.shape)), str(e.dims), cfg.head,
-                     str(labels), str(cfg.splits),
-                     report.percent(*report.mean_std(val)) if val else "-",
-                     report.percent(e.mean, e.std)])
+    for init, each in results.items():
+        for e in each.endpoints:
+            val = [s.val_accuracy for s in e.splits if s.val_accuracy is not None]
+            rows.append([e.endpoint, "x".join(map(str, e.shape)), str(e.dims), cfg.head,
+                         str(labels), str(cfg.splits),
+                         report.percent(*report.mean_std(val)) if val else "-",
+                         report.percent(e.mean, e.std)] + ([init] if init else []))
     title = (f"{cfg.head} probe of {name} ({weights}) on {cfg.dataset}: "
              f"{result.train_examples} train images drawn, {result.test_examples} test images")
     payload = {"config": asdict(cfg), "model": name, "weights": weights,
                "seconds": seconds, **result.to_json()}
+    notes = ""
+    if len(results) > 1:
+        headers.append("init")
+        stronger = _stronger_rows(results)
+        payload["random_inits"] = {init: each.to_json() for init, each in results.items()}
+        payload["stronger"] = stronger
+        notes = "".join(f"\n{endpoint}: the stronger random-init row is {init}"
+                        for endpoint, init in stronger.items())
     table = report.write_report(cfg.out, "probe", payload, headers, rows, title)
-    text = f"{title}\n{table}"
+    text = f"{title}\n{table}{notes}"
     print(text)
     print(f"wrote {cfg.out}/probe.md and probe.json")
     return result, text
 
 
-def _probe(cfg: ProbeConfig):
-    """(the ProbeResult, seconds, model name, a description of the weights)."""
+def _stronger_rows(results: dict) -> dict[str, str]:
+    """{endpoint: the init whose mean accuracy is higher} over results {init: ProbeResult}."""
+    from evaluation.random_init import stronger
+
+    endpoints = [e.endpoint for e in next(iter(results.values())).endpoints
+                 if e.endpoint != "pixels"]  # the input: the same for both
+    return {endpoint: stronger({init: next(e.accuracies for e in each.endpoints
+                                           if e.endpoint == endpoint)
+                                for init, each in results.items()})
+            for endpoint in endpoints}
+
+
+def calibration_images(cfg: ProbeConfig, input_shape):
+    """The images a random init's BN statistics are calibrated on: the run's pretraining
+    images (its config.json's dataset), or without a run the --dataset's train images."""
+    from data import labelled
+    from evaluation.random_init import MAX_CALIBRATION_IMAGES, pretraining_images
+    from runtime.run_config import read_config
+
+    config = read_config(cfg.model_dir) if cfg.model_dir and os.path.exists(
+        os.path.join(cfg.model_dir, "config.json")) else {}
+    if "dataset" in config:
+        listed = os.path.join(cfg.model_dir, "images.txt")  # a folder run's recorded files
+        files = None
+        if os.path.exists(listed):
+            with open(listed) as f:
+                files = f.read().splitlines()
+        return pretraining_images(config["dataset"], input_shape, cfg.data_dir,
+                                  cfg.manual_dir, files)
+    source = labelled.LabelledSource(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.stl10_dir)
+    return labelled.load(source, "train", input_shape).take(MAX_CALIBRATION_IMAGES)
+
+
+def _probe_calibrated(cfg: ProbeConfig):
+    """The ProbeResult of the same seeded random init with its BN statistics calibrated."""
+    from evaluation.features import model_input_shape
+    from evaluation.random_init import calibrated
+
+    loaded = load_model(cfg)
+    calibrated(loaded[0], calibration_images(cfg, model_input_shape(loaded[0])))
+    return _probe(cfg, loaded)[0]
+
+
+def _probe(cfg: ProbeConfig, loaded=None):
+    """(the ProbeResult, seconds, model name, a description of the weights) of the model of
+    `cfg` (or of `loaded`, `load_model`'s answer with the weights changed since)."""
     from data import labelled
     from evaluation import probe
     from evaluation.classifiers import KnnHead, MLPHead
     from models import TRANSFER_ENDPOINT
 
-    model, name, weights = load_model(cfg)
+    model, name, weights = loaded or load_model(cfg)
     endpoints = cfg.endpoints
     if endpoints is None:
         if name not in TRANSFER_ENDPOINT:

@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import keras
+
 from models import build_model
 from models.checkpoints import resolve_checkpoint
 from models.weights import load_weights
@@ -43,10 +45,12 @@ class LoadedModel:
     checkpoint: str | None
     loaded: int
     config: dict
+    seed: int | None = None  # the seed of a random init (None: the weights were loaded)
 
 
 def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | None = None,
-                   checkpoint: str = "", init: str = "checkpoint") -> LoadedModel:
+                   checkpoint: str = "", init: str = "checkpoint", seed: int = 0
+                   ) -> LoadedModel:
     """Rebuild a run's network from `<model_dir>/config.json` and load its latest checkpoint.
 
     Args:
@@ -55,12 +59,15 @@ def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | No
       overrides: build_model kwargs replacing those of config.json (e.g. head="softmax").
       checkpoint: a prefix or folder to load instead of model_dir's latest checkpoint.
       init: "checkpoint" loads the weights (every backbone layer must be there); "random"
-        leaves the network at its initialisation.
+        leaves the network at its seeded initialisation: seeded by the run's own seed
+        (config.json's "seed") when there is a run, so that it is the run's random twin (the
+        network its pretraining started from), else by `seed`.
+      seed: the seed of a random init without a run's seed.
 
     Raises FileNotFoundError / ValueError with a one-line message naming the folder or file.
     """
     config: dict = {}
-    if model_dir and (init == "checkpoint" or not model):
+    if model_dir and (init == "checkpoint" or not model or os.path.isdir(model_dir)):
         try:
             config = read_config(model_dir)
         except FileNotFoundError:
@@ -73,11 +80,14 @@ def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | No
     kwargs.update(overrides or {})
     if kwargs.get("input_shape") is not None:
         kwargs["input_shape"] = tuple(kwargs["input_shape"])
-    path, loaded = None, 0
+    path, loaded, init_seed = None, 0, None
     if init == "checkpoint":
         path = resolve_checkpoint(checkpoint or model_dir)  # before the (large) model is built
+    else:
+        init_seed = int(config.get("seed", seed))
+        keras.utils.set_random_seed(init_seed)  # as train.pretrain.random_twin seeds the twin
     built = build_model(name, **kwargs)
     if path is not None:
         report = load_weights(built, path, require=backbone_layers(name, **kwargs))
         path, loaded = report.checkpoint, len(report.loaded)
-    return LoadedModel(built, name, kwargs, path, loaded, config)
+    return LoadedModel(built, name, kwargs, path, loaded, config, init_seed)

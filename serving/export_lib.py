@@ -54,7 +54,8 @@ for NiN's `sc` (the vectors the SC loss
 compares); any other 4-D endpoint defaults to `flatten` and a 2-D one to `none`.
 
 `python -m serving.export --model_dir=DIR` exports the latest checkpoint of a training run (its
-`config.json` gives the model); `--init=random --model=NAME` exports an untrained network.
+`config.json` gives the model); `--init=random --model=NAME` exports an untrained network,
+seeded by --seed (with --model_dir: by the run's own seed, so that it is the run's random twin).
 """
 
 from __future__ import annotations
@@ -294,6 +295,8 @@ class ExportConfig:
     export_base: str = option("", "Base directory of the model server (default: "
                               "<model_dir>/export).")
     model_name: str = option("", "Served model name (default: the model name).")
+    seed: int = option(0, "Seed of --init=random without a run (with --model_dir: the run's "
+                       "own seed, its random twin).")
 
     def __post_init__(self):
         if self.init == "checkpoint" and not (self.model_dir or self.checkpoint):
@@ -320,10 +323,12 @@ def run(config: ExportConfig) -> str:
     from models.runs import load_run_model
 
     loaded = load_run_model(config.model_dir, config.model, config.overrides(),
-                            config.checkpoint, config.init)
+                            config.checkpoint, config.init, seed=config.seed)
     metadata = {"model": loaded.name, "model_kwargs": loaded.kwargs,
                 "checkpoint": loaded.checkpoint, "init": config.init,
                 "export_flags": asdict(config)}
+    if loaded.seed is not None:
+        metadata["init_seed"] = loaded.seed
     for key in ("method", "dataset"):
         if key in loaded.config:
             metadata[key] = loaded.config[key]

@@ -20,7 +20,14 @@ initialisation) on the same label draws (`evaluation.compare`): a linear probe o
 second view is fine-tuning (`evaluation.finetune`, the SC protocol) of the SC init against
 scratch, with the label draw and every other seed shared. Per seed, the gap is the mean over
 the draws of the paired differences; the table reports mean ± sd over the seeds and a paired
-t-test over the seeds. A gap inside its spread is reported as no difference.
+t-test over the seeds. A gap inside its spread is reported as no difference. The twin is read
+both ways (evaluation/random_init.py): BN at init, and BN calibrated on the train digits; each
+view's gap is taken against the stronger of the two over the seeds, and the table says which.
+
+A run's figures are cached in its folder (`ablation.json`), and a seed's scratch fine-tuning
+in `scratch/seed<k>/accuracy.json`, each with the settings and the checkpoint it answers
+(train/cached.py): a rerun with other --splits, --labels_per_class or a checkpoint trained
+further (--epochs) recomputes them.
 
 Writes `<output_dir>/ablation.json` (every figure), `ablation.md` and `ablation.png`.
 """
@@ -90,70 +97,97 @@ def train_config(cfg: AblateConfig, variant: str, seed: int):
 
 
 def evaluate_run(cfg: AblateConfig, config) -> dict:
-    """{view: {"pretrained": mean accuracy, "random init": ..., "pixels": ...}} of one run,
-    cached in the run folder (`ablation.json`)."""
-    from evaluation.report import write_json
-    from runtime.files import read_json
+    """{view: {"pretrained": mean accuracy, <each random-init row>: ..., "pixels": ...}} of
+    one run, cached in the run folder (`ablation.json`) for the settings and the checkpoint
+    it answers (train/cached.py)."""
+    from train.cached import cached, checkpoint_identity
 
-    path = os.path.join(config.model_dir, "ablation.json")
-    cached = read_json(path)
-    if cached is not None:
-        return cached
+    views = {"linear": "sc"} | ({"knn": "embedding"} if config.method == "nat" else {})
+    key = {"dataset": "digits", "views": views, "labels_per_class": cfg.labels_per_class,
+           "splits": cfg.splits, "seed": config.seed, "method": config.method,
+           "model": config.model, "model_kwargs": config.model_kwargs(),
+           "checkpoint": checkpoint_identity(config.model_dir),
+           "finetune": _finetune_key(cfg, config) if config.method == "sc" else None}
+    return cached(os.path.join(config.model_dir, "ablation.json"), key,
+                  lambda: _evaluate(cfg, config, views))
+
+
+def _evaluate(cfg: AblateConfig, config, views: dict) -> dict:
     from evaluation.compare import compare
     from models.runs import load_run_model
-    from train.pretrain import random_twin
+    from train.pretrain import calibrated_twin, random_twin
 
     model = load_run_model(config.model_dir).model
-    views = {"linear": "sc"} | ({"knn": "embedding"} if config.method == "nat" else {})
     comparison = compare(model, random_twin(config), "digits", views, cfg.labels_per_class,
-                         cfg.splits, config.seed, config.method)
+                         cfg.splits, config.seed, config.method,
+                         calibrated=calibrated_twin(config))
     out = {view: {r.init: r.mean for r in comparison.rows if r.view == view}
            for view in views}
     if config.method == "sc":
         out["finetune"] = _finetune(cfg, config)
-    write_json(path, out)
     return out
+
+
+def _finetune_config(cfg: AblateConfig, config, init: str, out: str):
+    from evaluation import finetune
+
+    return finetune.FinetuneConfig(init=init, model=config.model, dataset="digits",
+                                   labels_per_class=cfg.labels_per_class,
+                                   seeds=(config.seed,), output_dir=out)
+
+
+def _finetune_key(cfg: AblateConfig, config) -> dict:
+    """Every fine-tuning setting but where it writes (the init is keyed by the checkpoint)."""
+    settings = dataclasses.asdict(_finetune_config(cfg, config, "none", ""))
+    return {k: v for k, v in settings.items() if k not in ("output_dir", "init")}
 
 
 def _finetune(cfg: AblateConfig, config) -> dict:
     """Fine-tuned test accuracy of the run's network and of the same network from scratch,
     with the same seed (label draw, classifier init, batches); the scratch run of a seed is
-    shared by every SC variant."""
+    shared by every SC variant (cached for its settings in scratch/seed<k>/accuracy.json)."""
     from evaluation import finetune
-    from evaluation.report import write_json
-    from runtime.files import read_json
+    from train.cached import cached
 
     def accuracy(init: str, out: str) -> float:
-        ft = finetune.FinetuneConfig(init=init, model=config.model, dataset="digits",
-                                     labels_per_class=cfg.labels_per_class,
-                                     seeds=(config.seed,), output_dir=out)
-        results, _ = finetune.run(ft)
+        results, _ = finetune.run(_finetune_config(cfg, config, init, out))
         return next(iter(results.values()))[0].test_accuracy
 
+    # The fine-tuning folders are named by the labels, so that other settings get new ones.
+    labels = f"labels{cfg.labels_per_class}"
     scratch_dir = os.path.join(cfg.output_dir, "scratch", f"seed{config.seed}")
-    scratch = read_json(os.path.join(scratch_dir, "accuracy.json"))
-    if scratch is None:
-        scratch = {"accuracy": accuracy("none", scratch_dir)}
-        write_json(os.path.join(scratch_dir, "accuracy.json"), scratch)
-    return {"pretrained": accuracy(config.model_dir, os.path.join(config.model_dir, "finetune")),
+    scratch = cached(os.path.join(scratch_dir, "accuracy.json"),
+                     {"init": "none", **_finetune_key(cfg, config)},
+                     lambda: {"accuracy": accuracy("none", os.path.join(scratch_dir, labels))})
+    return {"pretrained": accuracy(config.model_dir,
+                                   os.path.join(config.model_dir, f"finetune_{labels}")),
             "random init": scratch["accuracy"]}
 
 
 def summarise(per_seed: dict[str, list[dict]]) -> list[dict]:
-    """One row per (variant, view): mean ± sd over the seeds, and the paired gap."""
+    """One row per (variant, view): mean ± sd over the seeds, and the paired gap against the
+    stronger random-init row over the same seeds ("against" says which; every random-init
+    row is kept under "random inits")."""
     import numpy as np
 
+    from evaluation.random_init import stronger
     from evaluation.report import paired_gap
 
     rows = []
     for variant, runs in per_seed.items():
         for view in runs[0]:
             trained = [r[view]["pretrained"] for r in runs]
-            random = [r[view]["random init"] for r in runs]
-            gap = paired_gap(trained, random, "pretraining seeds")
+            randoms = {name: [r[view][name] for r in runs] for name in runs[0][view]
+                       if name.startswith("random init")}
+            against = stronger(randoms)
+            gap = paired_gap(trained, randoms[against], "pretraining seeds")
             rows.append({"variant": variant, "view": view, "seeds": len(runs),
                          "pretrained": [float(np.mean(trained)), float(np.std(trained))],
-                         "random init": [float(np.mean(random)), float(np.std(random))],
+                         "random init": [float(np.mean(randoms[against])),
+                                         float(np.std(randoms[against]))],
+                         "against": against,
+                         "random inits": {name: [float(np.mean(v)), float(np.std(v))]
+                                          for name, v in randoms.items()},
                          "pixels": runs[0][view].get("pixels"),
                          "gap": {**gap.__dict__, "text": gap.describe()}})
     return rows
@@ -169,13 +203,25 @@ def _verdict(gap: dict) -> str:
     return "gap > spread" if gap["p"] < 0.05 else "no difference"
 
 
+def _twin_name(row: dict) -> str:
+    """Which random-init row the gap was taken against (the stronger; scratch: fine-tuning)."""
+    if row["view"] == "finetune":
+        return "scratch"
+    names = {"random init, BN at init": "BN at init", "random init, BN calibrated":
+             "BN calibrated"}
+    others = len(row.get("random inits", {})) - 1
+    return names.get(row.get("against"), "random init") + (" (stronger)" if others > 0 else "")
+
+
 def table(rows: list[dict]) -> str:
     from evaluation.report import format_table
 
-    headers = ["variant", "view", "pretrained %", "twin %", "gap (points)", "p", "verdict"]
+    headers = ["variant", "view", "pretrained %", "twin %", "twin", "gap (points)", "p",
+               "verdict"]
     body = [[r["variant"], VIEW_NAMES[r["view"]],
              f"{100 * r['pretrained'][0]:.1f} ± {100 * r['pretrained'][1]:.1f}",
              f"{100 * r['random init'][0]:.1f} ± {100 * r['random init'][1]:.1f}",
+             _twin_name(r),
              f"{100 * r['gap']['mean']:+.1f} ± {100 * r['gap']['sd']:.1f}",
              "-" if r["gap"]["p"] != r["gap"]["p"] else f"{r['gap']['p']:.3f}",
              _verdict(r["gap"])] for r in rows]
@@ -210,9 +256,9 @@ def run(cfg: AblateConfig) -> list[dict]:
 
     plot_ablation(rows, os.path.join(cfg.output_dir, "ablation.png"))
     print(f"\n{text}\n\nmean ± sd over {len(cfg.seeds)} pretraining seeds, each against its "
-          f"random-init twin (fine-tuning: against scratch), {cfg.labels_per_class} labels "
-          f"per class; {seconds:.0f} s. Wrote {cfg.output_dir}/ablation.md, ablation.json, "
-          "ablation.png")
+          "random-init twin (the stronger of BN at init and BN calibrated on the train digits; "
+          f"fine-tuning: against scratch), {cfg.labels_per_class} labels per class; "
+          f"{seconds:.0f} s. Wrote {cfg.output_dir}/ablation.md, ablation.json, ablation.png")
     return rows
 
 

@@ -13,7 +13,9 @@ measures the frozen features (NAT Figure 2). At the end the feature extractor is
 SavedModel (serving/export.py), in float32 whatever --mixed_precision the network trained in,
 and the final table compares the pretrained network with the same network at random init: a
 linear probe (--final_eval=probe) or whole-network fine-tuning with labels
-(--final_eval=finetune, the SC protocol).
+(--final_eval=finetune, the SC protocol). The frozen random init is read two ways, its BN
+statistics at init and calibrated on the run's images (evaluation/random_init.py); both rows
+are shown and each view's gap is taken against the stronger one, named in the table.
 
 The run folder belongs to one process and one set of settings (runtime/ownership.py): a second
 process on it, or a restart with a setting that changes the result (train/config.py lists
@@ -97,6 +99,18 @@ def random_twin(config: TrainConfig):
     return build_model(config.model, **config.model_kwargs())
 
 
+def calibrated_twin(config: TrainConfig):
+    """The random twin with its BN statistics calibrated on the run's pretraining images
+    (evaluation/random_init.py): the second random-init row of every comparison."""
+    from evaluation.random_init import calibrated, pretraining_images
+    from train.records import recorded_images
+
+    twin = random_twin(config)
+    images = pretraining_images(config.dataset, twin.input_shape[1:], config.data_dir,
+                                config.manual_dir, recorded_images(config.model_dir))
+    return calibrated(twin, images)
+
+
 def _probe_table(config: TrainConfig, model, dataset: str) -> tuple[dict, str]:
     from evaluation.compare import compare
     from models import TRANSFER_ENDPOINT
@@ -106,7 +120,7 @@ def _probe_table(config: TrainConfig, model, dataset: str) -> tuple[dict, str]:
         views["knn"] = "embedding"
     comparison = compare(model, random_twin(config), dataset, views,
                          config.probe_labels_per_class, config.probe_splits, config.seed,
-                         config.method)
+                         config.method, calibrated=calibrated_twin(config))
     return {"probe": comparison.to_json()}, comparison.table()
 
 

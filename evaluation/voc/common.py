@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
+from evaluation.divergence import check_finite
 from models import PRECISIONS, PREPROCESSINGS
 from runtime import cli
 from runtime.cli import UsageError, option
@@ -146,17 +147,22 @@ def train_loop(step_fn: Callable, batches: Iterator, manager, schedule, start: i
                config) -> float | None:
     """Steps start+1 .. num_steps: the losses shown (runtime/progress.py) and logged every
     log_every steps, a checkpoint every checkpoint_every steps and at the last one. Returns the
-    mean seconds per step."""
+    mean seconds per step. A NaN/Inf loss stops the loop before anything is saved at its step
+    (NonFiniteLoss, one line naming the step and the last good checkpoint)."""
     from absl import logging
 
     bar = Progress(config.num_steps, "training", unit=" steps")
     tick, timed, seconds_per_step = time.time(), 0, None
     for step in range(start + 1, config.num_steps + 1):
         losses = step_fn(next(batches))
+        values = {k: float(v) for k, v in losses.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            bar.close()
+            check_finite(values, step, "training", "nothing saved from it on; the last good "
+                         f"checkpoint is {manager.latest_checkpoint or 'none'}")
         timed += 1
         if step % config.log_every == 0 or step == config.num_steps:
             seconds_per_step = (time.time() - tick) / timed
-            values = {k: float(v) for k, v in losses.items()}
             lr = float(schedule(step - 1))
             bar.update(step, **values, lr=lr, **{"s/step": f"{seconds_per_step:.3f}"})
             logging.info("step %d %s lr %.3g (%.3f s/step)", step,

@@ -47,3 +47,31 @@ def test_scaling_the_features_changes_no_linear_or_cosine_result(separable):  # 
     rows = {r.init: r for r in result.rows}
     np.testing.assert_allclose(rows["pretrained"].accuracies, rows["random init"].accuracies)
     assert result.gaps["linear"].mean == 0.0 and not result.gaps["linear"].significant
+
+
+def _blind():
+    """A network whose features carry nothing: every image maps to zeros."""
+    inputs = keras.Input((4, 4, 1), name="images")
+    zero = keras.layers.Rescaling(0.0, name="feat")(inputs)
+    return keras.Model(inputs, {"feat": zero, "embedding": keras.layers.Flatten(
+        name="embedding")(zero)})
+
+
+@pytest.mark.parametrize("calibrated_is_stronger", [False, True])
+def test_both_random_rows_and_the_gap_against_the_stronger(separable,  # noqa: F811
+                                                           calibrated_is_stronger):
+    strong, weak = _net(3.0), _blind()
+    at_init, calibrated = (weak, strong) if calibrated_is_stronger else (strong, weak)
+    result = compare.compare(_net(1.0), at_init, "digits", {"linear": "feat"},
+                             labels_per_class=4, splits=3, seed=2, method="nat",
+                             calibrated=calibrated)
+    rows = {r.init: r.accuracies for r in result.rows}
+    assert list(rows) == ["pretrained", "random init, BN at init",
+                          "random init, BN calibrated", "pixels"]
+    used = "random init, BN calibrated" if calibrated_is_stronger else "random init, BN at init"
+    assert result.against == {"linear": used}
+    assert np.mean(rows[used]) > 0.5 and np.mean(rows[used]) > np.mean(
+        rows[({"random init, BN at init", "random init, BN calibrated"} - {used}).pop()])
+    assert result.gaps["linear"] == paired_gap(rows["pretrained"], rows[used], "label draws")
+    assert f"nat pretrained - {used} (the stronger random-init row) = " in result.table()
+    assert result.to_json()["gaps"]["linear"]["against"] == used

@@ -219,3 +219,38 @@ def test_scratch_model_loads_nothing():
     for a, b in zip(model.variables, again.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert build_model("nin_mnist", input_shape=SHAPE).count_params() == model.count_params()
+
+
+def test_a_diverged_fine_tune_stops_with_one_line_naming_the_step(tmp_path, capsys):
+    model_dir, _ = make_run_dir(tmp_path / "pretrain", seed=5, input_shape=SHAPE, head="nat",
+                                feature_dim=8)
+    checkpoint = {p.name: p.read_bytes() for p in (tmp_path / "pretrain").iterdir()
+                  if p.is_file()}
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(["finetune", f"--init={model_dir}", f"--output_dir={out}",
+                       "--labels_per_class=3", "--batch_size=10", "--epochs=5",
+                       "--learning_rate=1e30", "--max_test_examples=40"])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines[-1].split("\r")) == 1 and lines[-1].startswith(
+        "evaluation.finetune: error: fine-tuning pretrained, seed 0 (epoch ")
+    assert "loss is not finite at step " in lines[-1] and "--learning_rate" in lines[-1]
+    step = int(lines[-1].split("at step ")[1].split()[0])
+    assert 1 < step <= 15  # 3 steps an epoch: the first step is finite, the 1e30 update is not
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pretrain").iterdir()
+            if p.is_file()} == checkpoint  # the pretraining checkpoint is intact
+    assert not out.exists() or not {"config.json", "finetune.json", "finetune.md"} & set(
+        p.name for p in out.iterdir())  # nothing written
+
+
+def test_the_epoch_stops_before_the_first_non_finite_step():
+    model = build_model("nin_mnist", input_shape=SHAPE, head="softmax", num_classes=10)
+    optimizer = tf.keras.optimizers.SGD(1e30)  # the first step is finite, then it diverges
+    optimizer.build(model.trainable_variables)
+    x = np.random.default_rng(0).uniform(size=(6, 4, *SHAPE)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 10, (6, 4))
+    batches = iter(tf.data.Dataset.from_tensor_slices((x, y)))
+    _, bad_loss, bad = finetune._train_epoch(model, optimizer)(batches, tf.constant(6))
+    assert 1 <= int(bad) < 6 and not np.isfinite(float(bad_loss))
+    assert int(optimizer.iterations) == int(bad)  # the steps before it, none from it on

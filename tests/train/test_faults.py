@@ -245,7 +245,13 @@ def test_the_reference_run_probes_exports_and_reports(two_starts):
         results = json.load(f)
     assert results["steps"] == STEPS and results["epochs"] == 2
     rows = results["final"]["probe"]["rows"]
-    assert {row["init"] for row in rows} == {"pretrained", "random init", "pixels"}
+    assert {row["init"] for row in rows} == {"pretrained", "random init, BN at init",
+                                             "random init, BN calibrated", "pixels"}
+    for view, gap in results["final"]["probe"]["gaps"].items():
+        randoms = {r["init"]: r["mean"] for r in rows if r["view"] == view
+                   and r["init"].startswith("random init")}
+        assert gap["against"] == max(randoms, key=randoms.get)
+        assert f"pretrained - {gap['against']} (the stronger" in results["final_table"]
     assert results["final_table"] and f"\n{results['final_table']}\n" in out
     assert [entry[0] for entry in results["probe_history"]] == [1, 2]
     assert all(0.1 < entry[1] <= 1.0 for entry in results["probe_history"])

@@ -1,0 +1,35 @@
+"""A diverged training loop stops: a NaN or Inf loss ends it with one line naming the step.
+
+Fine-tuning (evaluation/finetune.py) and the VOC loops (evaluation/voc/common.py) check every
+step's loss, as pretraining does (train/trainer.py): the step whose loss is not finite is the
+last one run, nothing is saved after it, and the binary prints the message and exits with
+status 1. Without the check a diverged fine-tune would have its learning rate cut on a loss
+that never improves and be reported as "converged".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from runtime.cli import UsageError
+
+
+class NonFiniteLoss(UsageError):
+    """A loss became NaN or Inf; the one-line message names the step and what was kept."""
+
+
+def check_finite(losses: Mapping[str, float], step: int, where: str, kept: str) -> None:
+    """Raise NonFiniteLoss when a loss of `step` is NaN or Inf.
+
+    Args:
+      losses: {name: value} of the step.
+      step: the step (counted from 1 over the whole run).
+      where: what was training, e.g. "fine-tuning pretrained, seed 0 (epoch 3)".
+      kept: what stays as it was, e.g. "the last good checkpoint is .../ckpt-20".
+    """
+    bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+    if bad:
+        values = ", ".join(f"{name} {value}" for name, value in bad.items())
+        raise NonFiniteLoss(f"{where}: loss is not finite at step {step} ({values}); stopped: "
+                            f"{kept}")
