@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from models import build_model
 from models.checkpoints import resolve_checkpoint
 from models.weights import load_weights
+from runtime.errors import InvalidInput
 from runtime.run_config import CONFIG_FILE, read_config
 
 
@@ -17,7 +18,7 @@ def model_spec(config: Mapping) -> tuple[str, dict]:
     """(model name, build_model kwargs) recorded in a run's config."""
     for key in ("model", "model_kwargs"):
         if key not in config:
-            raise ValueError(f"the run's {CONFIG_FILE} has no {key!r}")
+            raise InvalidInput(f"the run's {CONFIG_FILE} has no {key!r}")
     kwargs = dict(config["model_kwargs"])
     if kwargs.get("input_shape") is not None:
         kwargs["input_shape"] = tuple(kwargs["input_shape"])
@@ -57,7 +58,8 @@ def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | No
       init: "checkpoint" loads the weights (every backbone layer must be there); "random"
         leaves the network at its initialisation.
 
-    Raises FileNotFoundError / ValueError with a one-line message naming the folder or file.
+    Raises MissingInput / InvalidInput (runtime/errors.py: a FileNotFoundError / ValueError)
+    with a one-line message naming the folder or file.
     """
     config: dict = {}
     if model_dir and (init == "checkpoint" or not model):
@@ -68,7 +70,7 @@ def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | No
                 raise
     name = model or config.get("model", "")
     if not name:
-        raise ValueError("no model name: the run's config.json has none and none was given")
+        raise InvalidInput("no model name: the run's config.json has none and none was given")
     kwargs = dict(model_spec(config)[1]) if config else {}
     kwargs.update(overrides or {})
     if kwargs.get("input_shape") is not None:

@@ -33,6 +33,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
+from runtime.errors import InvalidInput
 from runtime.files import read_json, write_json_atomic, write_json_if_changed
 from runtime.run_config import CONFIG_FILE, config_path
 
@@ -40,7 +41,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".lock"
 
 
-class RunFolderError(ValueError):
+class RunFolderError(InvalidInput):
     """A run folder cannot be used as asked; the one-line message names it and what to do."""
 
 

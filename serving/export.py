@@ -73,6 +73,7 @@ from dataclasses import asdict, dataclass
 from models import MODEL_NAMES, TRANSFER_ENDPOINT
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.errors import InvalidInput
 from serving.graph import endpoint_shape, feature_module, input_size, output_shapes, signatures
 from serving.signatures import INPUTS, METADATA_FILE
 
@@ -197,7 +198,7 @@ def export_features(model, export_base: str, model_name: str,
       The version directory written (or reused).
     """
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", model_name or ""):
-        raise ValueError(f"model_name must match [A-Za-z0-9_.-]+; got {model_name!r}")
+        raise InvalidInput(f"model_name must match [A-Za-z0-9_.-]+; got {model_name!r}")
     metadata = dict(metadata or {})
     architecture = metadata.get("model", model.name)
     size = input_size(model)

@@ -124,8 +124,8 @@ class Trainer:
         self.chief = _is_chief(strategy)
         replicas = strategy.num_replicas_in_sync
         if config.batch_size % replicas:
-            raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                             f"{replicas} replicas")
+            raise DataError(f"batch_size {config.batch_size} is not divisible by the "
+                            f"{replicas} replicas")
         self.claim = None
         if self.chief:  # lock first: a second process stops before opening any data
             self.claim = claim_run(config.model_dir, lambda: self._open_data(source))
@@ -164,8 +164,8 @@ class Trainer:
                                             cfg.manual_dir, records.recorded_images(cfg.model_dir))
         self.steps_per_epoch = steps_per_epoch(self.source.num_examples, cfg.batch_size)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"dataset {self.source.name} has {self.source.num_examples} "
-                             f"images, fewer than one batch of {cfg.batch_size}")
+            raise DataError(f"dataset {self.source.name} has {self.source.num_examples} "
+                            f"images, fewer than one batch of {cfg.batch_size}")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         files = records.images_digest(self._files()) if self.source.paths else None
         return cfg.fingerprint(self.source.num_examples, files, input_pipelines(self.strategy),
