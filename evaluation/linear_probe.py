@@ -175,6 +175,8 @@ def _probe(cfg: ProbeConfig):
     from evaluation.classifiers import KnnHead, MLPHead
     from models import TRANSFER_ENDPOINT
 
+    source = labelled.LabelledSource(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.stl10_dir)
+    labelled.check_available(source)  # both splits, before the model is loaded
     model, name, weights = load_model(cfg)
     endpoints = cfg.endpoints
     if endpoints is None:
@@ -185,7 +187,6 @@ def _probe(cfg: ProbeConfig):
         probe.check_endpoints(model, endpoints)
     except ValueError as error:
         raise UsageError(f"--endpoints: {error}") from None
-    source = labelled.LabelledSource(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.stl10_dir)
     tic = time.time()
     try:
         result = probe.run_probe(

@@ -101,12 +101,12 @@ def evaluate_run(cfg: AblateConfig, config) -> dict:
         return cached
     from evaluation.compare import compare
     from models.runs import load_run_model
-    from train.pretrain import random_twin
+    from train.pretrain import probe_source, random_twin
 
     model = load_run_model(config.model_dir).model
     views = {"linear": "sc"} | ({"knn": "embedding"} if config.method == "nat" else {})
-    comparison = compare(model, random_twin(config), "digits", views, cfg.labels_per_class,
-                         cfg.splits, config.seed, config.method)
+    comparison = compare(model, random_twin(config), probe_source(config, "digits"), views,
+                         cfg.labels_per_class, cfg.splits, config.seed, config.method)
     out = {view: {r.init: r.mean for r in comparison.rows if r.view == view}
            for view in views}
     if config.method == "sc":
@@ -125,6 +125,7 @@ def _finetune(cfg: AblateConfig, config) -> dict:
 
     def accuracy(init: str, out: str) -> float:
         ft = finetune.FinetuneConfig(init=init, model=config.model, dataset="digits",
+                                     data_dir=config.data_dir, manual_dir=config.manual_dir,
                                      labels_per_class=cfg.labels_per_class,
                                      seeds=(config.seed,), output_dir=out)
         results, _ = finetune.run(ft)
