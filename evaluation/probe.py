@@ -1,4 +1,4 @@
-"""Linear and MLP probes on frozen features (NAT Sec. 4, Table 3; DESIGN "Evaluation protocols").
+"""Linear and MLP probes on frozen features (NAT Sec. 4, Table 3; the protocol below).
 
 Protocol of `run_probe` for a frozen network f and endpoints e_1..e_m:
 

@@ -7,9 +7,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from models import build_model
+import keras
+
+from models import TRANSFER_ENDPOINT, build_model
 from models.checkpoints import resolve_checkpoint
-from models.weights import load_weights
+from models.weights import LoadReport, load_weights
 from runtime.errors import InvalidInput
 from runtime.run_config import CONFIG_FILE, read_config
 
@@ -32,6 +34,31 @@ def backbone_layers(name: str, **kwargs) -> tuple[str, ...]:
     for key in ("feature_dim", "num_classes"):
         kwargs.pop(key, None)
     return tuple(layer.name for layer in build_model(name, **kwargs).layers if layer.weights)
+
+
+def transfer_layers(model, name: str) -> tuple[str, ...]:
+    """Names of the layers with weights that compute `model`'s transfer endpoint
+    (TRANSFER_ENDPOINT[name]): its backbone, in the model's order; not the heads."""
+    endpoint = keras.Model(model.inputs, model.output[TRANSFER_ENDPOINT[name]])
+    ancestors = {layer.name for layer in endpoint.layers if layer.weights}
+    return tuple(layer.name for layer in model.layers if layer.name in ancestors)
+
+
+def load_backbone(model, checkpoint: str, name: str) -> tuple[LoadReport, str]:
+    """Load into `model` (the zoo's network `name`) the layers up to its transfer endpoint
+    (`transfer_layers`) from `checkpoint` (a prefix or a run folder), and nothing else: the
+    heads keep their initialisation whatever the checkpoint holds for them (a NAT run of
+    another --nat_dim, an SC run, a fine-tuned classifier). Every backbone layer must be in
+    the checkpoint with the model's shapes (InvalidInput / MissingInput otherwise).
+
+    Returns (the LoadReport, one line saying how many layers were loaded, and which).
+    """
+    layers = transfer_layers(model, name)
+    report = load_weights(model, checkpoint, require=layers, layers=layers)
+    return report, (f"initialised the backbone from {report.checkpoint}: {len(layers)} layers, "
+                    f"{layers[0]}..{layers[-1]} (up to {TRANSFER_ENDPOINT[name]}; "
+                    f"{len(report.loaded)} weights); {len(report.missing)} weights keep their "
+                    "initialisation")
 
 
 @dataclass(frozen=True)

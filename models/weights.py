@@ -59,7 +59,8 @@ class LoadReport:
 
 
 def load_weights(model: keras.Model, checkpoint: str, require: tuple[str, ...] = (),
-                 require_all: bool = False) -> LoadReport:
+                 require_all: bool = False, layers: tuple[str, ...] | None = None
+                 ) -> LoadReport:
     """Copy into `model` every variable the checkpoint holds under the same key.
 
     Args:
@@ -67,6 +68,8 @@ def load_weights(model: keras.Model, checkpoint: str, require: tuple[str, ...] =
       checkpoint: a checkpoint prefix, or a directory (its latest checkpoint).
       require: layer names that must all be loaded (for example the backbone's convs).
       require_all: every model variable must be loaded (a full resume).
+      layers: when given, only the variables of these layers are read; the others keep
+        their values whatever the checkpoint holds for them (reported as missing).
 
     Raises:
       MissingInput (a FileNotFoundError): no checkpoint at `checkpoint`.
@@ -82,7 +85,7 @@ def load_weights(model: keras.Model, checkpoint: str, require: tuple[str, ...] =
     }
     loaded, missing = [], []
     for key, variable in named_variables(model).items():
-        if key not in stored:
+        if key not in stored or (layers is not None and key.split(".")[0] not in layers):
             missing.append(key)
             continue
         name, shape = stored[key]

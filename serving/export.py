@@ -50,8 +50,9 @@ Pooling, per endpoint: `models.pooling` (none, flatten, avg, max, maxKxL, avgKxL
 Defaults: the model's transfer endpoint (`models.TRANSFER_ENDPOINT`) with `max6x6` for
 AlexNet's conv5 (13 x 13 x 256 -> 9216 features, the size of pool5 and of the conv5 probes
 of the NAT paper's Table 3 protocol; K, L are capped by a smaller conv5 map) and `flatten`
-for NiN's `sc` (the vectors the SC loss
-compares); any other 4-D endpoint defaults to `flatten` and a 2-D one to `none`.
+for NiN's `sc` (the whole map, every cell's features; the SC loss itself compares the
+averages of windows of that map, losses/spatial_contrasting.py); any other 4-D endpoint
+defaults to `flatten` and a 2-D one to `none`.
 
 `python -m serving.export --model_dir=DIR` exports the latest checkpoint of a training run (its
 `config.json` gives the model); `--init=random --model=NAME` exports an untrained network.

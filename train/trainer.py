@@ -75,7 +75,8 @@ from losses.nat import NoiseAsTargets
 from losses.spatial_contrasting import multi_endpoint_loss
 from models import build_model
 from models.checkpoints import open_checkpoints
-from models.weights import load_weights, named_variables
+from models.runs import load_backbone
+from models.weights import named_variables
 from runtime.ownership import abandon_run, claim_run, start_run
 from runtime.progress import Progress
 from train import records
@@ -228,10 +229,8 @@ class Trainer:
     def _restore(self, latest: str | None) -> str:
         if latest:
             return f"resumed {latest} at step {self.step}"
-        if self.config.init_checkpoint:
-            report = load_weights(self.model, self.config.init_checkpoint)
-            return (f"initialised {len(report.loaded)} weights from {report.checkpoint} "
-                    f"({len(report.missing)} left at random init)")
+        if self.config.init_checkpoint:  # the backbone only (models/runs.py)
+            return load_backbone(self.model, self.config.init_checkpoint, self.config.model)[1]
         return "fresh start"
 
     @property

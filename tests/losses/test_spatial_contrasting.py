@@ -271,7 +271,8 @@ def _assert_independent(x, y, levels_x, levels_y):
 
 
 def _reused_offset_sampler(fm, h, w, seed):
-    """The mistake of DESIGN.md: one random offset used for both the row and the column."""
+    """A wrong sampler, which the tests tell apart from `sample_patch_pairs`: one random offset
+    used for both the row and the column."""
     n, big_h = fm.shape[0], fm.shape[1]
     off = np.random.default_rng(seed).integers(0, big_h - h + 1, size=(n, 2))
     return [np.stack([fm[i, o[k]:o[k] + h, o[k]:o[k] + w].reshape(-1)
