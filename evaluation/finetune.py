@@ -156,7 +156,7 @@ def model_spec(cfg: FinetuneConfig) -> tuple[str, dict]:
     name, kwargs = cfg.model, cfg.overrides()
     config = pretraining_config(cfg.init) if cfg.init != NONE else None
     if config is not None:
-        stored_name, stored = model_spec(config)
+        stored_name, stored = runs.model_spec(config)
         stored = {k: v for k, v in stored.items()
                   if k not in ("head", "feature_dim", "num_classes")}
         name, kwargs = name or stored_name, {**stored, **kwargs}
