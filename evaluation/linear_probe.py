@@ -176,7 +176,8 @@ def _probe(cfg: ProbeConfig):
     from models import TRANSFER_ENDPOINT
 
     source = labelled.LabelledSource(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.stl10_dir)
-    labelled.check_available(source)  # both splits, before the model is loaded
+    if not cfg.stl10_folds:  # (the folds read the STL-10 binary folder, not tfds)
+        labelled.check_available(source)  # both splits, before the model is loaded
     model, name, weights = load_model(cfg)
     endpoints = cfg.endpoints
     if endpoints is None:
