@@ -6,7 +6,8 @@ training mode, loss, backward, optimizer apply.
 
 - supervised: softmax cross-entropy on the "logits" endpoint (head "softmax").
 - SC: two windows per image from the "sc" endpoint ([N, 8, 8, 192]), each of 0.3 of the
-  map's area (4x4 cells, flattened to 3072 values; SC Sec. 5 uses ~30% on CIFAR-10), the
+  map's area (4x4 cells, each averaged over its cells to one 192-value vector, the zoo's
+  default `pool="avg"`; SC Sec. 5 uses ~30% on CIFAR-10), the
   symmetric distance-ratio loss, a fresh sampling seed every step, on the model the SC
   pretraining uses (head "none": the network stops at "sc"; the layers up to "sc" are those
   of the supervised model).
@@ -159,7 +160,7 @@ def run(config: Config) -> str:
 
     base = float(np.median(times['supervised cross-entropy on "logits"']))
     rows = [f"{MODEL}, batch {config.batch_size}, SC map {list(sc_map.shape[1:])}, "
-            f"windows {h}x{w} (area {config.patch_area}) flattened to {h * w * sc_map.shape[3]}, "
+            f"windows {h}x{w} (area {config.patch_area}) averaged to {sc_map.shape[3]} values, "
             f"symmetric L2 loss; median of {config.rounds} rounds x {config.steps} steps",
             "",
             f"| {'step':<40} | {'ms / step':>10} | {'ratio to supervised':>20} |",

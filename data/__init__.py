@@ -8,8 +8,10 @@
     voc       PASCAL VOC 2007 in the devkit's terms
 
 The names below are what binaries check their flags against before TensorFlow is imported
-(this file imports nothing).
+(this file imports nothing but runtime.errors).
 """
+
+from runtime.errors import InvalidInput
 
 PRETRAIN_DATASETS = ("digits", "mnist", "cifar10", "stl10", "imagenet2012", "folder:<path>")
 """Pretraining image sources (`data.pretrain.open_source`); folders have no labels."""
@@ -19,7 +21,7 @@ CROPS = ("pad", "resize", "short_side", "none")
 """Pretraining crops (`data.augment.Augment`)."""
 
 
-class DataError(ValueError):
+class DataError(InvalidInput):
     """A dataset cannot be used as asked; the message says why and what to do."""
 
 

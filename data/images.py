@@ -20,6 +20,8 @@ import os
 
 import tensorflow as tf
 
+from runtime.errors import MissingInput
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 """The file types `decode_image` reads (matched case-insensitively)."""
 
@@ -30,7 +32,7 @@ def list_images(root: str) -> list[str]:
     Raises FileNotFoundError when `root` is not a directory.
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root} is not a directory")
+        raise MissingInput(f"image folder {root} is not a directory")
     found = []
     for directory, _, files in os.walk(root):
         found.extend(os.path.join(directory, f) for f in files

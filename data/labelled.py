@@ -23,7 +23,8 @@ Every image is float32 [H, W, C] in [0, 1], mapped to a model's input shape by t
 All image reads go through `load`, and all label reads through `load_labels`; protocols rely
 on that to show, in tests, that a test split is not read before the final evaluation.
 Nothing here downloads: tfds datasets must be prepared in `data_dir` (ImageNet from
-`manual_dir`) unless `LabelledSource.prepare` is set. `train_stream` gives the augmented
+`manual_dir`) unless `LabelledSource.prepare` is set; `check_available` says at once, in one
+line naming the `tfds build` command, when they are not. `train_stream` gives the augmented
 training batches of fine-tuning.
 """
 
@@ -35,9 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from data import LABELLED_DATASETS, digits
+from data import LABELLED_DATASETS, DataError, digits
 from data.augment import translate_and_flip
 from data.images import resize_to_input
+from runtime.errors import MissingInput
 
 SPLITS = ("train", "test")
 NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "stl10": 10, "imagenet2012": 1000}
@@ -117,14 +119,14 @@ def stl10_binary_arrays(directory: str, split: str) -> tuple[np.ndarray, np.ndar
     paths = [os.path.join(directory, f"{split}_{part}.bin") for part in ("X", "y")]
     for path in paths:
         if not tf.io.gfile.exists(path):
-            raise FileNotFoundError(f"STL-10 file {path} not found")
+            raise MissingInput(f"STL-10 file {path} not found")
     with tf.io.gfile.GFile(paths[0], "rb") as f:
         images = np.frombuffer(f.read(), dtype=np.uint8)
     images = images.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
     with tf.io.gfile.GFile(paths[1], "rb") as f:
         labels = np.frombuffer(f.read(), dtype=np.uint8).astype(np.int64) - 1
     if len(images) != len(labels):
-        raise ValueError(f"{directory}: {len(images)} images but {len(labels)} labels in {split}")
+        raise DataError(f"{directory}: {len(images)} images but {len(labels)} labels in {split}")
     return images, labels
 
 
@@ -132,12 +134,12 @@ def stl10_folds(directory: str) -> list[np.ndarray]:
     """The 10 predefined training folds: 0-based positions in `train_X.bin`, one array each."""
     path = os.path.join(directory, "fold_indices.txt")
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"STL-10 fold file {path} not found")
+        raise MissingInput(f"STL-10 fold file {path} not found")
     with tf.io.gfile.GFile(path, "r") as f:
         lines = [line.split() for line in f.read().splitlines() if line.strip()]
     folds = [np.asarray([int(v) for v in line], dtype=np.int64) for line in lines]
     if len(folds) != STL10_FOLDS:
-        raise ValueError(f"{path} lists {len(folds)} folds; expected {STL10_FOLDS}")
+        raise DataError(f"{path} lists {len(folds)} folds; expected {STL10_FOLDS}")
     return folds
 
 
@@ -150,15 +152,46 @@ def _tfds_dataset(source: LabelledSource, split: str, skip_image: bool) -> tf.da
 
     decoders = {"image": tfds.decode.SkipDecoding()} if skip_image else None
     config = tfds.download.DownloadConfig(manual_dir=source.manual_dir)
-    return tfds.load(
-        source.name,
-        split=TFDS_SPLIT[source.name][split],
-        data_dir=source.data_dir,
-        download=source.prepare,
-        shuffle_files=False,  # a fixed order: label draws index into it
-        decoders=decoders,
-        download_and_prepare_kwargs={"download_config": config},
-    )
+    try:
+        return tfds.load(
+            source.name,
+            split=TFDS_SPLIT[source.name][split],
+            data_dir=source.data_dir,
+            download=source.prepare,
+            shuffle_files=False,  # a fixed order: label draws index into it
+            decoders=decoders,
+            download_and_prepare_kwargs={"download_config": config},
+        )
+    except AssertionError:  # tfds' way of saying that the data was never generated
+        raise not_prepared(source) from None
+
+
+def not_prepared(source: LabelledSource) -> DataError:
+    """The one-line error for tfds data that is not in `source.data_dir`, naming the command
+    that prepares it there."""
+    import tensorflow_datasets as tfds
+
+    where = tfds.builder(source.name, data_dir=source.data_dir).data_dir
+    suffix = f" --data_dir={source.data_dir}" if source.data_dir else ""
+    if source.name == "imagenet2012":
+        tars = source.manual_dir or "<manual_dir>"
+        return DataError(f"dataset imagenet2012 is not prepared in {where}: put "
+                         f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {tars} and run "
+                         f"`tfds build imagenet2012 --manual_dir={tars}{suffix}`")
+    return DataError(f"dataset {source.name} is not prepared in {where}: run `tfds build "
+                     f"{source.name}{suffix}` on a machine with network access")
+
+
+def check_available(dataset: str | LabelledSource, splits: tuple[str, ...] = SPLITS) -> None:
+    """Raise DataError (`not_prepared`) now, before any training, when a split a run will read
+    is not prepared; nothing is read or downloaded. The embedded digits, STL-10 from its
+    binary folder and a source that may prepare itself pass."""
+    source = as_source(dataset)
+    if source.name == "digits" or _use_stl10_binary(source) or source.prepare:
+        return
+    for split in splits:
+        _check_split(split)
+        _tfds_dataset(source, split, skip_image=True)
 
 
 def _use_stl10_binary(source: LabelledSource) -> bool:
@@ -244,7 +277,7 @@ def load_arrays(dataset: str | LabelledSource, split: str, input_shape: tuple[in
 # label draws and splits
 
 
-class LabelsPerClassError(ValueError):
+class LabelsPerClassError(DataError):
     """More labels per class were asked for than a class has."""
 
 
@@ -252,7 +285,7 @@ def per_class_draw(labels: np.ndarray, k: int, rng: np.random.Generator,
                    num_classes: int | None = None, what: str = "the split") -> np.ndarray:
     """k positions per class, drawn without replacement; sorted int64 [k * classes].
 
-    Raises LabelsPerClassError (a ValueError) naming the smallest class when some class has
+    Raises LabelsPerClassError (a DataError) naming the smallest class when some class has
     fewer than k examples.
     """
     labels = np.asarray(labels)

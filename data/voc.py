@@ -27,6 +27,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from runtime.errors import MissingInput
+
 TFDS_NAME = "voc/2007"
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -40,7 +42,7 @@ SPLITS: dict[str, str] = {"trainval": "train+validation", "test": "test"}
 NUM_IMAGES: dict[str, int] = {"trainval": 5011, "test": 4952}
 
 
-class VocDataNotFoundError(FileNotFoundError):
+class VocDataNotFoundError(MissingInput):
     """voc/2007 is not prepared in the data directory."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from models.layers import batch_norm
+from runtime.errors import InvalidInput
 
 HEADS = ("linear", "mlp", "knn")
 
@@ -151,7 +152,7 @@ def fit_knn(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.n
     x = np.concatenate([x_fit, x_val]).astype(np.float64)
     y = np.concatenate([y_fit, y_val]).astype(np.int64)
     if not 1 <= cfg.k <= len(y):
-        raise ValueError(f"k={cfg.k} needs 1 <= k <= {len(y)} labelled examples")
+        raise InvalidInput(f"k={cfg.k} needs 1 <= k <= {len(y)} labelled examples")
     bank = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
     def predict(z: np.ndarray) -> np.ndarray:

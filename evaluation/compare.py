@@ -92,7 +92,7 @@ class Comparison:
         return f"{name} (the stronger random-init row)" if name != "random init" else name
 
 
-def _accuracies(model, endpoints: Sequence[str], view: str, dataset: str,
+def _accuracies(model, endpoints: Sequence[str], view: str, dataset,
                 labels_per_class: int, splits: int, seed: int) -> dict[str, tuple]:
     head = "knn" if view == "knn" else "linear"
     result = run_probe(model, list(endpoints), dataset, labels_per_class, splits, seed=seed,
@@ -100,14 +100,15 @@ def _accuracies(model, endpoints: Sequence[str], view: str, dataset: str,
     return {e.endpoint: tuple(float(a) for a in e.accuracies) for e in result.endpoints}
 
 
-def compare(pretrained, random_init, dataset: str, views: dict[str, str],
+def compare(pretrained, random_init, dataset, views: dict[str, str],
             labels_per_class: int = 10, splits: int = 5, seed: int = 0,
             method: str = "", calibrated=None) -> Comparison:
     """Probe both networks and the pixels through each view.
 
     Args:
       pretrained, random_init: the same architecture, trained and at its initialisation.
-      dataset: a labelled dataset (data.LABELLED_DATASETS).
+      dataset: a labelled dataset (a name of data.LABELLED_DATASETS, or a
+        data.labelled.LabelledSource: the dataset where it is, e.g. a run's --data_dir).
       views: {view: endpoint}, e.g. {"linear": "sc", "knn": "embedding"}.
       labels_per_class, splits, seed: the label draws (as in `evaluation.probe.run_probe`).
       method: the pretraining method, for the table.
@@ -130,4 +131,5 @@ def compare(pretrained, random_init, dataset: str, views: dict[str, str],
         rows.append(Row(view, PIXELS, "pixels", trained[PIXELS]))
         against[view] = stronger(random)
         gaps[view] = report.paired_gap(trained[endpoint], random[against[view]], "label draws")
-    return Comparison(dataset, labels_per_class, splits, method, tuple(rows), gaps, against)
+    name = dataset if isinstance(dataset, str) else dataset.name
+    return Comparison(name, labels_per_class, splits, method, tuple(rows), gaps, against)

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from models import pooling
+from runtime.errors import InvalidInput
 from runtime.progress import Progress
 
 PIXELS = "pixels"
@@ -42,15 +43,15 @@ def check_endpoints(model, endpoints: Sequence[str]) -> None:
     valid = endpoint_names(model)
     for endpoint in endpoints:
         if endpoint not in valid:
-            raise ValueError(f"unknown endpoint {endpoint!r} of {model.name}; choose from "
-                             f"{', '.join(valid)}")
+            raise InvalidInput(f"unknown endpoint {endpoint!r} of {model.name}; choose from "
+                               f"{', '.join(valid)}")
 
 
 def model_input_shape(model) -> tuple[int, int, int]:
     """(H, W, C) of the images a model takes."""
     shape = tuple(model.input_shape[1:])
     if len(shape) != 3 or None in shape:
-        raise ValueError(f"model {model.name} has no fixed image input shape: {shape}")
+        raise InvalidInput(f"model {model.name} has no fixed image input shape: {shape}")
     return tuple(int(d) for d in shape)
 
 

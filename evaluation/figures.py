@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from runtime.errors import InvalidInput
+
 
 def _pyplot():
     import matplotlib
@@ -93,7 +95,7 @@ def plot_curves(scalars: dict, path: str, width: int = 960, height: int = 640,
     constant = [tag for tag, (_, values) in scalars.items() if np.ptp(values) == 0]
     shown = {tag: v for tag, v in scalars.items() if tag not in constant}
     if not shown:
-        raise ValueError("no scalar summary that changes: nothing to plot")
+        raise InvalidInput("no scalar summary that changes: nothing to plot")
     columns = min(3, len(shown))
     rows = -(-len(shown) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(width / dpi, height / dpi), dpi=dpi,

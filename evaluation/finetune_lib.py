@@ -370,6 +370,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
 
     fingerprint = fingerprint_of(cfg, RESUMABLE)
     with claim_run(cfg.out, fingerprint, "--output_dir") as claim:
+        labelled.check_available(cfg.source)  # both splits, before any training
         name, kwargs = model_spec(cfg)
         try:
             input_shape = tuple(build_model(name, **kwargs).input_shape[1:])

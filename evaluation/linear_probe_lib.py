@@ -239,6 +239,9 @@ def _probe(cfg: ProbeConfig, loaded=None):
     from evaluation.classifiers import KnnHead, MLPHead
     from models import TRANSFER_ENDPOINT
 
+    source = labelled.LabelledSource(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.stl10_dir)
+    if not cfg.stl10_folds:  # (the folds read the STL-10 binary folder, not tfds)
+        labelled.check_available(source)  # both splits, before the model is loaded
     model, name, weights = loaded or load_model(cfg)
     endpoints = cfg.endpoints
     if endpoints is None:
@@ -249,7 +252,6 @@ def _probe(cfg: ProbeConfig, loaded=None):
         probe.check_endpoints(model, endpoints)
     except ValueError as error:
         raise UsageError(f"--endpoints: {error}") from None
-    source = labelled.LabelledSource(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.stl10_dir)
     tic = time.time()
     try:
         result = probe.run_probe(

@@ -1,4 +1,4 @@
-"""Linear and MLP probes on frozen features (NAT Sec. 4, Table 3; DESIGN "Evaluation protocols").
+"""Linear and MLP probes on frozen features (NAT Sec. 4, Table 3; the protocol below).
 
 Protocol of `run_probe` for a frozen network f and endpoints e_1..e_m:
 
@@ -44,6 +44,7 @@ from evaluation.features import (
     extract_features,
     model_input_shape,
 )
+from runtime.errors import InvalidInput
 
 HEADS = classifiers.HEADS
 POOLS = ("avg", "max")
@@ -117,7 +118,7 @@ def draw_splits(labels: np.ndarray, labels_per_class: int, splits: int, seed: in
         raise ValueError(f"splits must be >= 1; got {splits}")
     if folds is not None:
         if splits > len(folds):
-            raise ValueError(f"splits={splits} but there are only {len(folds)} folds")
+            raise InvalidInput(f"splits={splits} but there are only {len(folds)} folds")
         return [np.sort(folds[s]) for s in range(splits)]
     if labels_per_class == 0:
         return [np.arange(len(labels), dtype=np.int64)] * splits
@@ -127,11 +128,11 @@ def draw_splits(labels: np.ndarray, labels_per_class: int, splits: int, seed: in
 
 def _with_folds(source: labelled.LabelledSource) -> tuple[labelled.LabelledSource, list]:
     if source.name != "stl10":
-        raise ValueError(f"stl10_folds applies to stl10, not {source.name}")
+        raise InvalidInput(f"stl10_folds applies to stl10, not {source.name}")
     directory = labelled.stl10_directory(source)
     if directory is None:
-        raise ValueError("stl10_folds needs the STL-10 binary folder (stl10_dir, or "
-                         "manual_dir/stl10_binary) with fold_indices.txt")
+        raise InvalidInput("stl10_folds needs the STL-10 binary folder (stl10_dir, or "
+                           "manual_dir/stl10_binary) with fold_indices.txt")
     folds = labelled.stl10_folds(directory)
     return labelled.LabelledSource(source.name, source.data_dir, source.manual_dir, directory,
                                    source.prepare), folds

@@ -39,6 +39,7 @@ import numpy as np
 
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.errors import InvalidInput
 
 PROGRAM = "evaluation.visualize"
 
@@ -69,13 +70,13 @@ def first_conv_filters(model) -> np.ndarray:
     conv = next((layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)),
                 None)
     if conv is None:
-        raise ValueError(f"{model.name} has no Conv2D layer")
+        raise InvalidInput(f"{model.name} has no Conv2D layer")
     kernel = np.asarray(conv.kernel)
     names = {layer.name for layer in model.layers}
     if "sobel" in names:
         return np.moveaxis(compose_sobel(kernel), -1, 0)[..., None]
     if kernel.shape[2] not in (1, 3):
-        raise ValueError(f"{conv.name} has {kernel.shape[2]} input channels: not an image")
+        raise InvalidInput(f"{conv.name} has {kernel.shape[2]} input channels: not an image")
     return np.moveaxis(kernel, -1, 0)
 
 
@@ -111,7 +112,7 @@ def nearest_neighbours(features: np.ndarray, queries: Sequence[int], k: int
     """
     x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
     if not 1 <= k < len(x):
-        raise ValueError(f"k must be in [1, {len(x) - 1}] for {len(x)} images; got {k}")
+        raise InvalidInput(f"k must be in [1, {len(x) - 1}] for {len(x)} images; got {k}")
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     queries = np.asarray(queries, dtype=np.int64)
     similarity = x[queries] @ x.T

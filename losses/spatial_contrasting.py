@@ -63,6 +63,7 @@ import keras
 import tensorflow as tf
 
 from losses import SC_POOLS, cross_replica
+from runtime.errors import InvalidInput
 
 POOLS = SC_POOLS
 
@@ -107,8 +108,8 @@ def patch_hw(patch_size: PatchSize, map_hw: Sequence[int]) -> tuple[int, int]:
         raise ValueError(f"patch_size (h, w) must hold ints; got {patch_size!r}")
     h, w = int(h), int(w)
     if not (1 <= h <= big_h and 1 <= w <= big_w):
-        raise ValueError(f"patch_size {(h, w)} does not fit a {big_h}x{big_w} feature map "
-                         f"(need 1 <= h <= {big_h}, 1 <= w <= {big_w})")
+        raise InvalidInput(f"patch_size {(h, w)} does not fit a {big_h}x{big_w} feature map "
+                           f"(need 1 <= h <= {big_h}, 1 <= w <= {big_w})")
     return h, w
 
 
@@ -413,11 +414,11 @@ def multi_endpoint_loss(endpoints: Mapping[str, tf.Tensor], weights: Mapping[str
             raise ValueError(f"weight of endpoint {name!r} must be finite and >= 0; "
                              f"got {weights[name]!r}")
         if name not in endpoints:
-            raise ValueError(f"endpoint {name!r} not found; available: "
-                             f"{', '.join(sorted(endpoints))}")
+            raise InvalidInput(f"endpoint {name!r} not found; available: "
+                               f"{', '.join(sorted(endpoints))}")
         if isinstance(patch_size, Mapping):
             if name not in patch_size:
-                raise ValueError(f"no patch_size for endpoint {name!r}")
+                raise InvalidInput(f"no patch_size for endpoint {name!r}")
             size = patch_size[name]
         else:
             size = patch_size

@@ -12,6 +12,8 @@ names before the (slow) framework import, so a bad flag fails at once.
 
 from __future__ import annotations
 
+from runtime.errors import InvalidInput
+
 MODEL_NAMES = ("alexnet", "nin_stl10", "nin_cifar10", "nin_mnist")
 
 # NAT transfers from conv5 (NAT Sec. 3.3); SC from the layer where its criterion sits.
@@ -32,7 +34,7 @@ with bfloat16 or float16 compute and float32 variables (models/precision.py)."""
 def builder(name: str):
     """The builder function of the model `name` (imports Keras)."""
     if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+        raise InvalidInput(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
     if name == "alexnet":
         from models.alexnet import alexnet
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import keras
 
 from models.layers import L2Normalize, batch_norm, preprocessing_layer
+from runtime.errors import InvalidInput
 
 HEADS = ("nat", "softmax", "none")
 
@@ -70,11 +71,11 @@ def _check_arguments(input_shape, head: str, feature_dim: int, num_classes: int,
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     if len(input_shape) != 3 or input_shape[-1] not in (1, 3):
-        raise ValueError(f"input_shape must be (H, W, C) with C in {{1, 3}}; got {input_shape}")
+        raise InvalidInput(f"input_shape must be (H, W, C) with C in {{1, 3}}; got {input_shape}")
     if min(_pool5_size(input_shape[0]), _pool5_size(input_shape[1])) < 1:
-        raise ValueError(f"input_shape {input_shape} is too small for AlexNet: H, W >= 63")
+        raise InvalidInput(f"input_shape {input_shape} is too small for AlexNet: H, W >= 63")
     if feature_dim < 1 or num_classes < 1 or fc_units < 1:
-        raise ValueError("feature_dim, num_classes and fc_units must be positive")
+        raise InvalidInput("feature_dim, num_classes and fc_units must be positive")
 
 
 def alexnet(

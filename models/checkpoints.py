@@ -8,23 +8,26 @@ from collections.abc import Mapping, Sequence
 
 import tensorflow as tf
 
+from runtime.errors import MissingInput
+
 
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint prefix from a prefix or a directory (its latest checkpoint).
 
-    Raises FileNotFoundError naming `path` when it does not exist or holds no checkpoint.
+    Raises MissingInput (a FileNotFoundError) naming `path` when it does not exist or holds
+    no checkpoint.
     """
     if tf.io.gfile.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"no checkpoint in directory {path}")
+            raise MissingInput(f"no checkpoint in directory {path}")
         return latest
     if tf.io.gfile.exists(path + ".index"):
         return path
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: give a run folder or a checkpoint "
-                                "prefix")
-    raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
+        raise MissingInput(f"{path} does not exist: give a run folder or a checkpoint "
+                           "prefix")
+    raise MissingInput(f"no checkpoint at {path} (expected {path}.index)")
 
 
 def open_checkpoints(model_dir: str, objects: Mapping, keep: int, directory: str | None = None,

@@ -16,6 +16,7 @@ import numpy as np
 from keras import ops
 
 from models import PREPROCESSINGS
+from runtime.errors import InvalidInput
 
 SOBEL_X = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=np.float32)
 """Horizontal-gradient kernel, applied as a cross-correlation:
@@ -26,10 +27,10 @@ SOBEL_Y = SOBEL_X.T.copy()
 
 def _check_image_channels(layer_name: str, input_shape: tuple) -> int:
     if len(input_shape) != 4:
-        raise ValueError(f"{layer_name} expects images [N, H, W, C]; got shape {input_shape}")
+        raise InvalidInput(f"{layer_name} expects images [N, H, W, C]; got shape {input_shape}")
     channels = input_shape[-1]
     if channels not in (1, 3):
-        raise ValueError(f"{layer_name} expects 1 or 3 channels; got {channels}")
+        raise InvalidInput(f"{layer_name} expects 1 or 3 channels; got {channels}")
     return channels
 
 
@@ -101,7 +102,7 @@ class HighPass(keras.layers.Layer):
     def __init__(self, sigma: float = 2.0, **kwargs):
         super().__init__(**kwargs)
         if sigma <= 0:
-            raise ValueError(f"HighPass sigma must be > 0; got {sigma}")
+            raise InvalidInput(f"HighPass sigma must be > 0; got {sigma}")
         self.sigma = float(sigma)
         self.radius = int(np.ceil(3.0 * self.sigma))
 

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import keras
 
 from models.layers import L2Normalize, batch_norm
+from runtime.errors import InvalidInput
 
 HEADS = ("softmax", "nat", "none")
 LEAKY_SLOPE = 0.1
@@ -170,12 +171,12 @@ def _build(model_name: str, input_shape, head: str, num_classes: int, feature_di
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     if len(input_shape) != 3 or input_shape[-1] != default_shape[-1]:
-        raise ValueError(f"{model_name} expects input_shape (H, W, {default_shape[-1]}); "
-                         f"got {input_shape}")
+        raise InvalidInput(f"{model_name} expects input_shape (H, W, {default_shape[-1]}); "
+                           f"got {input_shape}")
     if min(input_shape[:2]) < 4:
-        raise ValueError(f"{model_name} needs H, W >= 4; got {input_shape}")
+        raise InvalidInput(f"{model_name} needs H, W >= 4; got {input_shape}")
     if num_classes < 1 or feature_dim < 1:
-        raise ValueError("num_classes and feature_dim must be positive")
+        raise InvalidInput("num_classes and feature_dim must be positive")
 
     inputs = keras.Input(shape=input_shape, name="images")
     x = inputs

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from runtime.errors import InvalidInput
+
 GLOBAL_POOLINGS = ("none", "flatten", "avg", "max")
 MODES = ("avg", "max")
 _ADAPTIVE = re.compile(r"^(max|avg)(\d+)x(\d+)$")
@@ -47,16 +49,16 @@ def check_pooling(pooling: str, shape: Sequence[int]) -> None:
     """Raise ValueError unless `pooling` applies to an endpoint of shape (h, w, c) or (d,)."""
     cells = parse_adaptive(pooling)
     if pooling not in GLOBAL_POOLINGS and cells is None:
-        raise ValueError(f"unknown pooling {pooling!r}; choose none, flatten, avg, max, "
-                         "maxKxL or avgKxL (adaptive pooling to a K x L grid)")
+        raise InvalidInput(f"unknown pooling {pooling!r}; choose none, flatten, avg, max, "
+                           "maxKxL or avgKxL (adaptive pooling to a K x L grid)")
     if (pooling in MODES or cells) and len(shape) != 3:
-        raise ValueError(f"pooling {pooling!r} needs a feature map [h, w, c]; "
-                         f"the endpoint has shape {tuple(shape)}")
+        raise InvalidInput(f"pooling {pooling!r} needs a feature map [h, w, c]; "
+                           f"the endpoint has shape {tuple(shape)}")
     if cells:
         _, rows, cols = cells
         if not 1 <= rows <= shape[0] or not 1 <= cols <= shape[1]:
-            raise ValueError(f"pooling {pooling!r} needs 1 <= K <= {shape[0]} and "
-                             f"1 <= L <= {shape[1]} for a {shape[0]}x{shape[1]} map")
+            raise InvalidInput(f"pooling {pooling!r} needs 1 <= K <= {shape[0]} and "
+                               f"1 <= L <= {shape[1]} for a {shape[0]}x{shape[1]} map")
 
 
 def adaptive_bins(size: int, cells: int) -> list[tuple[int, int]]:

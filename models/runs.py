@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import keras
 
-from models import build_model
+from models import TRANSFER_ENDPOINT, build_model
 from models.checkpoints import resolve_checkpoint
-from models.weights import load_weights
+from models.weights import LoadReport, load_weights
+from runtime.errors import InvalidInput
 from runtime.run_config import CONFIG_FILE, read_config
 
 
@@ -19,7 +20,7 @@ def model_spec(config: Mapping) -> tuple[str, dict]:
     """(model name, build_model kwargs) recorded in a run's config."""
     for key in ("model", "model_kwargs"):
         if key not in config:
-            raise ValueError(f"the run's {CONFIG_FILE} has no {key!r}")
+            raise InvalidInput(f"the run's {CONFIG_FILE} has no {key!r}")
     kwargs = dict(config["model_kwargs"])
     if kwargs.get("input_shape") is not None:
         kwargs["input_shape"] = tuple(kwargs["input_shape"])
@@ -33,6 +34,31 @@ def backbone_layers(name: str, **kwargs) -> tuple[str, ...]:
     for key in ("feature_dim", "num_classes"):
         kwargs.pop(key, None)
     return tuple(layer.name for layer in build_model(name, **kwargs).layers if layer.weights)
+
+
+def transfer_layers(model, name: str) -> tuple[str, ...]:
+    """Names of the layers with weights that compute `model`'s transfer endpoint
+    (TRANSFER_ENDPOINT[name]): its backbone, in the model's order; not the heads."""
+    endpoint = keras.Model(model.inputs, model.output[TRANSFER_ENDPOINT[name]])
+    ancestors = {layer.name for layer in endpoint.layers if layer.weights}
+    return tuple(layer.name for layer in model.layers if layer.name in ancestors)
+
+
+def load_backbone(model, checkpoint: str, name: str) -> tuple[LoadReport, str]:
+    """Load into `model` (the zoo's network `name`) the layers up to its transfer endpoint
+    (`transfer_layers`) from `checkpoint` (a prefix or a run folder), and nothing else: the
+    heads keep their initialisation whatever the checkpoint holds for them (a NAT run of
+    another --nat_dim, an SC run, a fine-tuned classifier). Every backbone layer must be in
+    the checkpoint with the model's shapes (InvalidInput / MissingInput otherwise).
+
+    Returns (the LoadReport, one line saying how many layers were loaded, and which).
+    """
+    layers = transfer_layers(model, name)
+    report = load_weights(model, checkpoint, require=layers, layers=layers)
+    return report, (f"initialised the backbone from {report.checkpoint}: {len(layers)} layers, "
+                    f"{layers[0]}..{layers[-1]} (up to {TRANSFER_ENDPOINT[name]}; "
+                    f"{len(report.loaded)} weights); {len(report.missing)} weights keep their "
+                    "initialisation")
 
 
 @dataclass(frozen=True)
@@ -64,7 +90,8 @@ def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | No
         network its pretraining started from), else by `seed`.
       seed: the seed of a random init without a run's seed.
 
-    Raises FileNotFoundError / ValueError with a one-line message naming the folder or file.
+    Raises MissingInput / InvalidInput (runtime/errors.py: a FileNotFoundError / ValueError)
+    with a one-line message naming the folder or file.
     """
     config: dict = {}
     if model_dir and (init == "checkpoint" or not model or os.path.isdir(model_dir)):
@@ -75,7 +102,7 @@ def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | No
                 raise
     name = model or config.get("model", "")
     if not name:
-        raise ValueError("no model name: the run's config.json has none and none was given")
+        raise InvalidInput("no model name: the run's config.json has none and none was given")
     kwargs = dict(model_spec(config)[1]) if config else {}
     kwargs.update(overrides or {})
     if kwargs.get("input_shape") is not None:

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from models.checkpoints import resolve_checkpoint
+from runtime.errors import InvalidInput
 
 _PREFIX = "model/"
 _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -58,7 +59,8 @@ class LoadReport:
 
 
 def load_weights(model: keras.Model, checkpoint: str, require: tuple[str, ...] = (),
-                 require_all: bool = False) -> LoadReport:
+                 require_all: bool = False, layers: tuple[str, ...] | None = None
+                 ) -> LoadReport:
     """Copy into `model` every variable the checkpoint holds under the same key.
 
     Args:
@@ -66,11 +68,13 @@ def load_weights(model: keras.Model, checkpoint: str, require: tuple[str, ...] =
       checkpoint: a checkpoint prefix, or a directory (its latest checkpoint).
       require: layer names that must all be loaded (for example the backbone's convs).
       require_all: every model variable must be loaded (a full resume).
+      layers: when given, only the variables of these layers are read; the others keep
+        their values whatever the checkpoint holds for them (reported as missing).
 
     Raises:
-      FileNotFoundError: no checkpoint at `checkpoint`.
-      ValueError: a shape differs, nothing matches, or a required layer is missing; the
-        message names the checkpoint and the first offending key.
+      MissingInput (a FileNotFoundError): no checkpoint at `checkpoint`.
+      InvalidInput (a ValueError): a shape differs, nothing matches, or a required layer is
+        missing; the message names the checkpoint and the first offending key.
     """
     path = resolve_checkpoint(checkpoint)
     reader = tf.train.load_checkpoint(path)
@@ -81,25 +85,25 @@ def load_weights(model: keras.Model, checkpoint: str, require: tuple[str, ...] =
     }
     loaded, missing = [], []
     for key, variable in named_variables(model).items():
-        if key not in stored:
+        if key not in stored or (layers is not None and key.split(".")[0] not in layers):
             missing.append(key)
             continue
         name, shape = stored[key]
         if tuple(shape) != tuple(variable.shape):
-            raise ValueError(
+            raise InvalidInput(
                 f"checkpoint {path} is not compatible with {model.name}: {key} has shape "
                 f"{tuple(shape)} there, {tuple(variable.shape)} in the model"
             )
         variable.assign(np.asarray(reader.get_tensor(name)))
         loaded.append(key)
     if not loaded:
-        raise ValueError(f"checkpoint {path} holds no weights of {model.name}")
+        raise InvalidInput(f"checkpoint {path} holds no weights of {model.name}")
     loaded_layers = {key.split(".")[0] for key in loaded}
     absent = [layer for layer in require if layer not in loaded_layers]
     if absent:
-        raise ValueError(f"checkpoint {path} is not compatible with {model.name}: "
-                         f"no weights for {', '.join(absent)}")
+        raise InvalidInput(f"checkpoint {path} is not compatible with {model.name}: "
+                           f"no weights for {', '.join(absent)}")
     if require_all and missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} weights of {model.name}, "
-                         f"first {missing[0]}")
+        raise InvalidInput(f"checkpoint {path} lacks {len(missing)} weights of {model.name}, "
+                           f"first {missing[0]}")
     return LoadReport(os.fspath(path), tuple(loaded), tuple(missing))

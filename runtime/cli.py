@@ -9,9 +9,11 @@ A binary is a frozen config dataclass and a `run(config)` function:
   builds the config, and only then imports TensorFlow (quietly), so a bad flag fails in well
   under a second;
 - every failure the user can act on is ONE line on stderr, `<program>: error: <message>`,
-  and exit status 1: absl's own flag errors, `UsageError`, bad values, missing, vanished or
-  unreadable files, full or read-only disks, a run folder in use or of other settings
-  (runtime/ownership.py); file-system failures name the path and what to do. `--help` prints the
+  and exit status 1: absl's own flag errors, every `runtime.errors.UserError` (`UsageError`,
+  a run folder in use or of other settings (runtime/ownership.py), data that is not there,
+  a missing or incompatible checkpoint), and the operating system's file-system failures
+  (missing, vanished or unreadable files, full or read-only disks), which name the path and
+  what to do. Anything else is a bug and keeps its traceback. `--help` prints the
   binary's docstring and its flags, `--helpfull` every flag; both exit 0. `--check_flags`
   checks the flags (a flagfile, say) and exits 0 without doing anything.
 
@@ -38,10 +40,12 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
+from runtime.errors import InvalidInput, UserError
+
 EXIT_ERROR = 1
 
 
-class UsageError(ValueError):
+class UsageError(InvalidInput):
     """A flag, file or value that cannot be used; the message names it and says what to do."""
 
 
@@ -219,21 +223,27 @@ def _os_failure(line: str) -> OSError | None:
 
 
 def describe(error: BaseException) -> str | None:
-    """The one-line message of an error the user can act on, or None for a bug."""
+    """The one-line message of an error the user can act on, or None for a bug.
+
+    One line: a `UserError` (runtime/errors.py), an OSError with an errno (disk full,
+    read-only, permission denied, no such file), and a TensorFlow OpError whose text is one of
+    those file-system failures. Everything else is None (the traceback is shown): a plain
+    ValueError, a shape or argument error inside TensorFlow, an out-of-memory error.
+    """
+    if isinstance(error, UserError):
+        return str(error)
     if isinstance(error, OSError) and error.errno is not None:
         return describe_os_error(error)
-    if isinstance(error, ValueError | OSError):
-        return str(error)
     module = type(error).__module__
     if module.startswith("tensorflow") and hasattr(error, "message"):
-        # tf.errors.OpError: disk full, permission denied, file vanished, bad input
+        # tf.errors.OpError: only the file-system failures of _OS_FAILURES are the user's
         lines = [line.strip() for line in str(error.message).splitlines() if line.strip()]
         useful = [line for line in lines if not line.startswith(("Graph execution error",
                                                                  "Detected at node"))]
         line = (useful or lines or [type(error).__name__])[0]
         line = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]$", "", line)
         failure = _os_failure(line)
-        return describe_os_error(failure) if failure is not None else line
+        return describe_os_error(failure) if failure is not None else None
     return None
 
 

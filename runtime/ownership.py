@@ -17,7 +17,8 @@ Ownership (`claim_run`, then `start_run`):
 3. clean-up: temporaries that only a dead process can have left (checkpoint `ckpt-N_temp/`
    folders and `.tempstate` files, half-written state and JSON files) are removed, and named.
 4. `start_run`: only now is anything written: fingerprint.json at the first start (never
-   again), config.json (the current settings, resumable ones included) when it changed.
+   again), config.json (the current settings, resumable ones included, and under "code" the
+   version of the code, runtime/version.py, which is not in the fingerprint) when it changed.
 
 A start refused or failed before `start_run` leaves the folder as it was (`abandon_run`).
 """
@@ -33,14 +34,16 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
+from runtime.errors import InvalidInput
 from runtime.files import read_json, write_json_atomic, write_json_if_changed
 from runtime.run_config import CONFIG_FILE, config_path
+from runtime.version import code_version
 
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".lock"
 
 
-class RunFolderError(ValueError):
+class RunFolderError(InvalidInput):
     """A run folder cannot be used as asked; the one-line message names it and what to do."""
 
 
@@ -189,11 +192,12 @@ def claim_run(folder: str, fingerprint: Mapping | Callable[[], Mapping],
 
 
 def start_run(claim: Claim, config: Mapping | None = None) -> None:
-    """Step 4: write fingerprint.json (first start only) and config.json (if it changed)."""
+    """Step 4: write fingerprint.json (first start only) and config.json (if it changed), with
+    the code version under "code"."""
     if claim.fresh and read_json(os.path.join(claim.folder, FINGERPRINT_FILE)) is None:
         write_json_atomic(os.path.join(claim.folder, FINGERPRINT_FILE), claim.fingerprint)
     if config is not None:
-        write_json_if_changed(config_path(claim.folder), dict(config))
+        write_json_if_changed(config_path(claim.folder), {**config, "code": code_version()})
     claim.started = True
 
 

@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Mapping
 
+from runtime.errors import InvalidInput, MissingInput
 from runtime.files import write_json_atomic
 
 CONFIG_FILE = "config.json"
@@ -30,15 +31,20 @@ def write_config(model_dir: str, config: Mapping) -> str:
 def read_config(model_dir: str) -> dict:
     """The config.json of a run.
 
-    Raises FileNotFoundError naming the folder when it does not exist or is not a run.
+    Raises MissingInput (a FileNotFoundError) naming the folder when it does not exist or is
+    not a run, InvalidInput when its config.json is not JSON.
     """
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"run folder {model_dir} does not exist")
+        raise MissingInput(f"run folder {model_dir} does not exist")
     path = config_path(model_dir)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{model_dir} has no {CONFIG_FILE}: not a run folder")
+        raise MissingInput(f"{model_dir} has no {CONFIG_FILE}: not a run folder")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise InvalidInput(f"{path} is not valid JSON ({error}): restore it, or use "
+                               "another run folder") from None
 
 
 def run_folder(checkpoint: str) -> str:

@@ -50,8 +50,9 @@ Pooling, per endpoint: `models.pooling` (none, flatten, avg, max, maxKxL, avgKxL
 Defaults: the model's transfer endpoint (`models.TRANSFER_ENDPOINT`) with `max6x6` for
 AlexNet's conv5 (13 x 13 x 256 -> 9216 features, the size of pool5 and of the conv5 probes
 of the NAT paper's Table 3 protocol; K, L are capped by a smaller conv5 map) and `flatten`
-for NiN's `sc` (the vectors the SC loss
-compares); any other 4-D endpoint defaults to `flatten` and a 2-D one to `none`.
+for NiN's `sc` (the whole map, every cell's features; the SC loss itself compares the
+averages of windows of that map, losses/spatial_contrasting.py); any other 4-D endpoint
+defaults to `flatten` and a 2-D one to `none`.
 
 `python -m serving.export --model_dir=DIR` exports the latest checkpoint of a training run (its
 `config.json` gives the model); `--init=random --model=NAME` exports an untrained network,
@@ -74,6 +75,7 @@ from dataclasses import asdict, dataclass
 from models import MODEL_NAMES, TRANSFER_ENDPOINT
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.errors import InvalidInput
 from serving.graph import endpoint_shape, feature_module, input_size, output_shapes, signatures
 from serving.signatures import INPUTS, METADATA_FILE
 
@@ -198,7 +200,7 @@ def export_features(model, export_base: str, model_name: str,
       The version directory written (or reused).
     """
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", model_name or ""):
-        raise ValueError(f"model_name must match [A-Za-z0-9_.-]+; got {model_name!r}")
+        raise InvalidInput(f"model_name must match [A-Za-z0-9_.-]+; got {model_name!r}")
     metadata = dict(metadata or {})
     architecture = metadata.get("model", model.name)
     size = input_size(model)

@@ -36,6 +36,7 @@ import numpy as np
 
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.errors import MissingInput
 from runtime.progress import Progress
 from serving.client import GrpcClient, RestClient, SavedModelClient, ServingError
 
@@ -74,9 +75,9 @@ def tfds_items(name: str, split: str, data_dir: str | None = None
         builder = tfds.builder(name, data_dir=data_dir)
         dataset = builder.as_dataset(split=split, shuffle_files=False)
     except (AssertionError, tfds.core.registered.DatasetNotFoundError) as err:
-        raise FileNotFoundError(f"--tfds {name}:{split} is not available in "
-                                f"{data_dir or 'the default data_dir'}: "
-                                f"{str(err).splitlines()[0]}") from None
+        raise MissingInput(f"--tfds {name}:{split} is not available in "
+                           f"{data_dir or 'the default data_dir'}: "
+                           f"{str(err).splitlines()[0]}") from None
     try:
         count = builder.info.splits[split].num_examples
     except KeyError:  # no recorded split sizes: the progress bar runs without a total

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from runtime import cli
+from runtime.errors import InvalidInput
 from serving.signatures import (
     BYTES_INPUT,
     BYTES_SIGNATURE,
@@ -36,7 +37,7 @@ def endpoint_shape(model, endpoint: str) -> tuple:
     outputs = model.output
     if not isinstance(outputs, Mapping) or endpoint not in outputs:
         known = ", ".join(outputs) if isinstance(outputs, Mapping) else "none"
-        raise ValueError(f"model {model.name} has no endpoint {endpoint!r}; endpoints: {known}")
+        raise InvalidInput(f"model {model.name} has no endpoint {endpoint!r}; endpoints: {known}")
     return tuple(outputs[endpoint].shape[1:])
 
 
@@ -44,8 +45,8 @@ def input_size(model) -> tuple[int, int, int]:
     """(H, W, C) of the model input; all three must be known."""
     shape = tuple(model.inputs[0].shape[1:])
     if len(shape) != 3 or any(d is None for d in shape) or shape[-1] not in (1, 3):
-        raise ValueError(f"export needs a model with a static input (H, W, 1 or 3); "
-                         f"{model.name} has input shape {shape}")
+        raise InvalidInput(f"export needs a model with a static input (H, W, 1 or 3); "
+                           f"{model.name} has input shape {shape}")
     return shape
 
 

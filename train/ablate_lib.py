@@ -115,10 +115,10 @@ def evaluate_run(cfg: AblateConfig, config) -> dict:
 def _evaluate(cfg: AblateConfig, config, views: dict) -> dict:
     from evaluation.compare import compare
     from models.runs import load_run_model
-    from train.pretrain import calibrated_twin, random_twin
+    from train.pretrain import calibrated_twin, probe_source, random_twin
 
     model = load_run_model(config.model_dir).model
-    comparison = compare(model, random_twin(config), "digits", views, cfg.labels_per_class,
+    comparison = compare(model, random_twin(config), probe_source(config, "digits"), views, cfg.labels_per_class,
                          cfg.splits, config.seed, config.method,
                          calibrated=calibrated_twin(config))
     out = {view: {r.init: r.mean for r in comparison.rows if r.view == view}
@@ -132,6 +132,7 @@ def _finetune_config(cfg: AblateConfig, config, init: str, out: str):
     from evaluation import finetune
 
     return finetune.FinetuneConfig(init=init, model=config.model, dataset="digits",
+                                   data_dir=config.data_dir, manual_dir=config.manual_dir,
                                    labels_per_class=cfg.labels_per_class,
                                    seeds=(config.seed,), output_dir=out)
 

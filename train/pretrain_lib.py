@@ -79,12 +79,29 @@ def probe_dataset(config: TrainConfig) -> str | None:
     return name if name in LABELLED_DATASETS else None
 
 
+def probe_source(config: TrainConfig, dataset: str):
+    """The labelled `dataset` where the run reads its data (--data_dir, --manual_dir)."""
+    from data.labelled import LabelledSource
+
+    return LabelledSource(dataset, config.data_dir, config.manual_dir)
+
+
+def check_probe_data(config: TrainConfig) -> None:
+    """DataError, before any training, when the labelled data the probes or the final table
+    will read is not prepared (data.labelled.check_available)."""
+    dataset = probe_dataset(config)
+    if dataset is not None and (config.probe_every_epochs > 0 or config.final_eval != "none"):
+        from data.labelled import check_available
+
+        check_available(probe_source(config, dataset))
+
+
 def probe_result(config: TrainConfig, model, dataset: str):
     """The linear probe of `model` at its transfer endpoint (evaluation.probe.EndpointResult)."""
     from evaluation.probe import run_probe
     from models import TRANSFER_ENDPOINT
 
-    result = run_probe(model, [TRANSFER_ENDPOINT[config.model]], dataset,
+    result = run_probe(model, [TRANSFER_ENDPOINT[config.model]], probe_source(config, dataset),
                        config.probe_labels_per_class, config.probe_splits, seed=config.seed)
     return result.endpoints[0]
 
@@ -118,7 +135,7 @@ def _probe_table(config: TrainConfig, model, dataset: str) -> tuple[dict, str]:
     views = {"linear": TRANSFER_ENDPOINT[config.model]}
     if "embedding" in model.output:
         views["knn"] = "embedding"
-    comparison = compare(model, random_twin(config), dataset, views,
+    comparison = compare(model, random_twin(config), probe_source(config, dataset), views,
                          config.probe_labels_per_class, config.probe_splits, config.seed,
                          config.method, calibrated=calibrated_twin(config))
     return {"probe": comparison.to_json()}, comparison.table()
@@ -162,6 +179,7 @@ def run(config: TrainConfig, strategy=None) -> dict:
     from train.strategy import make_strategy
     from train.trainer import Trainer
 
+    check_probe_data(config)  # before the run folder is touched or a step is trained
     strategy = strategy or make_strategy(config.strategy, config.cpu_replicas)
     dataset = probe_dataset(config)
     hook = ProbeHook(config, dataset) if dataset is not None else None

@@ -16,6 +16,7 @@ import os
 
 import tensorflow as tf
 
+from runtime.errors import InvalidInput
 from train.config import STRATEGIES
 
 
@@ -49,8 +50,8 @@ def make_strategy(name: str = "auto", cpu_replicas: int = 1) -> tf.distribute.St
             name = "one_device"
     if name == "multi_worker":
         if _cluster_tasks() < 1:
-            raise ValueError("--strategy=multi_worker needs a TF_CONFIG environment variable "
-                             "describing the cluster")
+            raise InvalidInput("--strategy=multi_worker needs a TF_CONFIG environment variable "
+                               "describing the cluster")
         return tf.distribute.MultiWorkerMirroredStrategy()
     split_cpu(cpu_replicas)
     gpus = tf.config.list_logical_devices("GPU")

@@ -75,7 +75,8 @@ from losses.nat import NoiseAsTargets
 from losses.spatial_contrasting import multi_endpoint_loss
 from models import build_model
 from models.checkpoints import open_checkpoints
-from models.weights import load_weights, named_variables
+from models.runs import load_backbone
+from models.weights import named_variables
 from runtime.ownership import abandon_run, claim_run, start_run
 from runtime.progress import Progress
 from train import records
@@ -124,8 +125,8 @@ class Trainer:
         self.chief = _is_chief(strategy)
         replicas = strategy.num_replicas_in_sync
         if config.batch_size % replicas:
-            raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                             f"{replicas} replicas")
+            raise DataError(f"batch_size {config.batch_size} is not divisible by the "
+                            f"{replicas} replicas")
         self.claim = None
         if self.chief:  # lock first: a second process stops before opening any data
             self.claim = claim_run(config.model_dir, lambda: self._open_data(source))
@@ -164,8 +165,8 @@ class Trainer:
                                             cfg.manual_dir, records.recorded_images(cfg.model_dir))
         self.steps_per_epoch = steps_per_epoch(self.source.num_examples, cfg.batch_size)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"dataset {self.source.name} has {self.source.num_examples} "
-                             f"images, fewer than one batch of {cfg.batch_size}")
+            raise DataError(f"dataset {self.source.name} has {self.source.num_examples} "
+                            f"images, fewer than one batch of {cfg.batch_size}")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         files = records.images_digest(self._files()) if self.source.paths else None
         return cfg.fingerprint(self.source.num_examples, files, input_pipelines(self.strategy),
@@ -228,10 +229,8 @@ class Trainer:
     def _restore(self, latest: str | None) -> str:
         if latest:
             return f"resumed {latest} at step {self.step}"
-        if self.config.init_checkpoint:
-            report = load_weights(self.model, self.config.init_checkpoint)
-            return (f"initialised {len(report.loaded)} weights from {report.checkpoint} "
-                    f"({len(report.missing)} left at random init)")
+        if self.config.init_checkpoint:  # the backbone only (models/runs.py)
+            return load_backbone(self.model, self.config.init_checkpoint, self.config.model)[1]
         return "fresh start"
 
     @property

@@ -47,6 +47,7 @@ from evaluation.voc import common
 from models import build_model
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.errors import InvalidInput
 from runtime.progress import Progress
 
 # TensorFlow loads after the flags are checked (runtime/cli.py).
@@ -270,7 +271,7 @@ def evaluate(net: keras.Model, examples: tf.data.Dataset, config: VocClassificat
         bar.update(sum(map(len, labels)))
     bar.close()
     if not scores:
-        raise ValueError("the test split is empty")
+        raise InvalidInput("the test split is empty")
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     per_class = {}
     for index, name in enumerate(voc_data.VOC_CLASSES):

@@ -45,6 +45,7 @@ from evaluation.voc import common
 from evaluation.voc.fast_rcnn import proposals as det_proposals
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.errors import InvalidInput
 from runtime.progress import Progress
 
 # TensorFlow loads after the flags are checked (runtime/cli.py).
@@ -280,7 +281,7 @@ def evaluate(net: keras.Model, config: VocDetectionConfig, source) -> dict:
         bar.update(count, detections=num_detections)
     bar.close()
     if not count:
-        raise ValueError("the test split is empty")
+        raise InvalidInput("the test split is empty")
     per_class = {}
     for name in voc_data.VOC_CLASSES:
         has_positive = any(np.any(~difficult) for _, difficult in truth[name].values())

@@ -6,6 +6,7 @@ from scipy.special import softmax
 
 from evaluation import classifiers
 from evaluation.classifiers import KnnHead, MLPHead
+from runtime.errors import InvalidInput
 
 
 def _objective_gradient(x, y, w, b, c):
@@ -69,7 +70,7 @@ def test_knn_matches_brute_force_cosine_neighbours():
             # ties between classes go to the class of the nearer neighbour
             expected = next(labels[j] for j in order if labels[j] in best)
             assert got[i] == expected, (k, i)
-    with pytest.raises(ValueError, match="k=30 needs 1 <= k <= 25"):
+    with pytest.raises(InvalidInput, match="k=30 needs 1 <= k <= 25"):
         classifiers.fit_knn(bank[:20], labels[:20], bank[20:], labels[20:], 4, KnnHead(k=30))
 
 

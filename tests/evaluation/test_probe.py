@@ -10,6 +10,7 @@ from data import labelled
 from evaluation import classifiers, probe
 from evaluation.classifiers import MLPHead
 from models import build_model
+from runtime.errors import InvalidInput
 
 CLASSES = 10
 
@@ -115,7 +116,7 @@ def test_frozen_network_does_not_change_during_probing(separable):
 
 def test_unknown_endpoint_and_k_too_large_name_the_choices(separable):
     model = identity_model()
-    with pytest.raises(ValueError, match="unknown endpoint 'conv9' of identity; choose from "
+    with pytest.raises(InvalidInput, match="unknown endpoint 'conv9' of identity; choose from "
                                          "feat, pixels"):
         probe.run_probe(model, ["conv9"], "digits")
     with pytest.raises(labelled.LabelsPerClassError, match="31 labels per class"):

@@ -26,6 +26,7 @@ from evaluation.visualize import (
 )
 from models import build_model
 from models.layers import SOBEL_X, SOBEL_Y
+from runtime.errors import InvalidInput
 from tests.helpers import ROOT, test_env
 
 
@@ -84,7 +85,7 @@ def test_nearest_neighbours_by_hand_and_brute_force():
     for row, q in zip(got, queries, strict=True):
         others = [(-(unit[q] @ unit[j]), j) for j in range(30) if j != q]
         assert list(row) == [j for _, j in sorted(others)[:4]]
-    with pytest.raises(ValueError, match=r"k must be in \[1, 29\]"):
+    with pytest.raises(InvalidInput, match=r"k must be in \[1, 29\]"):
         nearest_neighbours(x, [0], 30)
 
 
@@ -120,7 +121,7 @@ def test_read_scalars_and_curves_png(tmp_path):
     assert figures.plot_curves(scalars, str(output), width=600, height=300) == ["train/lr"]
     with Image.open(output) as image:
         assert image.format == "PNG" and image.size == (600, 300)
-    with pytest.raises(ValueError, match="no scalar summary that changes"):
+    with pytest.raises(InvalidInput, match="no scalar summary that changes"):
         figures.plot_curves({"lr": (np.arange(3), np.ones(3))}, str(tmp_path / "none.png"))
 
 
@@ -156,5 +157,5 @@ def test_binaries_write_readable_pngs(tmp_path):
     assert sizes["retrieval"][0] >= 400 and sizes["retrieval"][1] >= 300
     config = VisualizeConfig(figure="retrieval", features=str(tmp_path / "embedding.npy"),
                              queries=4, k=12, output=str(tmp_path / "x.png"))
-    with pytest.raises(ValueError, match=r"k must be in \[1, 11\]"):
+    with pytest.raises(InvalidInput, match=r"k must be in \[1, 11\]"):
         _retrieval(config)

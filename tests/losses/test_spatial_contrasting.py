@@ -17,6 +17,7 @@ from losses.spatial_contrasting import (
     sample_patch_pairs,
     spatial_contrasting_loss,
 )
+from runtime.errors import InvalidInput
 from tests.helpers import two_replica_strategy
 
 # ----------------------------------------------------------------------------- oracles
@@ -235,13 +236,13 @@ def test_multi_endpoint_loss_is_the_weighted_sum():
     np.testing.assert_allclose(out.total, want, rtol=1e-6)
     # The endpoints draw different windows.
     assert not np.array_equal(endpoint_seed(seed, "sc"), endpoint_seed(seed, "block1"))
-    with pytest.raises(ValueError, match="'conv9' not found"):
+    with pytest.raises(InvalidInput, match="'conv9' not found"):
         multi_endpoint_loss(maps, {"conv9": 1.0}, 0.3, seed)
     with pytest.raises(ValueError, match="weight of endpoint 'sc'"):
         multi_endpoint_loss(maps, {"sc": -1.0}, 0.3, seed)
     with pytest.raises(ValueError, match="at least one"):
         multi_endpoint_loss(maps, {}, 0.3, seed)
-    with pytest.raises(ValueError, match="no patch_size for endpoint 'sc'"):
+    with pytest.raises(InvalidInput, match="no patch_size for endpoint 'sc'"):
         multi_endpoint_loss(maps, {"sc": 1.0}, {"block1": 0.3}, seed)
 
 
@@ -270,7 +271,8 @@ def _assert_independent(x, y, levels_x, levels_y):
 
 
 def _reused_offset_sampler(fm, h, w, seed):
-    """The mistake of DESIGN.md: one random offset used for both the row and the column."""
+    """A wrong sampler, which the tests tell apart from `sample_patch_pairs`: one random offset
+    used for both the row and the column."""
     n, big_h = fm.shape[0], fm.shape[1]
     off = np.random.default_rng(seed).integers(0, big_h - h + 1, size=(n, 2))
     return [np.stack([fm[i, o[k]:o[k] + h, o[k]:o[k] + w].reshape(-1)
@@ -368,7 +370,7 @@ def test_sampler_validation_errors():
         sample_patch_pairs(fm, 0.3, (1, 2), pool="max")
     with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
         sample_patch_pairs(fm[0], 0.3, (1, 2))
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(InvalidInput, match="does not fit"):
         sample_patch_pairs(fm, (9, 1), (1, 2))
     with pytest.raises(ValueError, match="static H, W, C"):
         tf.function(lambda x: sample_patch_pairs(x, 0.3, (1, 2))).get_concrete_function(

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from models import build_model
+from runtime.errors import InvalidInput
 
 # (name, kernel, in_channels, out_channels): conv1..conv5 of NAT's AlexNet, without bias
 # (the BN that follows carries the shift).
@@ -103,5 +104,5 @@ def test_bad_arguments_are_rejected():
         build_model("alexnet", head="svm")
     with pytest.raises(ValueError, match="unknown preprocessing"):
         build_model("alexnet", preprocessing="hsv")
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(InvalidInput, match="too small"):
         build_model("alexnet", input_shape=(32, 32, 3))

@@ -6,6 +6,7 @@ import pytest
 import scipy.ndimage
 
 from models.layers import SOBEL_X, SOBEL_Y, Grayscale, HighPass, L2Normalize, Sobel
+from runtime.errors import InvalidInput
 
 
 def _images(channels: int, seed: int = 0) -> np.ndarray:
@@ -103,5 +104,5 @@ def test_l2_normalize_gives_unit_rows_and_keeps_zero_rows_finite():
 
 @pytest.mark.parametrize("layer", [Sobel, Grayscale, HighPass])
 def test_layers_reject_bad_channel_counts(layer):
-    with pytest.raises(ValueError, match="1 or 3 channels"):
+    with pytest.raises(InvalidInput, match="1 or 3 channels"):
         layer()(np.zeros((1, 8, 8, 2), np.float32))

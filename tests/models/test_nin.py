@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from models import build_model
+from runtime.errors import InvalidInput
 
 
 def _conv(k, cin, cout, bn=True):
@@ -123,7 +124,7 @@ def test_cifar_uses_leaky_relu_with_slope_point_one_and_mnist_plain_relu():
 
 
 def test_bad_arguments_are_rejected():
-    with pytest.raises(ValueError, match="expects input_shape"):
+    with pytest.raises(InvalidInput, match="expects input_shape"):
         build_model("nin_mnist", input_shape=(28, 28, 3))
     with pytest.raises(ValueError, match="unknown head"):
         build_model("nin_cifar10", head="nat2")

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from models.pooling import adaptive_bins, adaptive_pool, check_pooling, grid_for, pool_features
+from runtime.errors import InvalidInput
 
 
 def test_adaptive_bins_by_hand():
@@ -31,11 +32,11 @@ def test_pool_features_match_numpy():
 
 
 def test_check_pooling_rejects_bad_specs():
-    with pytest.raises(ValueError, match="unknown pooling 'mean'"):
+    with pytest.raises(InvalidInput, match="unknown pooling 'mean'"):
         check_pooling("mean", (4, 4, 8))
-    with pytest.raises(ValueError, match="needs a feature map"):
+    with pytest.raises(InvalidInput, match="needs a feature map"):
         check_pooling("avg", (128,))
-    with pytest.raises(ValueError, match="1 <= K <= 4"):
+    with pytest.raises(InvalidInput, match="1 <= K <= 4"):
         check_pooling("max5x2", (4, 4, 8))
     check_pooling("none", (128,))
     check_pooling("max4x4", (4, 4, 8))

@@ -8,6 +8,7 @@ from models import build_model
 from models.checkpoints import open_checkpoints
 from models.runs import backbone_layers, load_run_model
 from models.weights import named_variables
+from runtime.errors import InvalidInput, MissingInput
 from runtime.run_config import read_config, write_config
 from tests.helpers import make_run_dir
 
@@ -48,16 +49,16 @@ def test_overrides_random_init_and_another_head(tmp_path):
 
 
 def test_missing_folders_configs_and_checkpoints_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"run folder {tmp_path / 'no'} does not exist"):
+    with pytest.raises(MissingInput, match=f"run folder {tmp_path / 'no'} does not exist"):
         read_config(str(tmp_path / "no"))
-    with pytest.raises(FileNotFoundError, match=r"has no config\.json: not a run folder"):
+    with pytest.raises(MissingInput, match=r"has no config\.json: not a run folder"):
         load_run_model(str(tmp_path))
     write_config(str(tmp_path), {"model": "nin_mnist", "model_kwargs": {}})
-    with pytest.raises(FileNotFoundError, match="no checkpoint in directory"):
+    with pytest.raises(MissingInput, match="no checkpoint in directory"):
         load_run_model(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'gone'} does not exist"):
+    with pytest.raises(MissingInput, match=f"{tmp_path / 'gone'} does not exist"):
         load_run_model(str(tmp_path), checkpoint=str(tmp_path / "gone"))
-    with pytest.raises(ValueError, match="no model name"):
+    with pytest.raises(InvalidInput, match="no model name"):
         load_run_model("", "", init="random")
 
 

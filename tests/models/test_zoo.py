@@ -8,11 +8,12 @@ import tensorflow as tf
 
 from models import MODEL_NAMES, TRANSFER_ENDPOINT, build_model
 from models.weights import load_weights, named_variables
+from runtime.errors import InvalidInput, MissingInput
 from tests.helpers import run_module
 
 
 def test_unknown_model_lists_the_known_names():
-    with pytest.raises(ValueError, match=r"unknown model 'resnet'.*alexnet.*nin_cifar10"):
+    with pytest.raises(InvalidInput, match=r"unknown model 'resnet'.*alexnet.*nin_cifar10"):
         build_model("resnet")
 
 
@@ -60,13 +61,13 @@ def test_named_checkpoint_moves_weights_between_heads(tmp_path):
 
 
 def test_load_weights_errors_name_the_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint in directory"):
+    with pytest.raises(MissingInput, match="no checkpoint in directory"):
         load_weights(build_model("nin_mnist"), str(tmp_path))
     prefix = tf.train.Checkpoint(model=named_variables(build_model("nin_mnist"))).write(
         str(tmp_path / "mnist"))
-    with pytest.raises(ValueError, match="not compatible with nin_cifar10"):
+    with pytest.raises(InvalidInput, match="not compatible with nin_cifar10"):
         load_weights(build_model("nin_cifar10"), prefix)
-    with pytest.raises(ValueError, match="no weights for conv5"):
+    with pytest.raises(InvalidInput, match="no weights for conv5"):
         load_weights(build_model("nin_mnist"), prefix, require=("conv5",))
 
 

@@ -95,6 +95,7 @@ def test_two_workers_train_together_on_loopback(tmp_path):
     (["--cpu_replicas=3", "--batch_size=128"], "batch_size 128 is not divisible by the 3"),
     (["--batch_size=2048"], "has 1198 images, fewer than one batch of 2048"),
     (["--dataset=cifar10", "--data_dir={tmp}"], "run `tfds build cifar10 --data_dir="),
+    (["--probe_dataset=mnist", "--data_dir={tmp}"], "run `tfds build mnist --data_dir="),
     (["--dataset=folder:{tmp}"], "no readable image"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, args, message):

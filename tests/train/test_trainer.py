@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from data import DataError
 from runtime.cli import UsageError
 from runtime.ownership import RunMismatch
 from tests.helpers import (
@@ -204,7 +205,7 @@ def test_bad_configs_are_rejected(tmp_path):
         TrainConfig(model_dir=str(tmp_path), batch_size=0)
     with pytest.raises(UsageError, match="--sc_patch='big'"):
         TrainConfig(model_dir=str(tmp_path), sc_patch="big")
-    with pytest.raises(ValueError, match="fewer than one batch of 2048"):
+    with pytest.raises(DataError, match="fewer than one batch of 2048"):
         Trainer(_config(tmp_path, batch_size=2048), tf.distribute.get_strategy())
 
 

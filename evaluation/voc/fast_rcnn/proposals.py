@@ -29,13 +29,15 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from runtime.errors import InvalidInput
+
 OPENCV_PACKAGE = "opencv-contrib-python-headless==5.0.0.93"
 MODES = ("fast", "quality", "single")
 MAKE_PROPOSALS_HINT = ("make them with `python -m evaluation.voc.detection --only_proposals "
                        "--proposal_cache=DIR` (selective search) or pass --proposals=FILE")
 
 
-class ProposalError(ValueError):
+class ProposalError(InvalidInput):
     """Proposals that are missing, empty or malformed (one-line message)."""
 
 

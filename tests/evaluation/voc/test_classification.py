@@ -22,6 +22,7 @@ from evaluation.voc import fc_init
 from evaluation.voc import metrics as voc_metrics
 from losses import loss_scale
 from runtime import cli
+from runtime.errors import InvalidInput, MissingInput
 from runtime.ownership import RunMismatch
 from tests.data.test_voc import as_dataset_fn, make_example
 from tests.helpers import make_run_dir, run_module
@@ -215,13 +216,13 @@ def test_incompatible_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="'nin_cifar10' run, not an AlexNet"):
         vc.run(dataclasses.replace(base, init_checkpoint=nin))
     os.remove(os.path.join(nin, "config.json"))  # without its config, the weights tell
-    with pytest.raises(ValueError, match=r"holds no weights|no weights for conv1"):
+    with pytest.raises(InvalidInput, match=r"holds no weights|no weights for conv1"):
         vc.run(dataclasses.replace(base, init_checkpoint=nin))
     sobel = _save_pretraining(tmp_path / "sobel", preprocessing="sobel")
-    with pytest.raises(ValueError, match=r"conv1.kernel has shape \(11, 11, 2, 96\)") as caught:
+    with pytest.raises(InvalidInput, match=r"conv1.kernel has shape \(11, 11, 2, 96\)") as caught:
         vc.run(dataclasses.replace(base, init_checkpoint=sobel, preprocessing="rgb"))
     assert "\n" not in str(caught.value)
-    with pytest.raises(FileNotFoundError, match="nothing does not exist: give a run folder"):
+    with pytest.raises(MissingInput, match="nothing does not exist: give a run folder"):
         vc.run(dataclasses.replace(base, init_checkpoint=str(tmp_path / "nothing")))
 
 

@@ -11,6 +11,7 @@ from evaluation.voc.fast_rcnn import inference
 from evaluation.voc.fast_rcnn import model as det_model
 from models import build_model
 from models.weights import load_weights, named_variables
+from runtime.errors import InvalidInput
 
 
 def test_backbone_is_alexnet_and_loads_its_checkpoint(tmp_path):
@@ -45,12 +46,12 @@ def test_backbone_is_alexnet_and_loads_its_checkpoint(tmp_path):
     report, note = det_model.load_pretrained(small, str(tmp_path))
     assert set(det_model.CONV_LAYERS) <= {key.split(".")[0] for key in report.loaded}
     assert note.startswith("fc6 and fc7 start fresh") and "fc6.kernel has shape" in note
-    with pytest.raises(ValueError, match=r"fc6\.kernel"):
+    with pytest.raises(InvalidInput, match=r"fc6\.kernel"):
         load_weights(small, str(tmp_path))
     # A checkpoint without the convs is refused.
     tf.train.Checkpoint(model={"fc6.kernel": alexnet.get_layer("fc6").kernel}).save(
         str(tmp_path / "fc_only" / "ckpt"))
-    with pytest.raises(ValueError, match="holds no weights of fast_rcnn_alexnet_convs"):
+    with pytest.raises(InvalidInput, match="holds no weights of fast_rcnn_alexnet_convs"):
         det_model.load_pretrained(small, str(tmp_path / "fc_only"))
 
 
