@@ -118,8 +118,8 @@ def _evaluate(cfg: AblateConfig, config, views: dict) -> dict:
     from train.pretrain import calibrated_twin, probe_source, random_twin
 
     model = load_run_model(config.model_dir).model
-    comparison = compare(model, random_twin(config), probe_source(config, "digits"), views, cfg.labels_per_class,
-                         cfg.splits, config.seed, config.method,
+    comparison = compare(model, random_twin(config), probe_source(config, "digits"), views,
+                         cfg.labels_per_class, cfg.splits, config.seed, config.method,
                          calibrated=calibrated_twin(config))
     out = {view: {r.init: r.mean for r in comparison.rows if r.view == view}
            for view in views}
