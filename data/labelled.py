@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from data import LABELLED_DATASETS, digits
 from data.augment import translate_and_flip
@@ -146,8 +147,6 @@ def stl10_folds(directory: str) -> list[np.ndarray]:
 
 
 def _tfds_dataset(source: LabelledSource, split: str, skip_image: bool) -> tf.data.Dataset:
-    import tensorflow_datasets as tfds
-
     decoders = {"image": tfds.decode.SkipDecoding()} if skip_image else None
     config = tfds.download.DownloadConfig(manual_dir=source.manual_dir)
     return tfds.load(

@@ -21,10 +21,11 @@ import numpy as np
 
 
 def _pyplot():
+    # optional: matplotlib (slow to import) loads only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot as plt  # optional: after choosing the Agg backend
 
     return plt
 
