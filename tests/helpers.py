@@ -81,7 +81,7 @@ def run_module(module: str, *args: str, timeout: float = 600, env: dict | None =
 
 def scalars(model_dir: str) -> dict[str, list[float]]:
     """{tag: values in step order} of a run's training summaries (`<model_dir>/train`)."""
-    from evaluation.visualize import read_scalars
+    from evaluation.visualize_lib import read_scalars
 
     return {tag: list(values) for tag, (_, values) in
             read_scalars(os.path.join(str(model_dir), "train")).items()}

@@ -1,6 +1,6 @@
 """Initialisations of AlexNet's classifier layers for VOC classification: fc6-fc8 from
 k-means centroids of their inputs (Krahenbuhl et al. 2015), or fc6-fc7 redrawn ("classifier
-from scratch"). Used by evaluation/voc/classification.py (--fc_init).
+from scratch"). Used by evaluation/voc/classification_lib.py (--fc_init).
 """
 
 from __future__ import annotations

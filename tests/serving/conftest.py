@@ -9,7 +9,7 @@ from PIL import Image
 
 from models import build_model
 from models.pooling import pool_features
-from serving.export import export_features
+from serving.export_lib import export_features
 
 SIZE = 16
 TOL = 1e-5
