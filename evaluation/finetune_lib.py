@@ -15,6 +15,7 @@ from evaluation.finetune import NONE, RESUMABLE, FinetuneConfig
 from losses import loss_scale
 from models import build_model
 from models.runs import backbone_layers
+from models.runs import model_spec as run_model_spec
 from models.weights import load_weights
 from runtime.cli import UsageError
 from runtime.ownership import claim_run, fingerprint_of, start_run
@@ -39,7 +40,7 @@ def model_spec(cfg: FinetuneConfig) -> tuple[str, dict]:
     name, kwargs = cfg.model, cfg.overrides()
     config = pretraining_config(cfg.init) if cfg.init != NONE else None
     if config is not None:
-        stored_name, stored = model_spec(config)
+        stored_name, stored = run_model_spec(config)
         stored = {k: v for k, v in stored.items()
                   if k not in ("head", "feature_dim", "num_classes")}
         name, kwargs = name or stored_name, {**stored, **kwargs}
