@@ -1,7 +1,8 @@
 """The one idiom of the zoo's binaries.
 
 A binary is a light module `X.py` (its docstring, a frozen config dataclass and `main`) and a
-heavy `run(config)` function in `X_lib.py` beside it, named as "X_lib:run":
+heavy `run(config)` function in `X_lib.py` beside it, which `main` names as
+"package.X_lib:run" (`load_run`):
 
 - the dataclass owns every default; each field declared with `option(...)` becomes a flag of
   the same name, type and default (`define_flags`), so a config built in code and one built
