@@ -74,3 +74,21 @@ def test_modules_and_functions_stay_small():
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{relative}:{node.lineno} {node.name}: {length} lines")
     assert not too_long, too_long
+
+
+def test_tests_share_helpers_only_through_tests_helpers():
+    """A test module imports nothing from another test module: what tests share lives in
+    tests/helpers.py (and fixtures in conftest.py, which pytest provides by name)."""
+    borrowed = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "tests")):
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.ImportFrom) and node.module
+                        and node.module.startswith("tests.") and node.module != "tests.helpers"):
+                    borrowed.append(f"{os.path.relpath(path, ROOT)}: from {node.module}")
+    assert not borrowed, borrowed

@@ -14,8 +14,7 @@ from data.images import list_images
 from serving import client as serving_client
 from serving.client import RestClient, SavedModelClient, ServingError
 from serving.extract_features import extract, folder_items, read_index, tfds_items, write_outputs
-from tests.helpers import run_module
-from tests.serving.conftest import TOL, decoded, decoded_blob, features_of
+from tests.helpers import TOL, decoded, decoded_blob, features_of, run_module
 
 
 def _free_port():
