@@ -114,3 +114,21 @@ def test_an_unexplained_import_inside_a_function_is_found():
               "def h():\n    x = 1\n    import json  # deferred: keeps this module light\n"
               "    return json, x\n")
     assert _unexplained_imports("m.py", source) == ["m.py:2 import os"]
+
+
+def test_tests_share_helpers_only_through_tests_helpers():
+    """A test module imports nothing from another test module: what tests share lives in
+    tests/helpers.py (and fixtures in conftest.py, which pytest provides by name)."""
+    borrowed = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "tests")):
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.ImportFrom) and node.module
+                        and node.module.startswith("tests.") and node.module != "tests.helpers"):
+                    borrowed.append(f"{os.path.relpath(path, ROOT)}: from {node.module}")
+    assert not borrowed, borrowed

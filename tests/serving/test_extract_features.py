@@ -21,8 +21,7 @@ from serving.extract_features_lib import (
     tfds_items,
     write_outputs,
 )
-from tests.helpers import run_module
-from tests.serving.conftest import TOL, decoded, decoded_blob, features_of
+from tests.helpers import TOL, decoded, decoded_blob, features_of, run_module
 
 
 def _free_port():

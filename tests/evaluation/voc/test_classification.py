@@ -24,8 +24,7 @@ from evaluation.voc import metrics as voc_metrics
 from losses import loss_scale
 from runtime import cli
 from runtime.ownership import RunMismatch
-from tests.data.test_voc import as_dataset_fn, make_example
-from tests.helpers import make_run_dir, run_module
+from tests.helpers import as_dataset_fn, make_example, make_run_dir, run_module
 
 SIZE = 67  # the smallest crop AlexNet takes (pool5 1 x 1): keeps the runs short on CPU
 

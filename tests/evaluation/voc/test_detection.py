@@ -15,9 +15,15 @@ from evaluation.voc import detection as vd
 from evaluation.voc import detection_lib as vd_lib
 from evaluation.voc.fast_rcnn import proposals as det_proposals
 from runtime import cli
-from tests.data.test_voc import as_dataset_fn, make_example
-from tests.evaluation.voc.fast_rcnn.shapes import SQUARE, jittered_proposals, shape_image
-from tests.helpers import make_run_dir, run_module
+from tests.helpers import (
+    SQUARE,
+    as_dataset_fn,
+    jittered_proposals,
+    make_example,
+    make_run_dir,
+    run_module,
+    shape_image,
+)
 
 NAMES = {SQUARE: "cat", 3 - SQUARE: "dog"}
 
