@@ -1,4 +1,4 @@
-"""The heavy half of `python -m evaluation.finetune` (evaluation/finetune.py has the protocol)."""
+"""The work of `python -m evaluation.finetune` (`run`); its protocol is that module's docstring."""
 
 from __future__ import annotations
 

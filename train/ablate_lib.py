@@ -1,4 +1,4 @@
-"""The heavy half of `python -m train.ablate` (train/ablate.py has the protocol)."""
+"""The work of `python -m train.ablate` (`run`); its protocol is that module's docstring."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The heavy half of `python -m train.pretrain` (train/pretrain.py has the protocol)."""
+"""The work of `python -m train.pretrain` (`run`); its protocol is that module's docstring."""
 
 from __future__ import annotations
 
