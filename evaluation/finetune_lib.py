@@ -1,4 +1,4 @@
-"""The work of `python -m evaluation.finetune` (`run`); its protocol is that module's docstring."""
+"""`run` of `python -m evaluation.finetune`, whose docstring states the protocol."""
 
 from __future__ import annotations
 

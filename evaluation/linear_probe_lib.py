@@ -1,5 +1,4 @@
-"""The heavy half of `python -m evaluation.linear_probe` (evaluation/linear_probe.py has the
-protocol)."""
+"""`run` of `python -m evaluation.linear_probe`, whose docstring states the protocol."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The heavy half of `python -m evaluation.visualize` (evaluation/visualize.py has the
-figures' protocol)."""
+"""`run` of `python -m evaluation.visualize`, whose docstring states the protocol."""
 
 from __future__ import annotations
 

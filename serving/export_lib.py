@@ -1,4 +1,4 @@
-"""The heavy half of `python -m serving.export` (serving/export.py has the protocol)."""
+"""`run` of `python -m serving.export`, whose docstring states the protocol."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The heavy half of `python -m serving.extract_features` (serving/extract_features.py has the
-protocol)."""
+"""`run` of `python -m serving.extract_features`, whose docstring states the protocol."""
 
 from __future__ import annotations
 

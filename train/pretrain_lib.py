@@ -1,4 +1,4 @@
-"""The work of `python -m train.pretrain` (`run`); its protocol is that module's docstring."""
+"""`run` of `python -m train.pretrain`, whose docstring states the protocol."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The heavy half of `python -m evaluation.voc.classification` (evaluation/voc/classification.py
-has the protocol)."""
+"""`run` of `python -m evaluation.voc.classification`, whose docstring states the protocol."""
 
 from __future__ import annotations
 

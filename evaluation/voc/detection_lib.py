@@ -1,5 +1,4 @@
-"""The heavy half of `python -m evaluation.voc.detection` (evaluation/voc/detection.py has the
-protocol)."""
+"""`run` of `python -m evaluation.voc.detection`, whose docstring states the protocol."""
 
 from __future__ import annotations
 
