@@ -55,9 +55,12 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
+from benchmarks.steps import fixed_batches, synthetic_source
 from data.augment import Augment, crop_box, resized_crop_of_file
 from data.images import decode_jpeg_window, decode_pixels
 from data.pretrain import open_source, pretrain_dataset
+from train.config import TrainConfig
+from train.trainer import Trainer
 
 _FILES = flags.DEFINE_integer("files", 300, "JPEG files to generate.", lower_bound=8)
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per batch of the stream.", lower_bound=1)
@@ -199,10 +202,6 @@ def _parts(root: str, files: int = 64, passes: int = 3) -> dict[str, list[float]
 
 def _alexnet_step(tmp: str) -> float:
     """Images/s of the NAT training step of AlexNet at 224 (d = 2048, float32)."""
-    from benchmarks.steps import fixed_batches, synthetic_source
-    from train.config import TrainConfig
-    from train.trainer import Trainer
-
     batch = _STEP_BATCH.value
     config = TrainConfig(model_dir=os.path.join(tmp, "alexnet"), model="alexnet",
                          input_shape="224,224,3", nat_dim=2048, batch_size=batch,

@@ -24,11 +24,13 @@ import dataclasses
 import time
 from collections.abc import Callable
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
 from losses.nat import NoiseAsTargets, optimal_assignment, sphere_targets
+from models import build_model
 
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed training steps per setting (re-assign on/off).",
                               lower_bound=1)
@@ -112,10 +114,6 @@ def _state_bytes(cfg: Config) -> list[tuple[str, str, str]]:
 
 
 def _training_step(cfg: Config) -> list[tuple[str, str, str]]:
-    import keras
-
-    from models import build_model
-
     keras.utils.set_random_seed(0)
     model = build_model("nin_cifar10", input_shape=(32, 32, 3), head="nat",
                         feature_dim=cfg.feature_dim)

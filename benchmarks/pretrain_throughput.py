@@ -42,6 +42,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from benchmarks.steps import SupervisedStep
+from data import digits
 from models import PRECISIONS
 from train.config import TrainConfig
 from train.trainer import Trainer
@@ -70,8 +71,6 @@ def _trainer(method: str, model_dir: str, mixed_precision: str) -> Trainer:
 
 def _labels(reference: Trainer) -> np.ndarray:
     if FLAGS.dataset == "digits":
-        from data import digits
-
         return digits.split_arrays("train")[1]
     return np.random.default_rng(0).integers(0, 10, reference.source.num_examples)
 

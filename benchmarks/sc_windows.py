@@ -20,10 +20,17 @@ from __future__ import annotations
 
 import itertools
 
+from runtime.cli import quiet_tensorflow
+
+quiet_tensorflow()  # the zoo's quiet start: no TensorFlow start-up lines
+
+import keras
 import numpy as np
 from absl import app, flags
 
-from runtime import cli
+from data import digits
+from data.images import resize_to_input
+from models import build_model
 
 _MODEL = flags.DEFINE_string("model", "nin_mnist", "Network (at random init).")
 _WINDOW = flags.DEFINE_integer("window", 6, "Window side in cells.", lower_bound=1)
@@ -45,13 +52,6 @@ def _window(maps: np.ndarray, top: int, left: int, side: int, pool: str) -> np.n
 
 def main(argv):
     del argv
-    cli.quiet_tensorflow()
-    import keras
-
-    from data import digits
-    from data.images import resize_to_input
-    from models import build_model
-
     images = digits.split_arrays("train")[0]
     rates: dict[tuple[str, str], list[float]] = {}
     for seed in range(_INITS.value):

@@ -3,7 +3,7 @@
     python -m benchmarks.serving_throughput [--model=nin_cifar10] [--batches=20] [--repeats=3]
 
 Protocol: the model (untrained; weights do not change the speed) is exported with
-`serving.export.export_features` (its default transfer endpoint and pooling), reloaded with
+`serving.export_lib.export_features` (its default transfer endpoint and pooling), reloaded with
 `tf.saved_model.load`, and fed `--batches` batches of 64 random images at the model's input
 size. Rows:
 
@@ -30,7 +30,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from models import build_model
-from serving.export import export_features
+from serving.export_lib import export_features
 
 BATCH = 64
 

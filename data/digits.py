@@ -8,7 +8,11 @@ train; pretraining uses train only.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
 
 NUM_IMAGES = 1797
 TEST_EVERY = 3
@@ -18,8 +22,6 @@ SPLITS = ("train", "test")
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """All 1797 digits: images float32 [1797, 8, 8, 1] in [0, 1] (pixel / 16), labels int64
     [1797] in 0..9, in scikit-learn's order."""
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     images = (digits.images.astype(np.float32) / 16.0)[..., None]
     return images, digits.target.astype(np.int64)
@@ -59,10 +61,6 @@ def from_key(name: str) -> tuple[np.ndarray, int]:
 
 def encoded(split: str = "test") -> list[tuple[str, bytes]]:
     """[(key, PNG bytes)] of every digit of a split: grey 8x8, round(255 x pixel / 16)."""
-    import io
-
-    from PIL import Image
-
     images, _ = split_arrays(split)
     out = []
     for i, image in enumerate(np.round(images[..., 0] * 255).astype(np.uint8)):

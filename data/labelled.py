@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from data import LABELLED_DATASETS, DataError, digits
 from data.augment import translate_and_flip
@@ -148,8 +149,6 @@ def stl10_folds(directory: str) -> list[np.ndarray]:
 
 
 def _tfds_dataset(source: LabelledSource, split: str, skip_image: bool) -> tf.data.Dataset:
-    import tensorflow_datasets as tfds
-
     decoders = {"image": tfds.decode.SkipDecoding()} if skip_image else None
     config = tfds.download.DownloadConfig(manual_dir=source.manual_dir)
     try:
@@ -169,7 +168,6 @@ def _tfds_dataset(source: LabelledSource, split: str, skip_image: bool) -> tf.da
 def not_prepared(source: LabelledSource) -> DataError:
     """The one-line error for tfds data that is not in `source.data_dir`, naming the command
     that prepares it there."""
-    import tensorflow_datasets as tfds
 
     where = tfds.builder(source.name, data_dir=source.data_dir).data_dir
     suffix = f" --data_dir={source.data_dir}" if source.data_dir else ""

@@ -68,6 +68,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
 
 from data import PRETRAIN_DATASETS, DataError, digits
 from data.augment import (
@@ -152,8 +154,6 @@ def _digits(input_shape) -> PretrainSource:
 
 
 def _tfds(name: str, input_shape, data_dir, manual_dir) -> PretrainSource:
-    import tensorflow_datasets as tfds
-
     split = TFDS_PRETRAIN_SPLIT[name]
     builder = tfds.builder(name, data_dir=data_dir)
     decoders = {"image": tfds.decode.SkipDecoding()}
@@ -209,8 +209,6 @@ def _decoder_error(error: tf.errors.OpError) -> str:
 
 def _unreadable(path: str) -> str:
     """Why the scan leaves `path` out ("" if it is readable)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image.load()  # decodes everything: catches truncated files too

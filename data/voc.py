@@ -21,11 +21,14 @@ Nothing downloads unless asked (`download=True`); without prepared data the load
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable, Mapping
+from urllib.parse import urlparse
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.object_detection import voc
 
 from runtime.errors import MissingInput
 
@@ -134,18 +137,12 @@ def load_split(split: str, data_dir: str | None = None, manual_dir: str | None =
 
 def _download_host() -> str:
     """The host tfds downloads the VOC archives from."""
-    from urllib.parse import urlparse
-
-    from tensorflow_datasets.object_detection import voc
-
     return urlparse(getattr(voc, "_VOC_DATA_URL", "http://host.robots.ox.ac.uk/")).hostname
 
 
 def check_reachable(host: str, name: str, data_dir: str | None, timeout: float = 5.0) -> None:
     """Raise VocDataNotFoundError at once (and before anything is written) when `host` cannot
     be reached, instead of letting a download retry for minutes without a network."""
-    import socket
-
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as error:

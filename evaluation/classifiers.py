@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 import tensorflow as tf
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 from models.layers import batch_norm
 from runtime.errors import InvalidInput
@@ -92,9 +94,6 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, c: float, num_classes: int
     one vector w (binary logistic regression); the multinomial optimum is W = [-w/2, w/2] for
     the binary problem at 2C, which is what is solved.
     """
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
-
     x = np.asarray(x, np.float64)
     y = np.asarray(y)
     n, d = x.shape

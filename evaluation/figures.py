@@ -23,10 +23,11 @@ from runtime.errors import InvalidInput
 
 
 def _pyplot():
+    # optional: matplotlib (slow to import) loads only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot as plt  # optional: after choosing the Agg backend
 
     return plt
 

@@ -1,154 +1,38 @@
-r"""Supervised fine-tuning of a whole pretrained network: the SC protocol (SC Sec. 5, Tables 1-3).
-
-Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
-- the network (the pretraining model with its softmax classifier, SC Table 4) starts from
-  the pretrained checkpoint (--init=<run folder or checkpoint>; every backbone layer must be
-  in it, the classifier starts random) or from scratch (--init=none);
-- every layer is trained with the labels: stl10 its 5000 labelled train images (8000 test
-  images), cifar10 400 per class (10000 test images), mnist all 60000 (10000 test images),
-  digits 10 per class (599 test digits); --labels_per_class overrides (0: every label);
-- SGD with momentum from lr 0.01, cut by 10x whenever the watched loss has not improved for
-  --patience epochs, and stopped after --max_cuts cuts ("converged") or at --epochs. The
-  watched loss (the paper's "measured loss") is:
-    * the validation loss, when a stratified --val_fraction of the labels leaves at least
-      --min_val_per_class examples of every class for validation; the weights of the epoch
-      with the lowest validation loss are kept;
-    * otherwise the training loss over all the labels, and the last weights are kept: a few
-      validation images cannot choose an epoch (with 10 labels per class, one image each);
-- batches of --batch_size, never more than the training examples, so that a few labels still
-  get several SGD steps per epoch;
-- augmentation: a random translation of up to --translate pixels and, where it preserves the
-  label, a horizontal mirror (--mirror; default on except for the digits of mnist, digits);
-- --mixed_precision=bf16|fp16 computes the network in bfloat16 / float16 (float32 variables,
-  BN statistics, logits and loss; dynamic loss scaling for fp16: losses/loss_scale.py);
-- the test split is read once, at the end; the result is the mean ± std test accuracy
-  over --seeds. Each seed fixes the label draw, the validation carve, the classifier's init,
-  the batch order and the augmentation; with --compare_scratch the same seeds also train
-  the network from scratch, both are reported side by side (SC Tables 1-3), and their
-  difference is tested paired over the seeds (evaluation/report.py).
-- the output warns when a run stopped at --epochs before converging, or ended near chance.
-
-Writes config.json, finetune.json (every figure) and finetune.md to --output_dir (default
-`<init>/finetune`, or `runs/finetune_<model>_scratch` with --init=none) once the results are
-complete. The folder is one configuration's (runtime/ownership.py): another (differing beyond
-RESUMABLE) is refused unless the folder is new; the same one rewrites its outputs. Example:
-`python -m evaluation.finetune --init=runs/sc_nin_mnist_digits --compare_scratch --seeds=0,1,2`
-"""
+"""`run` of `python -m evaluation.finetune`, whose docstring states the protocol."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-from data import LABELLED_DATASETS
+from data import labelled
+from evaluation import report
 from evaluation.divergence import check_finite
-from models import MODEL_NAMES, PRECISIONS
-from runtime import cli
-from runtime.cli import UsageError, option
+from evaluation.finetune import NONE, RESUMABLE, FinetuneConfig
+from losses import loss_scale
+from models import build_model
+from models.runs import backbone_layers
+from models.runs import model_spec as run_model_spec
+from models.weights import load_weights
+from runtime.cli import UsageError
 from runtime.ownership import claim_run, fingerprint_of, start_run
 from runtime.progress import Progress
-from runtime.run_config import pretraining_config, run_folder
+from runtime.run_config import pretraining_config
 
-# TensorFlow loads after the flags are checked (runtime/cli.py).
-tf = cli.lazy_import("tensorflow")
-keras = cli.lazy_import("keras")
-labelled = cli.lazy_import("data.labelled")
-report = cli.lazy_import("evaluation.report")
-precision = cli.lazy_import("models.precision")
-loss_scale = cli.lazy_import("losses.loss_scale")
-runs = cli.lazy_import("models.runs")
-
-PROGRAM = "evaluation.finetune"
-RESUMABLE = ("output_dir", "data_dir", "manual_dir", "stl10_dir")  # where, not what
-# Labels per class of the SC protocol (0: every train label).
-PROTOCOL_LABELS = {"stl10": 0, "cifar10": 400, "mnist": 0, "digits": 10, "imagenet2012": 0}
-MIRROR = {"stl10": True, "cifar10": True, "imagenet2012": True, "mnist": False, "digits": False}
-NONE = "none"
 NEAR_CHANCE = 1.5  # a test accuracy under 1.5 x chance is reported as a failed run
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """The flags of `python -m evaluation.finetune` (and of the SC run's final table)."""
-
-    init: str = option("", "Pretrained weights: a training run folder or a checkpoint prefix; "
-                       "'none' trains from scratch.")
-    model: str = option("", "Model name (default: the model of --init's config.json).")
-    model_kwargs: str = option("{}", "JSON keyword arguments of build_model.")
-    dataset: str = option("digits", "Labelled dataset.", choices=LABELLED_DATASETS)
-    data_dir: str | None = option(None, "tfds data_dir.")
-    manual_dir: str | None = option(None, "tfds manual_dir.")
-    stl10_dir: str | None = option(None, "STL-10 stl10_binary folder (read instead of tfds).")
-    labels_per_class: int | None = option(None, "Labels per class (0: all; default: the "
-                                          "protocol's: stl10 all, cifar10 400, mnist all, "
-                                          "digits 10).", lower=0)
-    seeds: tuple[int, ...] = option((0, 1, 2, 3, 4), "Seeds; one run each.")
-    compare_scratch: bool = option(False, "Also train from scratch with the same seeds.")
-    learning_rate: float = option(0.01, "Initial SGD learning rate.", lower=0.0)
-    momentum: float = option(0.9, "SGD momentum.", lower=0.0)
-    weight_decay: float = option(5e-4, "Decoupled weight decay.", lower=0.0)
-    batch_size: int = option(32, "Batch size (at most the number of training examples).",
-                             lower=1)
-    epochs: int = option(300, "Most epochs.", lower=1)
-    patience: int = option(10, "Epochs without a better watched loss before a 10x cut.",
-                           lower=1)
-    max_cuts: int = option(3, "Stop (converged) after this many cuts.", lower=0)
-    translate: int | None = option(None, "Largest translation in pixels (default: H / 16).",
-                                   lower=0)
-    mirror: bool | None = option(None, "Random horizontal mirroring (default: per dataset).")
-    val_fraction: float = option(0.1, "Fraction of each class held out for validation.",
-                                 lower=0.0, upper=0.9)
-    min_val_per_class: int = option(5, "Validation images per class needed to choose an epoch "
-                                    "on them (else: the training loss, no carve).", lower=1)
-    max_test_examples: int = option(0, "Score on the first n test examples (0: all).", lower=0)
-    mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
-                                  "bf16 or fp16 (with dynamic loss scaling).",
-                                  choices=PRECISIONS)
-    output_dir: str = option("", "Where config.json, finetune.json and finetune.md go "
-                             "(default: <init>/finetune).")
-
-    def __post_init__(self):
-        cli.require("init", self.init)
-        cli.check_choice("dataset", self.dataset, LABELLED_DATASETS)
-        cli.check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
-        if not self.seeds:
-            raise UsageError("--seeds is empty")
-        if self.model and self.model not in MODEL_NAMES:
-            raise UsageError(f"--model={self.model}: choose one of {', '.join(MODEL_NAMES)}")
-        self.overrides()
-
-    def overrides(self) -> dict:
-        return cli.json_object("model_kwargs", self.model_kwargs)
-
-    @property
-    def labels(self) -> int:
-        """Labels per class: the flag, or the protocol's for the dataset."""
-        return PROTOCOL_LABELS[self.dataset] if self.labels_per_class is None \
-            else self.labels_per_class
-
-    @property
-    def mirrored(self) -> bool:
-        return MIRROR[self.dataset] if self.mirror is None else self.mirror
-
-    @property
-    def out(self) -> str:
-        if self.output_dir:
-            return self.output_dir
-        if self.init != NONE:
-            return os.path.join(run_folder(self.init), "finetune")
-        return os.path.join("runs", f"finetune_{self.model or 'model'}_scratch")
-
-    @property
-    def source(self):
-        return labelled.LabelledSource(self.dataset, self.data_dir, self.manual_dir,
-                                       self.stl10_dir)
 
 
 # --------------------------------------------------------------------------------------------
 # model and data
+
+
+def labelled_source(cfg: FinetuneConfig) -> labelled.LabelledSource:
+    """The labelled dataset of the flags."""
+    return labelled.LabelledSource(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.stl10_dir)
 
 
 def model_spec(cfg: FinetuneConfig) -> tuple[str, dict]:
@@ -157,7 +41,7 @@ def model_spec(cfg: FinetuneConfig) -> tuple[str, dict]:
     name, kwargs = cfg.model, cfg.overrides()
     config = pretraining_config(cfg.init) if cfg.init != NONE else None
     if config is not None:
-        stored_name, stored = runs.model_spec(config)
+        stored_name, stored = run_model_spec(config)
         stored = {k: v for k, v in stored.items()
                   if k not in ("head", "feature_dim", "num_classes")}
         name, kwargs = name or stored_name, {**stored, **kwargs}
@@ -174,14 +58,11 @@ def initial_model(name: str, kwargs: dict, init: str | None, seed: int,
     holds is loaded; the backbone layers must all be there. With the same seed, a pretrained
     and a scratch model differ only in the loaded variables.
     """
-    from models import build_model
-    from models.weights import load_weights
-
     keras.utils.set_random_seed(seed)
     model = build_model(name, precision=mixed_precision, **kwargs)
     if init is None:
         return model, None
-    loaded = load_weights(model, init, require=runs.backbone_layers(name, **kwargs))
+    loaded = load_weights(model, init, require=backbone_layers(name, **kwargs))
     return model, loaded
 
 
@@ -206,7 +87,7 @@ def validation_fraction(labels: np.ndarray, cfg: FinetuneConfig) -> float:
 def labelled_data(cfg: FinetuneConfig, input_shape: tuple[int, int, int], seed: int
                   ) -> Labelled:
     """Draw the labelled train examples of `seed` and hold out the validation set."""
-    source = cfg.source
+    source = labelled_source(cfg)
     labels = labelled.load_labels(source, "train")
     if cfg.labels:
         chosen = labelled.per_class_draw(labels, cfg.labels, np.random.default_rng([seed, 0]),
@@ -343,7 +224,8 @@ def run_seed(cfg: FinetuneConfig, name: str, kwargs: dict, init: str | None, see
     kept, converged, history = train(model, data, cfg, seed, bar, label)
     bar.close()
     test_indices = np.arange(cfg.max_test_examples) if cfg.max_test_examples else None
-    test = labelled.load(cfg.source, "test", model.input_shape[1:], test_indices).batch(256)
+    test = labelled.load(labelled_source(cfg), "test", model.input_shape[1:],
+                         test_indices).batch(256)
     test_loss, test_acc = evaluate(model, test)
     chosen = history[kept - 1]
     return RunResult(seed, init or NONE, len(loaded.loaded) if loaded else 0, len(history),
@@ -366,11 +248,9 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
     """Every seed, pretrained (unless --init=none) and, with compare_scratch, from scratch.
 
     Returns ({"pretrained"|"scratch": [RunResult per seed]}, console text)."""
-    from models import build_model
-
     fingerprint = fingerprint_of(cfg, RESUMABLE)
     with claim_run(cfg.out, fingerprint, "--output_dir") as claim:
-        labelled.check_available(cfg.source)  # both splits, before any training
+        labelled.check_available(labelled_source(cfg))  # both splits, before any training
         name, kwargs = model_spec(cfg)
         try:
             input_shape = tuple(build_model(name, **kwargs).input_shape[1:])
@@ -440,12 +320,3 @@ def run_and_print(cfg: FinetuneConfig):
     print(text)
     print(f"wrote {cfg.out}/finetune.md and finetune.json")
     return results
-
-
-def main(argv=None) -> None:
-    cli.main(PROGRAM, FinetuneConfig, run_and_print, module_name=PROGRAM, doc=__doc__,
-             argv=argv)
-
-
-if __name__ == "__main__":
-    main()

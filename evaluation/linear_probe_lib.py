@@ -1,135 +1,30 @@
-r"""Linear, MLP or nearest-neighbour probes on the frozen features of a pretrained network.
-
-Protocol (NAT Sec. 4 and Table 3; `evaluation.probe` has the details):
-- the network is loaded from a training --model_dir (its latest checkpoint), from a
-  --saved_model, or left at random initialisation (--init=random, the baseline: seeded by the
-  run's own seed with --model_dir, so that it is the run's random twin, else by --seed). A
-  random init is probed twice (evaluation/random_init.py): with its BN statistics at init, and
-  calibrated on the pretraining images (the run's dataset; without a run, the --dataset's
-  train images); both rows are reported and the stronger one per endpoint is named;
-- each --endpoints map is pooled (adaptive average or max) to at most --max_dims features
-  (or --pool_size cells a side) and frozen;
-- for each of --splits repetitions, --labels_per_class labelled train examples per class are
-  drawn (0: all), a validation set is carved from them, the classifier's hyperparameter is
-  chosen on it (linear: the L2 strength; --head=mlp: fc 4096-4096-classes with BN and dropout,
-  the epoch; --head=knn: none, k is --knn_k), and the test split is read only at the end, once;
-- the result is the mean ± std test accuracy over the repetitions.
-
-Writes to --output_dir (default: `<model_dir>/probe`, or `runs/probe_<model>_random` for a
-bare --model): config.json (the flags), probe.json (every figure) and probe.md (the table),
-and prints the table. The folder belongs to one configuration (runtime/ownership.py): a second
-process on it stops at once, and a configuration that differs in anything but `RESUMABLE`
-(output and data locations, the extraction batch size) is refused unless the folder is new.
-The same configuration recomputes and rewrites the outputs, for the weights the run holds then
-(probe.json names the checkpoint). Nothing is written before the results are complete.
-
-Example (the embedded digits, random init, with raw pixels as a reference row):
-
-  python -m evaluation.linear_probe --model=nin_mnist --init=random --dataset=digits \
-      --endpoints=block1,block2,sc,pixels --labels_per_class=10 --splits=5
-"""
+"""`run` of `python -m evaluation.linear_probe`, whose docstring states the protocol."""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
-from typing import ClassVar
+from dataclasses import asdict
 
-from data import LABELLED_DATASETS
-from models import MODEL_NAMES
-from runtime import cli
-from runtime.cli import UsageError, option
+from data import labelled
+from evaluation import probe, report
+from evaluation.classifiers import KnnHead, MLPHead
+from evaluation.features import model_input_shape
+from evaluation.linear_probe import ProbeConfig
+from evaluation.random_init import MAX_CALIBRATION_IMAGES, calibrated, pretraining_images, stronger
+from models import TRANSFER_ENDPOINT
+from models.runs import load_run_model
+from runtime.cli import UsageError
+from runtime.ownership import claim_run, fingerprint_of, start_run
+from runtime.run_config import read_config
+from serving.client import SavedModelClient, ServingError
 
 AT_INIT, CALIBRATED = "random init, BN at init", "random init, BN calibrated"
-
-PROGRAM = "evaluation.linear_probe"
-INITS = ("checkpoint", "random")
-HEADS = ("linear", "mlp", "knn")
-POOLS = ("avg", "max")
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """The flags of `python -m evaluation.linear_probe`."""
-
-    model_dir: str = option("", "Training run folder (config.json and checkpoints).")
-    saved_model: str = option("", "A SavedModel version folder to probe instead.")
-    model: str = option("", "Model name, for --init=random without --model_dir.")
-    model_kwargs: str = option("{}", "JSON kwargs of build_model (with --model).")
-    init: str = option("checkpoint", "Pretrained weights, or a random-init baseline.",
-                       choices=INITS)
-    endpoints: tuple[str, ...] | None = option(None, "Endpoints to probe (default: the "
-                                               "model's transfer endpoint); 'pixels' is the "
-                                               "input itself.")
-    head: str = option("linear", "Classifier on the frozen features.", choices=HEADS)
-    dataset: str = option("digits", "Labelled dataset.", choices=LABELLED_DATASETS)
-    data_dir: str | None = option(None, "tfds data_dir.")
-    manual_dir: str | None = option(None, "tfds manual_dir (ImageNet tars, stl10_binary).")
-    stl10_dir: str | None = option(None, "STL-10 stl10_binary folder (for the folds).")
-    stl10_folds: bool = option(False, "STL-10: repetition s trains on predefined fold s.")
-    labels_per_class: int = option(10, "Labelled train examples per class (0: all).", lower=0)
-    splits: int = option(5, "Repetitions (draws of the labelled examples).", lower=1)
-    seed: int = option(0, "Seed of the draws and of the classifiers (and of --init=random "
-                       "without --model_dir).")
-    pool: str = option("avg", "Pooling of feature maps.", choices=POOLS)
-    pool_size: int = option(0, "Pool maps to this many cells a side (0: by --max_dims).",
-                            lower=0)
-    max_dims: int = option(9216, "Largest pooled feature size.", lower=1)
-    val_fraction: float = option(0.2, "Fraction of each class's labels kept for validation.",
-                                 lower=0.0, upper=0.9)
-    mlp_width: int = option(4096, "Width of the MLP's hidden layers.", lower=1)
-    mlp_epochs: int = option(30, "Epochs of the MLP head.", lower=1)
-    mlp_learning_rate: float = option(0.01, "SGD learning rate of the MLP head.", lower=0.0)
-    knn_k: int = option(1, "Neighbours of --head=knn.", lower=1)
-    batch_size: int = option(256, "Batch size of feature extraction.", lower=1)
-    max_test_examples: int = option(0, "Score on the first n test examples (0: all).", lower=0)
-    output_dir: str = option("", "Where config.json, probe.json and probe.md go (default: "
-                             "<model_dir>/probe).")
-
-    # What may differ between two invocations writing one output folder (module docstring).
-    RESUMABLE: ClassVar[tuple[str, ...]] = ("output_dir", "data_dir", "manual_dir", "stl10_dir",
-                                            "batch_size")
-
-    def __post_init__(self):
-        if self.model_dir and self.saved_model:
-            raise UsageError("--model_dir and --saved_model are exclusive; give one")
-        if self.saved_model and self.init == "random":
-            raise UsageError("--init=random needs --model_dir or --model, not --saved_model")
-        if not (self.model_dir or self.saved_model):
-            if self.init == "checkpoint":
-                raise UsageError("--init=checkpoint needs --model_dir or --saved_model "
-                                 "(or use --init=random with --model; see --help)")
-            if self.model not in MODEL_NAMES:
-                raise UsageError(f"--model={self.model}: choose one of "
-                                 f"{', '.join(MODEL_NAMES)}")
-        self.overrides()
-
-    def overrides(self) -> dict:
-        return cli.json_object("model_kwargs", self.model_kwargs)
-
-    @property
-    def out(self) -> str:
-        """The output folder (module docstring)."""
-        if self.output_dir:
-            return self.output_dir
-        if self.model_dir:
-            return os.path.join(self.model_dir, "probe" if self.init == "checkpoint"
-                                else "probe_random")
-        if self.saved_model:
-            version = os.path.normpath(self.saved_model)
-            name = f"{os.path.basename(os.path.dirname(version))}_v{os.path.basename(version)}"
-            return os.path.join("runs", f"probe_{name}")
-        return os.path.join("runs", f"probe_{self.model}_random")
 
 
 def load_model(cfg: ProbeConfig):
     """(model, model name, a description of the weights) from the config."""
-    from models.runs import load_run_model
-
     if cfg.saved_model:
-        from serving.client import SavedModelClient, ServingError
-
         try:
             client = SavedModelClient(cfg.saved_model)
         except ServingError as error:
@@ -149,9 +44,6 @@ def load_model(cfg: ProbeConfig):
 def run(cfg: ProbeConfig):
     """Run the probe of `cfg`; write config.json, probe.json and probe.md; print and return
     (result, console table)."""
-    from evaluation import report
-    from runtime.ownership import claim_run, fingerprint_of, start_run
-
     with claim_run(cfg.out, fingerprint_of(cfg, cfg.RESUMABLE), "--output_dir") as claim:
         result, seconds, name, weights = _probe(cfg)
         # A random init is probed twice: BN at init (above) and BN calibrated.
@@ -190,7 +82,6 @@ def run(cfg: ProbeConfig):
 
 def _stronger_rows(results: dict) -> dict[str, str]:
     """{endpoint: the init whose mean accuracy is higher} over results {init: ProbeResult}."""
-    from evaluation.random_init import stronger
 
     endpoints = [e.endpoint for e in next(iter(results.values())).endpoints
                  if e.endpoint != "pixels"]  # the input: the same for both
@@ -203,9 +94,6 @@ def _stronger_rows(results: dict) -> dict[str, str]:
 def calibration_images(cfg: ProbeConfig, input_shape):
     """The images a random init's BN statistics are calibrated on: the run's pretraining
     images (its config.json's dataset), or without a run the --dataset's train images."""
-    from data import labelled
-    from evaluation.random_init import MAX_CALIBRATION_IMAGES, pretraining_images
-    from runtime.run_config import read_config
 
     config = read_config(cfg.model_dir) if cfg.model_dir and os.path.exists(
         os.path.join(cfg.model_dir, "config.json")) else {}
@@ -223,8 +111,6 @@ def calibration_images(cfg: ProbeConfig, input_shape):
 
 def _probe_calibrated(cfg: ProbeConfig):
     """The ProbeResult of the same seeded random init with its BN statistics calibrated."""
-    from evaluation.features import model_input_shape
-    from evaluation.random_init import calibrated
 
     loaded = load_model(cfg)
     calibrated(loaded[0], calibration_images(cfg, model_input_shape(loaded[0])))
@@ -234,10 +120,6 @@ def _probe_calibrated(cfg: ProbeConfig):
 def _probe(cfg: ProbeConfig, loaded=None):
     """(the ProbeResult, seconds, model name, a description of the weights) of the model of
     `cfg` (or of `loaded`, `load_model`'s answer with the weights changed since)."""
-    from data import labelled
-    from evaluation import probe
-    from evaluation.classifiers import KnnHead, MLPHead
-    from models import TRANSFER_ENDPOINT
 
     source = labelled.LabelledSource(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.stl10_dir)
     if not cfg.stl10_folds:  # (the folds read the STL-10 binary folder, not tfds)
@@ -265,11 +147,3 @@ def _probe(cfg: ProbeConfig, loaded=None):
     except labelled.LabelsPerClassError as error:
         raise UsageError(f"--labels_per_class={cfg.labels_per_class}: {error}") from None
     return result, time.time() - tic, name or model.name, weights
-
-
-def main(argv=None) -> None:
-    cli.main(PROGRAM, ProbeConfig, run, module_name=PROGRAM, doc=__doc__, argv=argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 from runtime.files import write_json_atomic, write_text_atomic
 
@@ -53,8 +54,6 @@ class PairedGap:
 
 def paired_gap(a, b, over: str) -> PairedGap:
     """The PairedGap of accuracies a and b measured on the same `over` (label draws, seeds)."""
-    from scipy import stats
-
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.ndim != 1 or not len(a):
         raise ValueError(f"paired_gap needs two equal-length lists; got {a.shape}, {b.shape}")

@@ -1,47 +1,23 @@
-"""PNG figures of a run: first-layer filters, nearest-neighbour retrieval, training curves.
-
-    python -m evaluation.visualize filters   --model_dir=RUN --output=filters.png
-    python -m evaluation.visualize retrieval --features=OUT/embedding.npy --output=retrieval.png
-    python -m evaluation.visualize curves    --model_dir=RUN --output=curves.png
-
-filters (NAT Figure 4): the first convolution's filters in image space. With a Sobel front
-the network sees `conv1 * sobel(gray(image))`; both are linear, so each conv1 filter W_f
-([k, k, 2]) composes with the Sobel kernels S_x, S_y into ONE filter on the grey image,
-
-    E_f = W_f[..., 0] (*) S_x + W_f[..., 1] (*) S_y       ((*): full 2-D convolution)
-
-of size (k + 2) x (k + 2): a cross-correlation with W of a cross-correlation with S is a
-cross-correlation with their full convolution (away from the image border). A grey front shows
-W as it is (one channel); an RGB front shows W as colour; a high-pass front shows W (the
-filter before the high-pass). Each filter is min-max scaled to [0, 1] on its own, tiled in a
-grid of `--columns`, each tap drawn as `--scale` x `--scale` pixels, under a title.
-
-retrieval (NAT Figure 3): for each query (a row), its k nearest neighbours by cosine
-similarity of the features (the query itself excluded, ties broken by the lower index), each
-captioned with its label and similarity; neighbours of another class are framed in red. The
-images come from the extraction's index.txt: embedded digits (with their class) or image
-files (labelled by their folder's name).
-
-curves: every scalar of the TensorBoard event files under `--model_dir` that changes (one
-panel per tag, tags of subdirectories prefixed by it, e.g. "train/loss"; accuracies in
-percent), against the step; constant tags are named in the title.
-
-The drawing itself is `evaluation/figures.py`.
-"""
+"""`run` of `python -m evaluation.visualize`, whose docstring states the protocol."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+import keras
 import numpy as np
+import tensorflow as tf
+from PIL import Image
+from scipy.signal import convolve2d
 
-from runtime import cli
-from runtime.cli import UsageError, option
+from data import digits
+from evaluation import figures
+from evaluation.visualize import VisualizeConfig
+from models.layers import SOBEL_X, SOBEL_Y
+from models.runs import load_run_model
+from runtime.cli import UsageError
 from runtime.errors import InvalidInput
-
-PROGRAM = "evaluation.visualize"
 
 PAD = 1
 
@@ -50,10 +26,6 @@ PAD = 1
 
 def compose_sobel(kernel: np.ndarray) -> np.ndarray:
     """[k, k, 2, F] conv1 kernels after a Sobel front -> [k + 2, k + 2, F] grey-image filters."""
-    from scipy.signal import convolve2d
-
-    from models.layers import SOBEL_X, SOBEL_Y
-
     kernel = np.asarray(kernel, dtype=np.float64)
     if kernel.ndim != 4 or kernel.shape[2] != 2:
         raise ValueError(f"expected a [k, k, 2, F] kernel after the Sobel front; got "
@@ -65,8 +37,6 @@ def compose_sobel(kernel: np.ndarray) -> np.ndarray:
 
 def first_conv_filters(model) -> np.ndarray:
     """The first convolution's filters in image space: [F, h, w, 1 or 3]."""
-    import keras
-
     conv = next((layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)),
                 None)
     if conv is None:
@@ -129,8 +99,6 @@ def read_scalars(model_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     Reads tf.summary scalars (tensor values) and v1 simple values; steps sorted, and a step
     written twice keeps its last value.
     """
-    import tensorflow as tf
-
     found: dict[str, dict[int, float]] = {}
     for root, _, files in sorted(os.walk(model_dir)):
         prefix = os.path.relpath(root, model_dir)
@@ -152,50 +120,9 @@ def read_scalars(model_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             for tag, points in sorted(found.items())}
 
 
-# ----------------------------------------------------------------------------- binary
-
-FIGURES = ("filters", "retrieval", "curves")
-
-
-@dataclass(frozen=True)
-class VisualizeConfig:
-    """The flags of `python -m evaluation.visualize <figure>`."""
-
-    figure: str = option("", "filters, retrieval or curves (the positional argument).",
-                         flag=False)
-    output: str = option("", "The PNG to write.")
-    model_dir: str = option("", "filters, curves: the training run.")
-    model: str = option("", "filters: model name (overrides config.json).")
-    init: str = option("checkpoint", "filters: the run's latest checkpoint, or random weights.",
-                       choices=("checkpoint", "random"))
-    columns: int = option(8, "filters: filters per row.", lower=1)
-    scale: int = option(8, "filters: pixels per filter tap.", lower=1)
-    features: str = option("", "retrieval: a .npy of features [n, ...].")
-    index: str = option("", "retrieval: the index.txt of paths (default: next to --features).")
-    queries: int = option(8, "retrieval: number of queries.", lower=1)
-    query_indices: tuple[int, ...] = option((), "retrieval: explicit query rows (else random).")
-    k: int = option(5, "retrieval: neighbours per query.", lower=1)
-    cell: int = option(56, "retrieval: pixels per image.", lower=4)
-    seed: int = option(0, "retrieval: seed of the random queries.")
-    width: int = option(960, "curves: width in pixels.", lower=100)
-    height: int = option(640, "curves: height in pixels.", lower=100)
-
-    def __post_init__(self):
-        if self.figure not in FIGURES:
-            raise UsageError(f"give one figure: {' | '.join(FIGURES)} (see --help)")
-        cli.require("output", self.output)
-        if self.figure == "filters" and not (self.model_dir or self.model):
-            raise UsageError("filters needs --model_dir (or --model with --init=random)")
-        if self.figure == "retrieval":
-            cli.require("features", self.features)
-        if self.figure == "curves" and not os.path.isdir(self.model_dir):
-            raise UsageError(f"curves needs --model_dir, a run folder; got {self.model_dir!r}")
 
 
 def _filters(f: VisualizeConfig) -> None:
-    from evaluation import figures
-    from models.runs import load_run_model
-
     loaded = load_run_model(f.model_dir, f.model, init=f.init)
     filters = first_conv_filters(loaded.model)
     sobel = any(layer.name == "sobel" for layer in loaded.model.layers)
@@ -211,10 +138,6 @@ def _filters(f: VisualizeConfig) -> None:
 def image_and_label(name: str, cell: int) -> tuple[np.ndarray, str | None]:
     """uint8 RGB [cell, cell, 3] of an extracted image and its label: digits keys carry their
     class; a file's label is the name of its folder."""
-    from PIL import Image
-
-    from data import digits
-
     if name.startswith(digits.KEY_PREFIX):
         pixels, label = digits.from_key(name)
         image = Image.fromarray(pixels)
@@ -229,8 +152,6 @@ def image_and_label(name: str, cell: int) -> tuple[np.ndarray, str | None]:
 
 
 def _retrieval(f: VisualizeConfig) -> None:
-    from evaluation import figures
-
     features = np.load(f.features)
     index_path = f.index or os.path.join(os.path.dirname(f.features), "index.txt")
     with open(index_path) as handle:
@@ -256,8 +177,6 @@ def _retrieval(f: VisualizeConfig) -> None:
 
 
 def _curves(f: VisualizeConfig) -> None:
-    from evaluation import figures
-
     figures.plot_curves(read_scalars(f.model_dir), f.output, f.width, f.height)
 
 
@@ -265,12 +184,3 @@ def run(config: VisualizeConfig) -> str:
     {"filters": _filters, "retrieval": _retrieval, "curves": _curves}[config.figure](config)
     print(config.output)
     return config.output
-
-
-def main(argv=None) -> None:
-    cli.main(PROGRAM, VisualizeConfig, run, module_name=PROGRAM, doc=__doc__, argv=argv,
-             positional="figure")
-
-
-if __name__ == "__main__":
-    main()

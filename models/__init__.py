@@ -36,10 +36,11 @@ def builder(name: str):
     if name not in MODEL_NAMES:
         raise InvalidInput(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
     if name == "alexnet":
+        # deferred: the builders import Keras, and this file must not (module docstring)
         from models.alexnet import alexnet
 
         return alexnet
-    from models import nin
+    from models import nin  # deferred: as above
 
     return getattr(nin, name)
 
@@ -55,7 +56,7 @@ def build_model(name: str, precision: str | None = None, **kwargs):
     """
     if precision is None:
         return builder(name)(**kwargs)
-    from models.precision import policy_scope
+    from models.precision import policy_scope  # deferred: imports Keras (module docstring)
 
     with policy_scope(precision):
         return builder(name)(**kwargs)

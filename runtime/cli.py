@@ -1,13 +1,15 @@
 """The one idiom of the zoo's binaries.
 
-A binary is a frozen config dataclass and a `run(config)` function:
+A binary is a light module `X.py` (its docstring, a frozen config dataclass and `main`) and a
+heavy `run(config)` function in `X_lib.py` beside it, which `main` names as
+"package.X_lib:run" (`load_run`):
 
 - the dataclass owns every default; each field declared with `option(...)` becomes a flag of
   the same name, type and default (`define_flags`), so a config built in code and one built
   from the command line agree; `__post_init__` checks values and raises `UsageError`;
 - `main(...)` parses the command line into a fresh `flags.FlagValues` (flagfiles included),
-  builds the config, and only then imports TensorFlow (quietly), so a bad flag fails in well
-  under a second;
+  builds the config, and only then imports TensorFlow (quietly) and the run's module, so a bad
+  flag fails in well under a second;
 - every failure the user can act on is ONE line on stderr, `<program>: error: <message>`,
   and exit status 1: absl's own flag errors, every `runtime.errors.UserError` (`UsageError`,
   a run folder in use or of other settings (runtime/ownership.py), data that is not there,
@@ -158,19 +160,12 @@ def check_range(name: str, value, lower=None, upper=None) -> None:
 # ------------------------------------------------------------------------- running binaries
 
 
-class _LazyModule(types.ModuleType):
-    def __getattr__(self, attribute: str):
-        return getattr(importlib.import_module(self.__name__), attribute)
-
-
-def lazy_import(name: str) -> types.ModuleType:
-    """A stand-in for the module `name` that imports it at its first attribute access.
-
-    Binaries bind `tf`, `keras` and their library modules this way, so that running them
-    imports TensorFlow only after the flags are checked (`main`), while the code reads as
-    usual. Nothing may use such a module at import time (decorators, base classes).
-    """
-    return _LazyModule(name)
+def load_run(target: str) -> Callable:
+    """The function named by `target`, "package.module:function", imported now: a binary
+    names its run this way so that its heavy module (and TensorFlow) loads only after the
+    flags are checked."""
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def fail(program: str, message: str) -> typing.NoReturn:
@@ -292,9 +287,10 @@ def _help(doc: str, fv: flags.FlagValues, module_name: str, full: bool) -> str:
     return f"{text}\n\nFlags:\n{flags_text}\n" if text else f"{flags_text}\n"
 
 
-def main(program: str, config_type: type, run: Callable, *, module_name: str, doc: str = "",
+def main(program: str, config_type: type, run: str, *, module_name: str, doc: str = "",
          argv: Sequence[str] | None = None, positional: str | None = None) -> None:
-    """The whole life of a binary: flags -> config -> quiet TensorFlow -> `run(config)`.
+    """The whole life of a binary: flags -> config -> quiet TensorFlow -> `run(config)`, where
+    `run` names the function as "package.module:function" (`load_run`).
 
     `config_type` is built by `config_from_flags`; `positional` names the config field that
     one positional argument fills (a sub-command), if any. On failure, exits 1 with one line
@@ -335,12 +331,13 @@ def main(program: str, config_type: type, run: Callable, *, module_name: str, do
     run_or_fail(program, run, config, verbosity)
 
 
-def run_or_fail(program: str, run: Callable, config, verbosity: int = 0):
-    """`run(config)` after `quiet_tensorflow`; an error the user can act on becomes one line
-    and exit status 1 (a bug keeps its traceback, as does any error with verbosity >= 1)."""
+def run_or_fail(program: str, run: str, config, verbosity: int = 0):
+    """`run(config)` after `quiet_tensorflow`, `run` being "package.module:function"
+    (`load_run`); an error the user can act on becomes one line and exit status 1 (a bug keeps
+    its traceback, as does any error with verbosity >= 1)."""
     try:
         quiet_tensorflow(verbosity)
-        return run(config)
+        return load_run(run)(config)
     except KeyboardInterrupt:
         fail(program, "interrupted")
     except Exception as error:

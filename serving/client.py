@@ -35,6 +35,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import tensorflow as tf
 
 from serving.signatures import (
     BYTES_INPUT,
@@ -159,8 +160,6 @@ class SavedModelClient:
     """
 
     def __init__(self, path: str):
-        import tensorflow as tf
-
         self._tf = tf
         if not os.path.exists(os.path.join(path, "saved_model.pb")):
             raise ServingError(f"no saved_model.pb in {path}: not a SavedModel version folder")
@@ -262,6 +261,7 @@ class RestClient:
 def grpc_modules():
     """(predict_pb2, prediction_service_pb2_grpc, grpc), or ServingError naming the package."""
     try:
+        # optional: tensorflow-serving-api (and grpc), for --grpc only
         import grpc
         from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
     except ImportError:
@@ -273,8 +273,6 @@ def grpc_modules():
 def grpc_request(model_name: str, signature: str, inputs: Mapping[str, np.ndarray],
                  version: int | None = None):
     """A PredictRequest for `model_name` / `signature` with {input name: array} as TensorProtos."""
-    import tensorflow as tf
-
     predict_pb2, _, _ = grpc_modules()
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
@@ -299,8 +297,6 @@ class GrpcClient:
         self._stub = service.PredictionServiceStub(grpc.insecure_channel(server, options))
 
     def _predict(self, signature: str, inputs: Mapping[str, np.ndarray]):
-        import tensorflow as tf
-
         request = grpc_request(self.model_name, signature, inputs, self.version)
         try:
             response = self._stub.Predict(request, timeout=self.timeout)

@@ -1,30 +1,4 @@
-r"""Extract features with an exported feature extractor (`serving.export`).
-
-    python -m serving.extract_features --images_dir=DIR --saved_model=EXPORT/name/1 \
-        --output_dir=OUT
-    python -m serving.extract_features --digits --saved_model=EXPORT/name/1 --output_dir=OUT
-    python -m serving.extract_features --tfds=cifar10:test --server=localhost:8501 \
-        --model_name=nin_cifar10 --output_dir=OUT              # TensorFlow Serving, REST
-    ... --server=localhost:8500 --grpc                          # TensorFlow Serving, gRPC
-
-Sources: a folder of images (--images_dir), a prepared tfds split (--tfds), or the 599 embedded
-test digits (--digits: grey 8x8 PNGs, listed as digits:test/<position>).
-
-Protocol: every image is sent encoded (file contents, or PNG for tfds images) to the export's
-`image_bytes` signature, so decoding, resizing and the model's preprocessing all happen in the
-served graph. Images go in batches of `--batch_size`, in sorted path order (tfds: split order).
-A batch the model rejects (a file that is not an image) is retried image by image, and the
-images that still fail are skipped with the model's reason (e.g. "image_bytes: image 0 of the
-batch is an empty string; ..."); files that cannot be read are skipped too. When no image at
-all could be used, the binary says so and exits with status 1 (skipped.txt still lists why).
-
-Output, in `--output_dir`:
-
-    <output>.npy   float32 [n, ...] features of each signature output (e.g. sc.npy)
-    index.txt      n lines: row i of every .npy comes from this image (path, or
-                   tfds:<name>/<split>/<position>)
-    skipped.txt    one line per skipped image: "<path>\t<reason>"
-"""
+"""`run` of `python -m serving.extract_features`, whose docstring states the protocol."""
 
 from __future__ import annotations
 
@@ -33,14 +7,17 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-from runtime import cli
-from runtime.cli import UsageError, option
+from data import digits
+from data.images import IMAGE_EXTENSIONS, list_images
+from runtime.cli import UsageError
 from runtime.errors import MissingInput
+from runtime.files import write_json_atomic
 from runtime.progress import Progress
 from serving.client import GrpcClient, RestClient, SavedModelClient, ServingError
-
-PROGRAM = "serving.extract_features"
+from serving.extract_features import ExtractConfig
 
 
 @dataclass
@@ -68,9 +45,6 @@ def tfds_items(name: str, split: str, data_dir: str | None = None
 
     Raises FileNotFoundError when the split is not prepared in `data_dir`.
     """
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
     try:
         builder = tfds.builder(name, data_dir=data_dir)
         dataset = builder.as_dataset(split=split, shuffle_files=False)
@@ -169,40 +143,6 @@ def read_index(output_dir: str) -> list[str]:
         return [line.rstrip("\n") for line in f]
 
 
-# ----------------------------------------------------------------------------- binary
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """The flags of `python -m serving.extract_features`."""
-
-    images_dir: str = option("", "A folder of images (searched recursively).")
-    tfds: str = option("", "A prepared tfds split instead, as name:split.")
-    digits: bool = option(False, "The embedded test digits instead (599 images).")
-    data_dir: str = option("", "tfds data_dir.")
-    saved_model: str = option("", "An export version directory, run in-process.")
-    server: str = option("", "TensorFlow Serving host:port (REST, or gRPC with --grpc).")
-    model_name: str = option("", "The served model name (with --server).")
-    version: int | None = option(None, "A served version (default: the latest).")
-    grpc: bool = option(False, "Use the gRPC PredictionService instead of REST.")
-    columnar: bool = option(False, "REST: send the columnar 'inputs' format.")
-    output_dir: str = option("", "Where to write the .npy files and the index.")
-    batch_size: int = option(64, "Images per request.", lower=1)
-
-    def __post_init__(self):
-        if bool(self.images_dir) + bool(self.tfds) + self.digits != 1:
-            raise UsageError("give exactly one of --images_dir, --tfds and --digits "
-                             "(see --help)")
-        if self.tfds and ":" not in self.tfds:
-            raise UsageError(f"--tfds must be name:split; got {self.tfds!r}")
-        if bool(self.saved_model) == bool(self.server):
-            raise UsageError("give exactly one of --saved_model and --server (see --help)")
-        if self.server and not self.model_name:
-            raise UsageError("--server needs --model_name")
-        if self.grpc and not self.server:
-            raise UsageError("--grpc needs --server")
-        cli.require("output_dir", self.output_dir)
-        cli.check_range("batch_size", self.batch_size, 1)
 
 
 def make_client(config: ExtractConfig):
@@ -217,8 +157,6 @@ def make_client(config: ExtractConfig):
 
 def extract_all(config: ExtractConfig, progress: bool = True) -> Extracted:
     """Extract and write the outputs of `config`."""
-    from data.images import IMAGE_EXTENSIONS, list_images
-
     client = make_client(config)
     if config.images_dir:
         paths = list_images(config.images_dir)
@@ -227,8 +165,6 @@ def extract_all(config: ExtractConfig, progress: bool = True) -> Extracted:
                              f"({', '.join(IMAGE_EXTENSIONS)})")
         total, items = len(paths), folder_items(paths)
     elif config.digits:
-        from data import digits
-
         items = digits.encoded("test")
         total = len(items)
     else:
@@ -241,8 +177,6 @@ def extract_all(config: ExtractConfig, progress: bool = True) -> Extracted:
 
 def run(config: ExtractConfig) -> Extracted:
     """The binary: extract, write config.json and the outputs, print a summary line."""
-    from runtime.files import write_json_atomic
-
     try:
         result = extract_all(config)
     except ServingError as err:
@@ -256,11 +190,3 @@ def run(config: ExtractConfig) -> Extracted:
     print(f"{len(result.index)} images -> {shapes}; {len(result.skipped)} skipped "
           f"(listed in {skipped})")
     return result
-
-
-def main(argv=None) -> None:
-    cli.main(PROGRAM, ExtractConfig, run, module_name=PROGRAM, doc=__doc__, argv=argv)
-
-
-if __name__ == "__main__":
-    main()

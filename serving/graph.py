@@ -1,5 +1,6 @@
 """What an export runs: the signatures' input checks, the preprocessing and the features, as
-one tf.Module (`feature_module`). serving/export.py states the contract and writes it.
+one tf.Module (`feature_module`). serving/export.py states the contract, serving/export_lib.py
+writes it.
 
 Nothing here calls back into Python (no `py_function`): the graph loads in any TensorFlow
 process, and in TensorFlow Serving.
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from runtime import cli
+import tensorflow as tf
+
+from data import images as data_images
+from models import pooling as pooling_lib
 from runtime.errors import InvalidInput
 from serving.signatures import (
     BYTES_INPUT,
@@ -19,11 +23,6 @@ from serving.signatures import (
     INPUTS,
     UINT8_SIGNATURE,
 )
-
-# TensorFlow loads after the flags of the binaries are checked (runtime/cli.py).
-tf = cli.lazy_import("tensorflow")
-data_images = cli.lazy_import("data.images")
-pooling_lib = cli.lazy_import("models.pooling")
 
 # Leading bytes of the formats `data.images.decode_image` reads: (offset, bytes) that must all
 # match. WebP is a RIFF file with "WEBP" at offset 8.

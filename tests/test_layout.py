@@ -1,5 +1,6 @@
 """The layout keeps one home per concept: data flows down the package list, modules and
-functions stay small. Imports are read from the source (lazy ones included)."""
+functions stay small, and modules import at their top. Imports are read from the source (those
+inside functions included)."""
 
 import ast
 import os
@@ -20,16 +21,21 @@ ALLOWED = {
     "evaluation": {"runtime", "data", "models", "losses", "serving", "evaluation"},
 }
 # The composition roots of pretraining build the probe hook, the export and the tables.
-COMPOSITION_ROOTS = {"train/pretrain.py": {"serving", "evaluation"},
-                     "train/ablate.py": {"evaluation"}}
+COMPOSITION_ROOTS = {"train/pretrain_lib.py": {"serving", "evaluation"},
+                     "train/ablate_lib.py": {"evaluation"}}
 PACKAGES = set(ALLOWED) | {"benchmarks", "tests"}
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
 LONG_MODULES = {"losses/nat.py", "losses/spatial_contrasting.py"}
+# An import inside a function needs a reason, in a comment on its line or just above its block
+# of imports: an optional dependency, or an import deferred to keep a light module free of
+# TensorFlow. quiet_tensorflow's import of TensorFlow is its job.
+IMPORT_REASONS = ("# optional", "# deferred")
+IMPORTING_FUNCTIONS = {("runtime/cli.py", "quiet_tensorflow")}
 
 
-def _sources():
-    for package in ALLOWED:
+def _sources(packages=tuple(ALLOWED)):
+    for package in packages:
         for folder, _, files in os.walk(os.path.join(ROOT, package)):
             for name in sorted(files):
                 if name.endswith(".py"):
@@ -44,9 +50,6 @@ def _imported_packages(tree: ast.AST) -> set[str]:
             found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "lazy_import"
-              and node.args and isinstance(node.args[0], ast.Constant)):
-            found.add(node.args[0].value.split(".")[0])
     return found & PACKAGES
 
 
@@ -74,3 +77,58 @@ def test_modules_and_functions_stay_small():
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{relative}:{node.lineno} {node.name}: {length} lines")
     assert not too_long, too_long
+
+
+def _unexplained_imports(relative: str, source: str) -> list[str]:
+    """`relative:line` of each import inside a function without a reason (IMPORT_REASONS)."""
+    lines = source.splitlines()
+    found = []
+    for function in ast.walk(ast.parse(source)):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef) or \
+                (relative, function.name) in IMPORTING_FUNCTIONS:
+            continue
+        for node in ast.walk(function):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            first = node.lineno - 1  # the first line of its block of imports
+            while first > 0 and lines[first - 1].strip().startswith(("import ", "from ")):
+                first -= 1
+            context = lines[max(first - 1, 0):node.end_lineno]
+            if not any(reason in line for line in context for reason in IMPORT_REASONS):
+                found.append(f"{relative}:{node.lineno} {lines[node.lineno - 1].strip()}")
+    return sorted(set(found))
+
+
+def test_modules_import_at_their_top():
+    unexplained = []
+    for _, relative, path in _sources((*ALLOWED, "benchmarks")):
+        with open(path) as f:
+            unexplained += _unexplained_imports(relative, f.read())
+    assert not unexplained, unexplained
+
+
+def test_an_unexplained_import_inside_a_function_is_found():
+    source = ("def f():\n    import os\n\n    return os\n\n\n"
+              "def g():\n    # optional: only g needs it\n    import cv2\n    import grpc\n\n"
+              "    return cv2, grpc\n\n\n"
+              "def h():\n    x = 1\n    import json  # deferred: keeps this module light\n"
+              "    return json, x\n")
+    assert _unexplained_imports("m.py", source) == ["m.py:2 import os"]
+
+
+def test_tests_share_helpers_only_through_tests_helpers():
+    """A test module imports nothing from another test module: what tests share lives in
+    tests/helpers.py (and fixtures in conftest.py, which pytest provides by name)."""
+    borrowed = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "tests")):
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.ImportFrom) and node.module
+                        and node.module.startswith("tests.") and node.module != "tests.helpers"):
+                    borrowed.append(f"{os.path.relpath(path, ROOT)}: from {node.module}")
+    assert not borrowed, borrowed

@@ -1,87 +1,31 @@
-r"""The papers' ablations at small scale, on the embedded digits, each run against its twin.
-
-    python -m train.ablate                                  # every variant, seeds 0, 1, 2
-    python -m train.ablate --variants=nat,fixed_p --seeds=0,1,2,3,4 --epochs=60
-
-Variants (nin_mnist; the main job's recipe unless stated):
-    nat               NAT, targets re-assigned every 3 epochs (the method)
-    every_epoch       re-assigned every epoch (NAT Figure 2, right: too often hurts)
-    fixed_p           never re-assigned: the "fixed P" baseline (NAT Sec. 4.1, 26.4% vs 36.0%)
-    onehot            one-hot (discrete) targets instead of the sphere (NAT Sec. 4.1, 22%)
-    translations      NAT with 2-pixel translations instead of resized crops
-    sc                Spatial Contrasting (train/configs/sc_digits.flags)
-    sc_flatten        SC with flattened windows instead of averaged ones
-
-Protocol. Every variant pretrains once per seed in its own run folder
-(`<output_dir>/<variant>/seed<k>`, a run of `train.pretrain`: a rerun resumes or skips it).
-Each pretrained network is then compared with ITS random-init twin (the same seeded
-initialisation) on the same label draws (`evaluation.compare`): a linear probe on `sc` and
-1-NN (cosine) on the embedding, 10 labels per class, 5 draws. SC has no embedding, so its
-second view is fine-tuning (`evaluation.finetune`, the SC protocol) of the SC init against
-scratch, with the label draw and every other seed shared. Per seed, the gap is the mean over
-the draws of the paired differences; the table reports mean ± sd over the seeds and a paired
-t-test over the seeds. A gap inside its spread is reported as no difference. The twin is read
-both ways (evaluation/random_init.py): BN at init, and BN calibrated on the train digits; each
-view's gap is taken against the stronger of the two over the seeds, and the table says which.
-
-A run's figures are cached in its folder (`ablation.json`), and a seed's scratch fine-tuning
-in `scratch/seed<k>/accuracy.json`, each with the settings and the checkpoint it answers
-(train/cached.py): a rerun with other --splits, --labels_per_class or a checkpoint trained
-further (--epochs) recomputes them.
-
-Writes `<output_dir>/ablation.json` (every figure), `ablation.md` and `ablation.png`.
-"""
+"""`run` of `python -m train.ablate`, whose docstring states the protocol."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+import time
 
+import numpy as np
+from absl import flags
+
+from evaluation import finetune, finetune_lib
+from evaluation.compare import compare
+from evaluation.figures import plot_ablation
+from evaluation.random_init import stronger
+from evaluation.report import format_table, paired_gap, write_json
+from models.runs import load_run_model
 from runtime import cli
-from runtime.cli import UsageError, option
-
-PROGRAM = "train.ablate"
-SC_FLAGFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                           "sc_digits.flags")
-# variant -> (flagfile or None for the main job's defaults, settings changed)
-VARIANTS = {
-    "nat": (None, {}),
-    "every_epoch": (None, {"nat_reassign_every": 1}),
-    "fixed_p": (None, {"nat_reassign_every": 0}),
-    "onehot": (None, {"nat_targets": "onehot"}),
-    "translations": (None, {"crop": "pad", "crop_pad": 2}),
-    "sc": (SC_FLAGFILE, {}),
-    "sc_flatten": (SC_FLAGFILE, {"sc_pool": "flatten"}),
-}
-
-
-@dataclass(frozen=True)
-class AblateConfig:
-    """The flags of `python -m train.ablate`."""
-
-    variants: tuple[str, ...] = option(tuple(VARIANTS), "Variants to run (module docstring).")
-    seeds: tuple[int, ...] = option((0, 1, 2), "Pretraining seeds; each run has its own twin.")
-    epochs: int = option(60, "NAT pretraining epochs.", lower=1)
-    sc_epochs: int = option(0, "SC pretraining epochs (0: the flagfile's).", lower=0)
-    labels_per_class: int = option(10, "Labels per class of the probes and fine-tuning.",
-                                   lower=1)
-    splits: int = option(5, "Label draws of the probes.", lower=2)
-    output_dir: str = option(os.path.join("runs", "ablate"), "Where the runs and the tables go.")
-
-    def __post_init__(self):
-        for name in self.variants:
-            cli.check_choice("variants", name, tuple(VARIANTS))
-        if not self.variants or not self.seeds:
-            raise UsageError("--variants and --seeds need at least one value")
+from runtime.files import write_text_atomic
+from train.ablate import PROGRAM, VARIANTS, AblateConfig
+from train.cached import cached, checkpoint_identity
+from train.config import TrainConfig
+from train.pretrain_lib import calibrated_twin, probe_source, random_twin
+from train.pretrain_lib import run as pretrain
 
 
 def train_config(cfg: AblateConfig, variant: str, seed: int):
     """The TrainConfig of one run (no export, no periodic probe, no final table)."""
-    from absl import flags
-
-    from train.config import TrainConfig
-
     flagfile, changes = VARIANTS[variant]
     common = dict(model_dir=os.path.join(cfg.output_dir, variant, f"seed{seed}"), seed=seed,
                   export_dir="none", final_eval="none", probe_every_epochs=0,
@@ -100,7 +44,6 @@ def evaluate_run(cfg: AblateConfig, config) -> dict:
     """{view: {"pretrained": mean accuracy, <each random-init row>: ..., "pixels": ...}} of
     one run, cached in the run folder (`ablation.json`) for the settings and the checkpoint
     it answers (train/cached.py)."""
-    from train.cached import cached, checkpoint_identity
 
     views = {"linear": "sc"} | ({"knn": "embedding"} if config.method == "nat" else {})
     key = {"dataset": "digits", "views": views, "labels_per_class": cfg.labels_per_class,
@@ -113,9 +56,6 @@ def evaluate_run(cfg: AblateConfig, config) -> dict:
 
 
 def _evaluate(cfg: AblateConfig, config, views: dict) -> dict:
-    from evaluation.compare import compare
-    from models.runs import load_run_model
-    from train.pretrain import calibrated_twin, probe_source, random_twin
 
     model = load_run_model(config.model_dir).model
     comparison = compare(model, random_twin(config), probe_source(config, "digits"), views,
@@ -129,7 +69,6 @@ def _evaluate(cfg: AblateConfig, config, views: dict) -> dict:
 
 
 def _finetune_config(cfg: AblateConfig, config, init: str, out: str):
-    from evaluation import finetune
 
     return finetune.FinetuneConfig(init=init, model=config.model, dataset="digits",
                                    data_dir=config.data_dir, manual_dir=config.manual_dir,
@@ -147,11 +86,9 @@ def _finetune(cfg: AblateConfig, config) -> dict:
     """Fine-tuned test accuracy of the run's network and of the same network from scratch,
     with the same seed (label draw, classifier init, batches); the scratch run of a seed is
     shared by every SC variant (cached for its settings in scratch/seed<k>/accuracy.json)."""
-    from evaluation import finetune
-    from train.cached import cached
 
     def accuracy(init: str, out: str) -> float:
-        results, _ = finetune.run(_finetune_config(cfg, config, init, out))
+        results, _ = finetune_lib.run(_finetune_config(cfg, config, init, out))
         return next(iter(results.values()))[0].test_accuracy
 
     # The fine-tuning folders are named by the labels, so that other settings get new ones.
@@ -169,10 +106,7 @@ def summarise(per_seed: dict[str, list[dict]]) -> list[dict]:
     """One row per (variant, view): mean ± sd over the seeds, and the paired gap against the
     stronger random-init row over the same seeds ("against" says which; every random-init
     row is kept under "random inits")."""
-    import numpy as np
 
-    from evaluation.random_init import stronger
-    from evaluation.report import paired_gap
 
     rows = []
     for variant, runs in per_seed.items():
@@ -215,7 +149,6 @@ def _twin_name(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    from evaluation.report import format_table
 
     headers = ["variant", "view", "pretrained %", "twin %", "twin", "gap (points)", "p",
                "verdict"]
@@ -232,12 +165,6 @@ def table(rows: list[dict]) -> str:
 def run(cfg: AblateConfig) -> list[dict]:
     """Pretrain (or resume) every run, evaluate it against its twin, write and print the
     tables."""
-    import time
-
-    from evaluation.report import write_json
-    from runtime.files import write_text_atomic
-    from train.pretrain import run as pretrain
-
     tic = time.time()
     per_seed: dict[str, list[dict]] = {}
     for variant in cfg.variants:
@@ -253,19 +180,9 @@ def run(cfg: AblateConfig) -> list[dict]:
                {"config": dataclasses.asdict(cfg), "rows": rows, "per_seed": per_seed,
                 "seconds": seconds})
     write_text_atomic(os.path.join(cfg.output_dir, "ablation.md"), text + "\n")
-    from evaluation.figures import plot_ablation
-
     plot_ablation(rows, os.path.join(cfg.output_dir, "ablation.png"))
     print(f"\n{text}\n\nmean ± sd over {len(cfg.seeds)} pretraining seeds, each against its "
           "random-init twin (the stronger of BN at init and BN calibrated on the train digits; "
           f"fine-tuning: against scratch), {cfg.labels_per_class} labels per class; "
           f"{seconds:.0f} s. Wrote {cfg.output_dir}/ablation.md, ablation.json, ablation.png")
     return rows
-
-
-def main(argv=None) -> None:
-    cli.main(PROGRAM, AblateConfig, run, module_name=PROGRAM, doc=__doc__, argv=argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -217,6 +217,7 @@ class TrainConfig:
     @property
     def augment(self):
         """The data.augment.Augment of the crop and flip settings."""
+        # deferred: data.augment imports TensorFlow; binaries read this config before it loads
         from data.augment import Augment
 
         return Augment(crop=self.crop, pad=self.crop_pad, min_scale=self.crop_min_scale,

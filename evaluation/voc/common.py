@@ -8,7 +8,8 @@
                 --checkpoint_every steps and at the end
             ->  evaluation on the test split  ->  results.json, results.md, printed table
 
-A protocol (`VocProtocol`) supplies what differs: its network, initialisation, data, train
+The settings are `evaluation.voc.config.VocRunConfig`, extended by each protocol's config. A
+protocol (`VocProtocol`) supplies what differs: its network, initialisation, data, train
 step, evaluation and report. The network is built under the dtype policy of
 --mixed_precision, with a loss-scaled optimizer for fp16 (losses/loss_scale.py); the train
 steps differentiate `loss_scale.scale_loss` and apply true gradients with
@@ -30,87 +31,19 @@ import os
 import time
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import ClassVar
+
+import keras
+from absl import logging
 
 from evaluation.divergence import check_finite
-from models import PRECISIONS, PREPROCESSINGS
-from runtime import cli
-from runtime.cli import UsageError, option
+from evaluation.voc.config import resolve_preprocessing
+from losses import loss_scale
+from models import precision
+from models.checkpoints import open_checkpoints
+from models.weights import named_variables
+from runtime.files import write_json_atomic, write_text_atomic
+from runtime.ownership import claim_run, fingerprint_of, start_run
 from runtime.progress import Progress
-
-tf = cli.lazy_import("tensorflow")
-keras = cli.lazy_import("keras")
-precision = cli.lazy_import("models.precision")
-loss_scale = cli.lazy_import("losses.loss_scale")
-
-
-@dataclass(frozen=True)
-class VocRunConfig:
-    """The settings every VOC protocol run has (each protocol's config extends it)."""
-
-    model_dir: str = option("", "Output folder: checkpoints, config.json, results.")
-    init_checkpoint: str = option("", "Pretraining run folder or checkpoint prefix ('' = "
-                                  "random init).")
-    preprocessing: str = option("", "Input front; default: the pretraining run's "
-                                "config.json, else sobel.")
-    checkpoint_every: int = option(5000, "Steps between checkpoints.", lower=1)
-    keep_checkpoints: int = option(2, "Checkpoints to keep.", lower=1)
-    log_every: int = option(100, "Steps between log lines.", lower=1)
-    seed: int = option(0, "Random seed.")
-    data_dir: str = option("", "tfds data_dir ('' = tfds default).")
-    manual_dir: str = option("", "tfds manual_dir for --download.")
-    download: bool = option(False, "Prepare voc/2007 first (may download).")
-    mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
-                                  "bf16 or fp16 (with dynamic loss scaling).",
-                                  choices=PRECISIONS)
-
-    # Settings a restart may change, for every VOC protocol (module docstring): how often to
-    # log and save, where data, checkpoints and detection proposals are, how many steps (to
-    # extend a run), and how test batches are cut. Every other setting is fingerprinted.
-    RESUMABLE: ClassVar[tuple[str, ...]] = (
-        "model_dir", "checkpoint_every", "keep_checkpoints", "log_every", "data_dir",
-        "manual_dir", "download", "num_steps", "test_batch_images", "test_roi_chunk",
-        "proposal_cache", "proposal_workers", "compute_proposals", "only_proposals")
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise UsageError (one line, naming the setting) for an inconsistent config."""
-        cli.require("model_dir", self.model_dir)
-        if self.preprocessing and self.preprocessing not in PREPROCESSINGS:
-            raise UsageError(f"preprocessing={self.preprocessing!r}: choose one of "
-                             f"{', '.join(PREPROCESSINGS)}")
-        cli.check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
-
-    def positive(self, *names: str) -> None:
-        for name in names:
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name}={getattr(self, name)} must be positive")
-
-    @property
-    def data_args(self) -> dict:
-        return dict(data_dir=self.data_dir or None, manual_dir=self.manual_dir or None,
-                    download=self.download)
-
-
-def resolve_preprocessing(config: VocRunConfig) -> str:
-    """The flag if set, else the pretraining run's, else "sobel" (the NAT input).
-
-    Raises UsageError if the pretraining run is not an AlexNet.
-    """
-    from runtime.run_config import pretraining_config
-
-    pretraining = pretraining_config(config.init_checkpoint)
-    if pretraining is not None and pretraining.get("model", "alexnet") != "alexnet":
-        raise UsageError(f"init_checkpoint {config.init_checkpoint} is a "
-                         f"{pretraining.get('model')!r} run, not an AlexNet")
-    if config.preprocessing:
-        return config.preprocessing
-    if pretraining is not None:
-        return pretraining.get("model_kwargs", {}).get("preprocessing", "sobel")
-    return "sobel"
 
 
 class VocProtocol(typing.Protocol):
@@ -149,7 +82,6 @@ def train_loop(step_fn: Callable, batches: Iterator, manager, schedule, start: i
     log_every steps, a checkpoint every checkpoint_every steps and at the last one. Returns the
     mean seconds per step. A NaN/Inf loss stops the loop before anything is saved at its step
     (NonFiniteLoss, one line naming the step and the last good checkpoint)."""
-    from absl import logging
 
     bar = Progress(config.num_steps, "training", unit=" steps")
     tick, timed, seconds_per_step = time.time(), 0, None
@@ -185,8 +117,6 @@ def _jsonable(value):
 
 def write_results(config, results: dict, table: str, summary: str, title: str) -> None:
     """results.json (NaN as null) and results.md in the run folder."""
-    from runtime.files import write_json_atomic, write_text_atomic
-
     write_json_atomic(os.path.join(config.model_dir, "results.json"), _jsonable(results))
     write_text_atomic(os.path.join(config.model_dir, "results.md"),
                       f"# {title}, step {results['step']}\n\n{table}\n\n{summary}\n")
@@ -199,8 +129,6 @@ def run(protocol: VocProtocol, config) -> dict:
     RunLocked / RunMismatch for a folder in use or of another configuration, and
     FileNotFoundError for a missing checkpoint or unprepared data, each with one line.
     """
-    from runtime.ownership import claim_run, fingerprint_of, start_run
-
     config.validate()
     with claim_run(config.model_dir, fingerprint_of(config, config.RESUMABLE)) as claim:
         net, optimizer, manager, schedule, variables = _start(protocol, config)
@@ -228,9 +156,6 @@ def run(protocol: VocProtocol, config) -> dict:
 def _start(protocol: VocProtocol, config):
     """The network and optimizer, restored from the latest checkpoint or initialised, and the
     data: (net, optimizer, checkpoint manager, schedule, trained variables). Writes nothing."""
-    from models.checkpoints import open_checkpoints
-    from models.weights import named_variables
-
     preprocessing = resolve_preprocessing(config)
     keras.utils.set_random_seed(config.seed)
     with precision.policy_scope(config.mixed_precision):
@@ -243,8 +168,6 @@ def _start(protocol: VocProtocol, config):
                            **loss_scale.checkpoint_objects(optimizer)},
         config.keep_checkpoints, optional=(loss_scale.LOSS_SCALE_KEY,))
     if latest is not None:
-        from absl import logging
-
         logging.info("resumed from %s at step %d", latest, int(optimizer.iterations.numpy()))
     elif config.init_checkpoint:
         protocol.initialize(net, config)

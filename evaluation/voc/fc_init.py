@@ -1,19 +1,18 @@
 """Initialisations of AlexNet's classifier layers for VOC classification: fc6-fc8 from
 k-means centroids of their inputs (Krahenbuhl et al. 2015), or fc6-fc7 redrawn ("classifier
-from scratch"). Used by evaluation/voc/classification.py (--fc_init).
+from scratch"). Used by evaluation/voc/classification_lib.py (--fc_init).
 """
 
 from __future__ import annotations
 
 import keras
 import numpy as np
+from sklearn.cluster import KMeans
 
 
 def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 20) -> np.ndarray:
     """Lloyd's k-means on the rows of x [N, D] (k <= N), seeded by k-means++ (scikit-learn,
     one initialisation, `iterations` iterations at most): centroids [k, D]."""
-    from sklearn.cluster import KMeans
-
     solver = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=iterations,
                     random_state=int(rng.integers(2**31 - 1)))
     return solver.fit(np.asarray(x, np.float64)).cluster_centers_

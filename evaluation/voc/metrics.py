@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
+from sklearn.metrics import average_precision_score
 
 __all__ = [
     "VOC07_THRESHOLDS",
@@ -165,8 +166,6 @@ def sklearn_ap(scores, labels) -> float:
       scores: [N] confidence per image.
       labels: [N] 1, -1 or 0 as in `classification_ap`.
     """
-    from sklearn.metrics import average_precision_score
-
     scores, labels = _check_scores_labels(scores, labels)
     keep = labels != 0
     scores, positive = scores[keep], labels[keep] > 0

@@ -16,6 +16,7 @@ from data.images import (
     list_images,
     resize_to_input,
 )
+from tests.helpers import jpeg_bytes
 
 
 def test_resize_to_input_channels_and_identity():
@@ -75,20 +76,6 @@ def test_decode_image_gives_rgb_in_0_1(fmt, mode):
     expected = np.asarray(image.convert("RGB"), np.float32) / 255.0
     tolerance = 0.05 if fmt in ("JPEG", "WEBP") else 1e-6
     np.testing.assert_allclose(decoded, expected, atol=tolerance)
-
-
-def jpeg_bytes(height: int, width: int, seed: int = 0, subsampling: int = 2,
-               mode: str = "RGB") -> bytes:
-    """A JPEG (quality 90) of smooth colours plus noise, with chroma subsampling 0 (4:4:4),
-    1 (4:2:2) or 2 (4:2:0, libjpeg's default and most photographs')."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3),
-                                          dtype=np.uint8)).resize((width, height))
-    pixels = np.asarray(coarse, np.float32) + rng.normal(0, 10, (height, width, 3))
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert(mode)
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=90, **({"subsampling": subsampling} if mode == "RGB" else {}))
-    return out.getvalue()
 
 
 @pytest.mark.parametrize("height, width, subsampling, mode", [

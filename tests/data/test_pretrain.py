@@ -18,6 +18,7 @@ from data.pretrain import (
     pretrain_dataset,
     steps_per_epoch,
 )
+from tests.helpers import jpeg_bytes
 
 
 def _toy_source(n: int = 23, size: int = 6) -> PretrainSource:
@@ -289,8 +290,6 @@ def test_tfds_stream_through_mock_data():
 
 
 def test_resized_crops_of_jpeg_files_decode_the_box_only_with_the_same_pixels(tmp_path):
-    from tests.data.test_images import jpeg_bytes
-
     root = tmp_path / "photos"
     root.mkdir()
     for i, (h, w, sub) in enumerate([(75, 100, 2), (61, 47, 1), (40, 56, 0), (90, 64, 2)]):

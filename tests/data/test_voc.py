@@ -2,56 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data import voc as voc_data
-
-CLS = {name: i for i, name in enumerate(voc_data.VOC_CLASSES)}
-
-
-def make_example(filename: str, image: np.ndarray,
-                 objects: Sequence[tuple[str, tuple[int, int, int, int], bool]]) -> dict:
-    """A decoded tfds voc/2007 example, built the way the tfds builder builds one.
-
-    `objects` are (class, devkit box (x1, y1, x2, y2), difficult); as in tfds, the stored
-    bbox is (ymin / H, xmin / W, ymax / H, xmax / W) in float32, `labels` the sorted classes
-    of all objects and `labels_no_difficult` those of the non-difficult ones.
-    """
-    height, width = image.shape[:2]
-    boxes = np.array([[y1 / height, x1 / width, y2 / height, x2 / width]
-                      for _, (x1, y1, x2, y2), _ in objects], np.float32).reshape(-1, 4)
-    label = np.array([CLS[c] for c, _, _ in objects], np.int64)
-    difficult = np.array([d for _, _, d in objects], bool)
-    return {
-        "image": image.astype(np.uint8),
-        "image/filename": filename,
-        "objects": {"label": label, "bbox": boxes, "pose": np.zeros(len(objects), np.int64),
-                    "is_truncated": np.zeros(len(objects), bool), "is_difficult": difficult},
-        "labels": np.array(sorted(set(label.tolist())), np.int64),
-        "labels_no_difficult": np.array(sorted(set(label[~difficult].tolist())), np.int64),
-    }
-
-
-def as_dataset_fn(splits: dict[str, list[dict]], requested: list[str] | None = None
-                  ) -> Callable:
-    """A mock `_as_dataset` serving `splits[split]` with the builder's own feature specs."""
-
-    def fn(self, split, decoders=None, read_config=None, **kwargs):
-        del decoders, read_config, kwargs
-        if requested is not None:
-            requested.append(str(split))
-        examples = splits[str(split)]
-        spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype),
-                                     self.info.features.get_tensor_info())
-        return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=spec)
-
-    return fn
-
+from tests.helpers import CLS, as_dataset_fn, make_example
 
 # VOC 2007 test image 000001 (353 x 500): a dog and a person, to which this example adds a
 # difficult-only chair and a cat seen twice (difficult once, clean once).

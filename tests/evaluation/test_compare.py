@@ -6,7 +6,6 @@ import pytest
 
 from evaluation import compare
 from evaluation.report import paired_gap
-from tests.evaluation.test_probe import separable  # noqa: F401 (a fixture)
 
 
 def _net(scale: float):
@@ -19,7 +18,7 @@ def _net(scale: float):
         name="embedding")(flat)})
 
 
-def test_rows_and_gaps_use_the_same_draws(separable):  # noqa: F811
+def test_rows_and_gaps_use_the_same_draws(separable):
     result = compare.compare(_net(1.0), _net(3.0), "digits", {"linear": "feat", "knn": "embedding"},
                              labels_per_class=4, splits=3, seed=2, method="nat")
     assert [(r.view, r.endpoint, r.init) for r in result.rows] == [
@@ -40,7 +39,7 @@ def test_rows_and_gaps_use_the_same_draws(separable):  # noqa: F811
         compare.compare(_net(1.0), _net(1.0), "digits", {"svm": "feat"}, 4, 2)
 
 
-def test_scaling_the_features_changes_no_linear_or_cosine_result(separable):  # noqa: F811
+def test_scaling_the_features_changes_no_linear_or_cosine_result(separable):
     # A linear probe on standardised features and cosine neighbours are blind to a scale.
     result = compare.compare(_net(1.0), _net(5.0), "digits", {"linear": "feat"},
                              labels_per_class=4, splits=2)
@@ -58,7 +57,7 @@ def _blind():
 
 
 @pytest.mark.parametrize("calibrated_is_stronger", [False, True])
-def test_both_random_rows_and_the_gap_against_the_stronger(separable,  # noqa: F811
+def test_both_random_rows_and_the_gap_against_the_stronger(separable,
                                                            calibrated_is_stronger):
     strong, weak = _net(3.0), _blind()
     at_init, calibrated = (weak, strong) if calibrated_is_stronger else (strong, weak)

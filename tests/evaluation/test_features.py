@@ -6,7 +6,7 @@ import tensorflow as tf
 from evaluation.features import PIXELS, endpoint_names, extract_features
 from models import build_model
 from serving.client import SavedModelClient
-from serving.export import export_features
+from serving.export_lib import export_features
 
 
 def test_export_features_match_the_keras_model(tmp_path):

@@ -10,7 +10,7 @@ from absl import flags
 
 from data import labelled
 from data.augment import translate_and_flip
-from evaluation import finetune
+from evaluation import finetune, finetune_lib
 from models import build_model
 from models.weights import named_variables
 from runtime import cli
@@ -63,16 +63,16 @@ def test_augment_translates_and_mirrors():
 @pytest.mark.parametrize("mixed_precision", ["none", "fp16"])
 def test_fine_tuning_updates_every_layer(tmp_path, mixed_precision):
     cfg = config(tmp_path, mixed_precision=mixed_precision)
-    name, kwargs = finetune.model_spec(cfg)
-    model, loaded = finetune.initial_model(name, kwargs, None, 0, mixed_precision)
+    name, kwargs = finetune_lib.model_spec(cfg)
+    model, loaded = finetune_lib.initial_model(name, kwargs, None, 0, mixed_precision)
     assert loaded is None
     assert model.get_layer("conv2_1").compute_dtype == {"none": "float32",
                                                          "fp16": "float16"}[mixed_precision]
-    data = finetune.labelled_data(cfg, tuple(SHAPE), seed=0)
+    data = finetune_lib.labelled_data(cfg, tuple(SHAPE), seed=0)
     # 3 labels per class cannot spare 5 per class for validation: all 30 train
     assert len(data.y_fit) == 30 and len(data.y_val) == 0
     before = {v.path: v.numpy().copy() for v in model.trainable_variables}
-    kept, converged, history = finetune.train(model, data, cfg, seed=0)
+    kept, converged, history = finetune_lib.train(model, data, cfg, seed=0)
     assert kept == 1 and not converged and len(history) == 1
     layers = {path.split("/")[0] for path in before}
     assert {"conv1_1", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_2_bn"} <= layers
@@ -85,11 +85,11 @@ def test_fine_tuning_updates_every_layer(tmp_path, mixed_precision):
 def test_plateau_cuts_the_learning_rate_on_the_watched_loss(tmp_path, labels, min_val, watched):
     cfg = config(tmp_path, epochs=8, patience=2, max_cuts=5, learning_rate=1e-6,
                  labels_per_class=labels, min_val_per_class=min_val)
-    name, kwargs = finetune.model_spec(cfg)
-    model, _ = finetune.initial_model(name, kwargs, None, seed=0)
-    data = finetune.labelled_data(cfg, tuple(SHAPE), seed=0)
+    name, kwargs = finetune_lib.model_spec(cfg)
+    model, _ = finetune_lib.initial_model(name, kwargs, None, seed=0)
+    data = finetune_lib.labelled_data(cfg, tuple(SHAPE), seed=0)
     assert (len(data.y_val) > 0) == (watched == "val_loss")
-    _, _, history = finetune.train(model, data, cfg, 0)
+    _, _, history = finetune_lib.train(model, data, cfg, 0)
     # the rule, replayed on the recorded losses
     lr, best, wait, expected = 1e-6, np.inf, 0, []
     for h in history:
@@ -116,17 +116,17 @@ def test_batches_never_exceed_the_labelled_set_and_cover_it_each_epoch():
         np.testing.assert_array_equal(
             labels, np.random.default_rng([1, 2, epoch + 1]).permutation(7))
     cfg = config(None, batch_size=128, labels_per_class=1, output_dir="unused")
-    assert finetune.validation_fraction(np.arange(10) % 10, cfg) == 0.0
+    assert finetune_lib.validation_fraction(np.arange(10) % 10, cfg) == 0.0
     plenty = config(None, labels_per_class=50, output_dir="unused")
-    assert finetune.validation_fraction(np.arange(500) % 10, plenty) == 0.1
+    assert finetune_lib.validation_fraction(np.arange(500) % 10, plenty) == 0.1
 
 
 def test_warnings_name_unconverged_and_failed_runs():
     def result(seed, converged, accuracy):
-        return finetune.RunResult(seed, "none", 0, 300, 300, converged, "training", 0.0, 0.0,
+        return finetune_lib.RunResult(seed, "none", 0, 300, 300, converged, "training", 0.0, 0.0,
                                   0.0, accuracy, ())
 
-    notes = finetune.warnings({"scratch": [result(0, True, 0.9), result(1, False, 0.12)]}, 10)
+    notes = finetune_lib.warnings({"scratch": [result(0, True, 0.9), result(1, False, 0.12)]}, 10)
     assert notes == [
         "scratch seed 1: stopped at the 300-epoch limit before converging (the training loss "
         "was still improving); raise --epochs",
@@ -138,7 +138,7 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
                                     feature_dim=8)
     cfg = config(tmp_path, init=model_dir, model="", model_kwargs="{}", compare_scratch=True)
     starts, batches = [], []
-    initial_model, train_stream = finetune.initial_model, labelled.train_stream
+    initial_model, train_stream = finetune_lib.initial_model, labelled.train_stream
 
     def recording_initial_model(name, kwargs, init, seed, *args):
         model, loaded = initial_model(name, kwargs, init, seed, *args)
@@ -150,9 +150,9 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
         batches.append([(x.numpy(), y.numpy()) for x, y in ds])
         return ds
 
-    monkeypatch.setattr(finetune, "initial_model", recording_initial_model)
+    monkeypatch.setattr(finetune_lib, "initial_model", recording_initial_model)
     monkeypatch.setattr(labelled, "train_stream", recording_batches)
-    results, table = finetune.run(cfg)
+    results, table = finetune_lib.run(cfg)
     assert "pretrained" in table and "none (scratch)" in table
     assert "pretrained - scratch: " in table and "(one pair: no spread, no test)" in table
 
@@ -183,7 +183,7 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
     with pytest.raises(RunMismatch, match=r"out holds a run with other settings \("
                        r"learning_rate: 0.01 -> 0.5\): rerun with the recorded settings, or "
                        "use another --output_dir$"):
-        finetune.run(dataclasses.replace(cfg, learning_rate=0.5))
+        finetune_lib.run(dataclasses.replace(cfg, learning_rate=0.5))
     assert starts == []
 
 
@@ -213,8 +213,8 @@ def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, expected)
 
 
 def test_scratch_model_loads_nothing():
-    model, loaded = finetune.initial_model("nin_mnist", {"input_shape": SHAPE}, None, 1)
-    again, _ = finetune.initial_model("nin_mnist", {"input_shape": SHAPE}, None, 1)
+    model, loaded = finetune_lib.initial_model("nin_mnist", {"input_shape": SHAPE}, None, 1)
+    again, _ = finetune_lib.initial_model("nin_mnist", {"input_shape": SHAPE}, None, 1)
     assert loaded is None
     for a, b in zip(model.variables, again.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -1,5 +1,5 @@
-"""evaluation/visualize.py and evaluation/figures.py: filter composition, neighbours, curves,
-and the PNGs the binary writes."""
+"""evaluation/visualize.py, visualize_lib.py and figures.py: filter composition, neighbours,
+curves, and the PNGs the binary writes."""
 
 import os
 import subprocess
@@ -13,9 +13,9 @@ from scipy.signal import correlate2d
 
 from data import digits
 from evaluation import figures
-from evaluation.visualize import (
+from evaluation.visualize import VisualizeConfig
+from evaluation.visualize_lib import (
     PAD,
-    VisualizeConfig,
     _retrieval,
     compose_sobel,
     filter_grid,

@@ -4,15 +4,11 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from models import build_model
-from models.pooling import pool_features
-from serving.export import export_features
-
-SIZE = 16
-TOL = 1e-5
+from serving.export_lib import export_features
+from tests.helpers import SIZE
 
 
 @pytest.fixture(scope="module")
@@ -22,26 +18,6 @@ def exported(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("export"))
     path = export_features(model, base, "digits", {"sc": "avg", "embedding": "none"})
     return model, base, path
-
-
-def features_of(model, images):
-    """The in-process oracle: float images [n, 16, 16, 1] in [0, 1] -> {output: features}."""
-    out = model(tf.constant(images, tf.float32), training=False)
-    return {"sc": pool_features(out["sc"], "avg").numpy(), "embedding": out["embedding"].numpy()}
-
-
-def decoded(path):
-    """What the export should see for a file: RGB, channel mean, resized to 16x16, in [0, 1]."""
-    with open(path, "rb") as f:
-        return decoded_blob(f.read())
-
-
-def decoded_blob(blob):
-    rgb = tf.io.decode_image(blob, channels=3, expand_animations=False).numpy()
-    grey = (rgb / np.float32(255)).mean(axis=-1, keepdims=True)
-    if grey.shape[:2] != (SIZE, SIZE):
-        grey = tf.image.resize(grey, (SIZE, SIZE), antialias=True).numpy()
-    return grey
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from serving.client import (
     predict_url,
     request_body,
 )
-from tests.serving.conftest import SIZE
+from tests.helpers import SIZE
 
 # ----------------------------------------------------------------------------- REST format
 

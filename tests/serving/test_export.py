@@ -1,4 +1,4 @@
-"""serving/export.py: layout, signatures, bad input, consumers, the binary."""
+"""serving/export.py and export_lib.py: layout, signatures, bad input, consumers, the binary."""
 
 import io
 import json
@@ -17,15 +17,14 @@ from models import build_model
 from models.pooling import pool_features
 from models.precision import float32_copy
 from runtime.cli import UsageError
-from serving.export import (
-    ExportConfig,
+from serving.export import ExportConfig, parse_endpoints
+from serving.export_lib import (
     checkpoint_digest,
     clean_staging,
     default_endpoints,
     default_pooling,
     export_features,
     next_version,
-    parse_endpoints,
     read_metadata,
     run,
 )

@@ -1,4 +1,5 @@
-"""serving/extract_features.py: extraction through a client, skips, outputs, the binary."""
+"""serving/extract_features.py and extract_features_lib.py: extraction through a client, skips,
+outputs, the binary."""
 
 import json
 import os
@@ -13,9 +14,14 @@ import pytest
 from data.images import list_images
 from serving import client as serving_client
 from serving.client import RestClient, SavedModelClient, ServingError
-from serving.extract_features import extract, folder_items, read_index, tfds_items, write_outputs
-from tests.helpers import run_module
-from tests.serving.conftest import TOL, decoded, decoded_blob, features_of
+from serving.extract_features_lib import (
+    extract,
+    folder_items,
+    read_index,
+    tfds_items,
+    write_outputs,
+)
+from tests.helpers import TOL, decoded, decoded_blob, features_of, run_module
 
 
 def _free_port():

@@ -28,8 +28,10 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
+from scipy import io as scipy_io
 
 from runtime.errors import InvalidInput
+from runtime.progress import Progress
 
 OPENCV_PACKAGE = "opencv-contrib-python-headless==5.0.0.93"
 MODES = ("fast", "quality", "single")
@@ -43,7 +45,7 @@ class ProposalError(InvalidInput):
 
 def _cv2():
     try:
-        import cv2
+        import cv2  # optional: OpenCV's contrib modules, for selective search only
     except ImportError:
         raise ProposalError(f"selective search needs OpenCV's contrib modules: pip install "
                             f"{OPENCV_PACKAGE}") from None
@@ -169,8 +171,6 @@ def load_proposal_file(path: str) -> ProposalCache | ProposalTable:
         with np.load(path) as data:
             return ProposalTable({key: data[key] for key in data.files}, path)
     if path.endswith(".mat"):
-        from scipy import io as scipy_io
-
         data = scipy_io.loadmat(path)
         if "boxes" not in data or "images" not in data:
             raise ProposalError(f"proposal file {path} lacks the `boxes` and `images` fields "
@@ -223,8 +223,6 @@ def compute_proposals(images: Iterable[tuple[str, np.ndarray]], cache: ProposalC
     """
     if search_fn is not None and workers:
         raise ValueError("a custom search_fn runs in-process only (workers=0)")
-    from runtime.progress import Progress
-
     counts = {"computed": 0, "cached": 0}
     bar = Progress(total, "selective search", unit=" images",
                    stream=None if progress else io.StringIO())

@@ -18,14 +18,14 @@ from absl import logging as absl_logging
 
 from data import voc as voc_data
 from evaluation.voc import classification as vc
+from evaluation.voc import classification_lib as vc_lib
 from evaluation.voc import fc_init
 from evaluation.voc import metrics as voc_metrics
 from losses import loss_scale
 from runtime import cli
 from runtime.errors import InvalidInput, MissingInput
 from runtime.ownership import RunMismatch
-from tests.data.test_voc import as_dataset_fn, make_example
-from tests.helpers import make_run_dir, run_module
+from tests.helpers import as_dataset_fn, make_example, make_run_dir, run_module
 
 SIZE = 67  # the smallest crop AlexNet takes (pool5 1 x 1): keeps the runs short on CPU
 
@@ -72,13 +72,13 @@ def test_masked_sigmoid_loss_matches_numpy():
     y = (labels > 0).astype(np.float64)
     per_class = np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits)))
     expected = np.sum(per_class * (labels != 0), axis=1)
-    got = vc.masked_sigmoid_loss(tf.constant(logits, tf.float32), tf.constant(labels))
+    got = vc_lib.masked_sigmoid_loss(tf.constant(logits, tf.float32), tf.constant(labels))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
     # A difficult label contributes nothing, whatever its logit.
     flipped = logits.copy()
     flipped[labels == 0] *= -100
     np.testing.assert_allclose(
-        vc.masked_sigmoid_loss(tf.constant(flipped, tf.float32), tf.constant(labels)).numpy(),
+        vc_lib.masked_sigmoid_loss(tf.constant(flipped, tf.float32), tf.constant(labels)).numpy(),
         expected, rtol=1e-5)
 
 
@@ -90,8 +90,8 @@ def test_train_layers_select_the_right_variables():
         | {f"{n}_bn" for n in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")},
     }
     for setting, layers in expected.items():
-        net = vc.build_classifier(SIZE, "sobel")
-        variables = vc.set_trainable(net, setting)
+        net = vc_lib.build_classifier(SIZE, "sobel")
+        variables = vc_lib.set_trainable(net, setting)
         assert {v.path.split("/")[0] for v in variables} == layers
         assert not any(v.path.startswith("sobel/") for v in variables)
     assert net.output["logits"].dtype == "float32"
@@ -103,7 +103,7 @@ def test_random_crop_geometry():
     flips = set()
     for s in range(8):
         # Full-size square crop at the input size: the image itself or its mirror.
-        crop = vc.random_crop(image, tf.constant([s, 3]), SIZE, 1.0, 1.0, 0.5).numpy()
+        crop = vc_lib.random_crop(image, tf.constant([s, 3]), SIZE, 1.0, 1.0, 0.5).numpy()
         plain = image.numpy() * 0.5
         if np.allclose(crop, plain, atol=1e-4):
             flips.add(False)
@@ -112,7 +112,7 @@ def test_random_crop_geometry():
             flips.add(True)
     assert flips == {False, True}
     wide = tf.zeros([40, 100, 3], tf.uint8)
-    assert vc.random_crop(wide, tf.constant([0, 0]), 80, 0.5, 1.0, 1.0).shape == (80, 80, 3)
+    assert vc_lib.random_crop(wide, tf.constant([0, 0]), 80, 0.5, 1.0, 1.0).shape == (80, 80, 3)
 
 
 @pytest.mark.parametrize("mixed_precision", ["none", "fp16"])
@@ -124,12 +124,12 @@ def test_train_step_is_clipped_momentum_sgd_with_weight_decay(mixed_precision):
                                         clip_norm=0.05, momentum=0.9,
                                         mixed_precision=mixed_precision)
     keras.utils.set_random_seed(0)
-    net = vc.build_classifier(SIZE, "rgb", dropout=0.0)
-    variables = vc.set_trainable(net, "fc8")
+    net = vc_lib.build_classifier(SIZE, "rgb", dropout=0.0)
+    variables = vc_lib.set_trainable(net, "fc8")
     optimizer = loss_scale.loss_scaled(
         keras.optimizers.SGD(config.learning_rate, momentum=config.momentum), mixed_precision)
     optimizer.build(variables)
-    step = vc.make_train_step(net, optimizer, variables, config)
+    step = vc_lib.make_train_step(net, optimizer, variables, config)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(size=(2, SIZE, SIZE, 3)), tf.float32)
     labels = tf.constant(rng.choice([-1, 0, 1], size=(2, 20)), tf.int32)
@@ -138,7 +138,7 @@ def test_train_step_is_clipped_momentum_sgd_with_weight_decay(mixed_precision):
     velocity = [np.zeros_like(kernel), np.zeros_like(bias)]
     for _ in range(2):
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(vc.masked_sigmoid_loss(net(images)["logits"], labels))
+            loss = tf.reduce_mean(vc_lib.masked_sigmoid_loss(net(images)["logits"], labels))
         grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, variables)]
         norm = np.sqrt(sum(np.sum(g * g) for g in grads))
         assert norm > config.clip_norm  # so that clipping is exercised
@@ -171,7 +171,7 @@ def test_apply_kmeans_init_whitens_fc_outputs():
     # After the data-dependent init, on the crops it saw: every fc8 logit has mean 0 and
     # variance 1, and fc6's BN statistics are those of fc6's pre-activations.
     keras.utils.set_random_seed(0)
-    net = vc.build_classifier(SIZE, "rgb")
+    net = vc_lib.build_classifier(SIZE, "rgb")
     images = np.random.default_rng(3).uniform(size=(24, SIZE, SIZE, 3)).astype(np.float32)
     fc_init.apply_kmeans_init(net, images, seed=0)
     logits = net.predict(images, verbose=0)["logits"].astype(np.float64)
@@ -199,7 +199,7 @@ def test_evaluate_sums_logits_over_crops():
     config = vc.VocClassificationConfig(model_dir="x", crop_size=SIZE, min_scale=1.0,
                                         max_scale=1.0, test_crops=3, test_batch_images=5,
                                         pixel_scale=1.0)
-    results = vc.evaluate(net, examples, config)
+    results = vc_lib.evaluate(net, examples, config)
     scores = 3 * net(images.astype(np.float32))["logits"].numpy()
     for i, name in enumerate(voc_data.VOC_CLASSES):
         assert results["per_class"][name]["voc07_ap"] == pytest.approx(
@@ -214,16 +214,16 @@ def test_incompatible_checkpoints(tmp_path):
                                       data_dir=str(tmp_path / "no_data"))
     nin = _save_pretraining(tmp_path / "nin", model="nin_cifar10")
     with pytest.raises(ValueError, match="'nin_cifar10' run, not an AlexNet"):
-        vc.run(dataclasses.replace(base, init_checkpoint=nin))
+        vc_lib.run(dataclasses.replace(base, init_checkpoint=nin))
     os.remove(os.path.join(nin, "config.json"))  # without its config, the weights tell
     with pytest.raises(InvalidInput, match=r"holds no weights|no weights for conv1"):
-        vc.run(dataclasses.replace(base, init_checkpoint=nin))
+        vc_lib.run(dataclasses.replace(base, init_checkpoint=nin))
     sobel = _save_pretraining(tmp_path / "sobel", preprocessing="sobel")
     with pytest.raises(InvalidInput, match=r"conv1.kernel has shape \(11, 11, 2, 96\)") as caught:
-        vc.run(dataclasses.replace(base, init_checkpoint=sobel, preprocessing="rgb"))
+        vc_lib.run(dataclasses.replace(base, init_checkpoint=sobel, preprocessing="rgb"))
     assert "\n" not in str(caught.value)
     with pytest.raises(MissingInput, match="nothing does not exist: give a run folder"):
-        vc.run(dataclasses.replace(base, init_checkpoint=str(tmp_path / "nothing")))
+        vc_lib.run(dataclasses.replace(base, init_checkpoint=str(tmp_path / "nothing")))
 
 
 def _parse(argv: list[str]) -> vc.VocClassificationConfig:
@@ -253,7 +253,7 @@ def test_bad_checkpoint_and_missing_data_exit_with_one_line(tmp_path, capsys):
     ]
     for config, expected in cases:
         with pytest.raises(SystemExit) as caught:
-            cli.run_or_fail(vc.PROGRAM, vc.run, config)
+            cli.run_or_fail(vc.PROGRAM, "evaluation.voc.classification_lib:run", config)
         assert caught.value.code == 1
         message = capsys.readouterr().err
         assert message.startswith("evaluation.voc.classification: error: ")
@@ -324,8 +324,8 @@ def test_short_run_learns_and_resumes(tmp_path, caplog):
     absl_logging.set_verbosity(absl_logging.INFO)
     try:
         with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn(splits)):
-            first = vc.run(config)
-            second = vc.run(dataclasses.replace(config, num_steps=30))
+            first = vc_lib.run(config)
+            second = vc_lib.run(dataclasses.replace(config, num_steps=30))
     finally:
         absl_logging.set_verbosity(verbosity)
     print(f"chance mAP {chance:.3f}; after 15 steps {first['voc07_map']:.3f}; "
@@ -346,4 +346,4 @@ def test_short_run_learns_and_resumes(tmp_path, caplog):
     assert written["num_steps"] == 30  # a resumable setting: the current value
     with pytest.raises(RunMismatch, match=r"holds a run with other settings \(learning_rate: "
                        r"0.02 -> 0.5; train_layers: \"fc6-8\" -> \"all\"\)"):
-        vc.run(dataclasses.replace(config, learning_rate=0.5, train_layers="all"))
+        vc_lib.run(dataclasses.replace(config, learning_rate=0.5, train_layers="all"))

@@ -12,11 +12,18 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from evaluation.voc import detection as vd
+from evaluation.voc import detection_lib as vd_lib
 from evaluation.voc.fast_rcnn import proposals as det_proposals
 from runtime import cli
-from tests.data.test_voc import as_dataset_fn, make_example
-from tests.evaluation.voc.fast_rcnn.shapes import SQUARE, jittered_proposals, shape_image
-from tests.helpers import make_run_dir, run_module
+from tests.helpers import (
+    SQUARE,
+    as_dataset_fn,
+    jittered_proposals,
+    make_example,
+    make_run_dir,
+    run_module,
+    shape_image,
+)
 
 NAMES = {SQUARE: "cat", 3 - SQUARE: "dog"}
 
@@ -60,11 +67,11 @@ def test_defaults_are_the_fast_rcnn_protocol():
     assert (c.momentum, c.weight_decay, c.learning_rate, c.lr_decay) == (0.9, 5e-4, 1e-3, 0.1)
     assert (c.nms_threshold, c.max_per_image, c.search_mode, c.freeze_through) == (
         0.3, 100, "fast", "none")
-    schedule = vd.learning_rate_schedule(dataclasses.replace(c, lr_steps=(30000, 35000)))
+    schedule = vd_lib.learning_rate_schedule(dataclasses.replace(c, lr_steps=(30000, 35000)))
     # Iteration t (1-based) runs at schedule(t - 1): iterations 1..30000 at 1e-3.
     lrs = [float(schedule(t - 1)) for t in (1, 30000, 30001, 35000, 35001)]
     np.testing.assert_allclose(lrs, [1e-3, 1e-3, 1e-4, 1e-4, 1e-5], rtol=1e-6)
-    constant = vd.learning_rate_schedule(dataclasses.replace(c, lr_steps=()))
+    constant = vd_lib.learning_rate_schedule(dataclasses.replace(c, lr_steps=()))
     assert float(constant(0)) == float(constant(10 ** 6)) == pytest.approx(1e-3)
 
 
@@ -103,14 +110,14 @@ def test_end_to_end_selective_search_then_resume(tmp_path, monkeypatch):
     init = save_pretraining(tmp_path / "pretrain")
     config = small_config(tmp_path / "det", init_checkpoint=init)
     with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn(splits)):
-        results = vd.run(config)
+        results = vd_lib.run(config)
     out = tmp_path / "det"
     # Selective search ran once per image, into the cache.
     assert sorted(p.name for p in (out / "proposals").iterdir()) == [
         f"{i:06d}.npy" for i in range(6)]
     assert results["step"] == 3 and results["num_images"] == 2
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["per_class"]) == set(vd.voc_data.VOC_CLASSES)
+    assert set(saved["per_class"]) == set(vd_lib.voc_data.VOC_CLASSES)
     assert saved["per_class"]["bird"] is None  # no bird in the test images
     present = [saved["per_class"][c] for c in ("cat", "dog")]
     assert all(0 <= ap <= 1 for ap in present)
@@ -131,7 +138,7 @@ def test_end_to_end_selective_search_then_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(det_proposals, "selective_search", no_search)
     with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn(splits)):
-        again = vd.run(dataclasses.replace(config, num_steps=5))
+        again = vd_lib.run(dataclasses.replace(config, num_steps=5))
     assert again["step"] == 5 and tf.train.latest_checkpoint(str(out)).endswith("ckpt-5")
 
 
@@ -143,7 +150,7 @@ def test_end_to_end_with_a_proposal_file(tmp_path):
                           preprocessing="sobel", num_steps=2, freeze_through="conv3",
                           num_test_images=1)
     with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn(splits)):
-        results = vd.run(config)
+        results = vd_lib.run(config)
     assert results["num_images"] == 1 and results["step"] == 2
     assert not (tmp_path / "det" / "proposals").exists()
 
@@ -152,10 +159,10 @@ def exit_message(config, capsys, splits=None) -> str:
     capsys.readouterr()  # what earlier steps of the test printed
     with pytest.raises(SystemExit) as caught:
         if splits is None:
-            cli.run_or_fail(vd.PROGRAM, vd.run, config)
+            cli.run_or_fail(vd.PROGRAM, "evaluation.voc.detection_lib:run", config)
         else:
             with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn(splits)):
-                cli.run_or_fail(vd.PROGRAM, vd.run, config)
+                cli.run_or_fail(vd.PROGRAM, "evaluation.voc.detection_lib:run", config)
     assert caught.value.code == 1
     message = capsys.readouterr().err
     assert message.startswith("evaluation.voc.detection: error: ")
@@ -198,7 +205,7 @@ def test_only_proposals_fills_the_cache(tmp_path, capsys):
     cache = tmp_path / "cache"
     config = small_config(tmp_path / "m", only_proposals=True, proposal_cache=str(cache))
     with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn(splits)):
-        assert vd.run(config) == {"proposal_cache": str(cache)}
+        assert vd_lib.run(config) == {"proposal_cache": str(cache)}
     assert sorted(p.name for p in cache.iterdir()) == [f"{i:06d}.npy" for i in range(6)]
     assert not (tmp_path / "m").exists()  # nothing trained, nothing written there
     np.savez(tmp_path / "p.npz", x=np.ones((1, 4)))

@@ -18,11 +18,11 @@ import pytest
 import tensorflow as tf
 
 from evaluation.voc import metrics as voc_metrics
-from evaluation.voc.detection import make_train_step
+from evaluation.voc.detection_lib import make_train_step
 from evaluation.voc.fast_rcnn import data as det_data
 from evaluation.voc.fast_rcnn import inference
 from evaluation.voc.fast_rcnn import model as det_model
-from tests.evaluation.voc.fast_rcnn.shapes import DISC, SQUARE, jittered_proposals, shape_image
+from tests.helpers import DISC, SQUARE, jittered_proposals, shape_image
 
 SCALE = 128
 STEPS = 150

@@ -10,7 +10,7 @@ from scipy import io as scipy_io
 
 from evaluation.voc.fast_rcnn import boxes as box_ops
 from evaluation.voc.fast_rcnn import proposals as props
-from tests.evaluation.voc.fast_rcnn.shapes import shape_image
+from tests.helpers import shape_image
 
 
 def images(n: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:

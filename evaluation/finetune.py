@@ -1,0 +1,135 @@
+r"""Supervised fine-tuning of a whole pretrained network: the SC protocol (SC Sec. 5, Tables 1-3).
+
+Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
+- the network (the pretraining model with its softmax classifier, SC Table 4) starts from
+  the pretrained checkpoint (--init=<run folder or checkpoint>; every backbone layer must be
+  in it, the classifier starts random) or from scratch (--init=none);
+- every layer is trained with the labels: stl10 its 5000 labelled train images (8000 test
+  images), cifar10 400 per class (10000 test images), mnist all 60000 (10000 test images),
+  digits 10 per class (599 test digits); --labels_per_class overrides (0: every label);
+- SGD with momentum from lr 0.01, cut by 10x whenever the watched loss has not improved for
+  --patience epochs, and stopped after --max_cuts cuts ("converged") or at --epochs. The
+  watched loss (the paper's "measured loss") is:
+    * the validation loss, when a stratified --val_fraction of the labels leaves at least
+      --min_val_per_class examples of every class for validation; the weights of the epoch
+      with the lowest validation loss are kept;
+    * otherwise the training loss over all the labels, and the last weights are kept: a few
+      validation images cannot choose an epoch (with 10 labels per class, one image each);
+- batches of --batch_size, never more than the training examples, so that a few labels still
+  get several SGD steps per epoch;
+- augmentation: a random translation of up to --translate pixels and, where it preserves the
+  label, a horizontal mirror (--mirror; default on except for the digits of mnist, digits);
+- --mixed_precision=bf16|fp16 computes the network in bfloat16 / float16 (float32 variables,
+  BN statistics, logits and loss; dynamic loss scaling for fp16: losses/loss_scale.py);
+- the test split is read once, at the end; the result is the mean ± std test accuracy
+  over --seeds. Each seed fixes the label draw, the validation carve, the classifier's init,
+  the batch order and the augmentation; with --compare_scratch the same seeds also train
+  the network from scratch, both are reported side by side (SC Tables 1-3), and their
+  difference is tested paired over the seeds (evaluation/report.py).
+- the output warns when a run stopped at --epochs before converging, or ended near chance.
+
+Writes config.json, finetune.json (every figure) and finetune.md to --output_dir (default
+`<init>/finetune`, or `runs/finetune_<model>_scratch` with --init=none) once the results are
+complete. The folder is one configuration's (runtime/ownership.py): another (differing beyond
+RESUMABLE) is refused unless the folder is new; the same one rewrites its outputs. Example:
+`python -m evaluation.finetune --init=runs/sc_nin_mnist_digits --compare_scratch --seeds=0,1,2`
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from data import LABELLED_DATASETS
+from models import MODEL_NAMES, PRECISIONS
+from runtime import cli
+from runtime.cli import UsageError, option
+from runtime.run_config import run_folder
+
+PROGRAM = "evaluation.finetune"
+RESUMABLE = ("output_dir", "data_dir", "manual_dir", "stl10_dir")  # where, not what
+# Labels per class of the SC protocol (0: every train label).
+PROTOCOL_LABELS = {"stl10": 0, "cifar10": 400, "mnist": 0, "digits": 10, "imagenet2012": 0}
+MIRROR = {"stl10": True, "cifar10": True, "imagenet2012": True, "mnist": False, "digits": False}
+NONE = "none"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The flags of `python -m evaluation.finetune` (and of the SC run's final table)."""
+
+    init: str = option("", "Pretrained weights: a training run folder or a checkpoint prefix; "
+                       "'none' trains from scratch.")
+    model: str = option("", "Model name (default: the model of --init's config.json).")
+    model_kwargs: str = option("{}", "JSON keyword arguments of build_model.")
+    dataset: str = option("digits", "Labelled dataset.", choices=LABELLED_DATASETS)
+    data_dir: str | None = option(None, "tfds data_dir.")
+    manual_dir: str | None = option(None, "tfds manual_dir.")
+    stl10_dir: str | None = option(None, "STL-10 stl10_binary folder (read instead of tfds).")
+    labels_per_class: int | None = option(None, "Labels per class (0: all; default: the "
+                                          "protocol's: stl10 all, cifar10 400, mnist all, "
+                                          "digits 10).", lower=0)
+    seeds: tuple[int, ...] = option((0, 1, 2, 3, 4), "Seeds; one run each.")
+    compare_scratch: bool = option(False, "Also train from scratch with the same seeds.")
+    learning_rate: float = option(0.01, "Initial SGD learning rate.", lower=0.0)
+    momentum: float = option(0.9, "SGD momentum.", lower=0.0)
+    weight_decay: float = option(5e-4, "Decoupled weight decay.", lower=0.0)
+    batch_size: int = option(32, "Batch size (at most the number of training examples).",
+                             lower=1)
+    epochs: int = option(300, "Most epochs.", lower=1)
+    patience: int = option(10, "Epochs without a better watched loss before a 10x cut.",
+                           lower=1)
+    max_cuts: int = option(3, "Stop (converged) after this many cuts.", lower=0)
+    translate: int | None = option(None, "Largest translation in pixels (default: H / 16).",
+                                   lower=0)
+    mirror: bool | None = option(None, "Random horizontal mirroring (default: per dataset).")
+    val_fraction: float = option(0.1, "Fraction of each class held out for validation.",
+                                 lower=0.0, upper=0.9)
+    min_val_per_class: int = option(5, "Validation images per class needed to choose an epoch "
+                                    "on them (else: the training loss, no carve).", lower=1)
+    max_test_examples: int = option(0, "Score on the first n test examples (0: all).", lower=0)
+    mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
+                                  "bf16 or fp16 (with dynamic loss scaling).",
+                                  choices=PRECISIONS)
+    output_dir: str = option("", "Where config.json, finetune.json and finetune.md go "
+                             "(default: <init>/finetune).")
+
+    def __post_init__(self):
+        cli.require("init", self.init)
+        cli.check_choice("dataset", self.dataset, LABELLED_DATASETS)
+        cli.check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        if not self.seeds:
+            raise UsageError("--seeds is empty")
+        if self.model and self.model not in MODEL_NAMES:
+            raise UsageError(f"--model={self.model}: choose one of {', '.join(MODEL_NAMES)}")
+        self.overrides()
+
+    def overrides(self) -> dict:
+        return cli.json_object("model_kwargs", self.model_kwargs)
+
+    @property
+    def labels(self) -> int:
+        """Labels per class: the flag, or the protocol's for the dataset."""
+        return PROTOCOL_LABELS[self.dataset] if self.labels_per_class is None \
+            else self.labels_per_class
+
+    @property
+    def mirrored(self) -> bool:
+        return MIRROR[self.dataset] if self.mirror is None else self.mirror
+
+    @property
+    def out(self) -> str:
+        if self.output_dir:
+            return self.output_dir
+        if self.init != NONE:
+            return os.path.join(run_folder(self.init), "finetune")
+        return os.path.join("runs", f"finetune_{self.model or 'model'}_scratch")
+
+
+def main(argv=None) -> None:
+    cli.main(PROGRAM, FinetuneConfig, "evaluation.finetune_lib:run_and_print",
+             module_name=PROGRAM, doc=__doc__, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
