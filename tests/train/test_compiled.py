@@ -1,6 +1,5 @@
 """The XLA-compiled network step: the same decisions as the plain step (within float32 rounding
-of a float64 reference), and a one-line
-fallback where XLA cannot be used."""
+of a float64 reference), and a one-line fallback where XLA cannot be used."""
 
 import keras
 import numpy as np
