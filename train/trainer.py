@@ -79,6 +79,7 @@ from data.pretrain import (
     steps_per_epoch,
 )
 from losses import loss_scale
+from losses.divergence import NonFiniteLoss
 from losses.nat import NoiseAsTargets
 from losses.spatial_contrasting import multi_endpoint_loss
 from models import build_model
@@ -92,11 +93,6 @@ from train.compiled import network_forward
 from train.config import TrainConfig
 from train.schedule import LearningRate, Plateau
 from train.strategy import input_pipelines
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or Inf; the message names the step."""
-
 
 EpochHook = Callable[["Trainer", int], None]
 

@@ -12,6 +12,7 @@ from tensorflow.python.framework import config as tf_config
 
 from data import DataError
 from data.pretrain import open_source
+from losses.divergence import NonFiniteLoss
 from runtime.cli import UsageError
 from runtime.ownership import RunMismatch
 from tests.helpers import (
@@ -24,7 +25,7 @@ from tests.helpers import (
 )
 from train.config import TrainConfig
 from train.schedule import LearningRate, Plateau
-from train.trainer import NonFiniteLoss, Trainer
+from train.trainer import Trainer
 
 
 def _config(tmp_path, name="run", **kwargs) -> TrainConfig:
