@@ -251,6 +251,6 @@ def test_the_epoch_stops_before_the_first_non_finite_step():
     x = np.random.default_rng(0).uniform(size=(6, 4, *SHAPE)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 10, (6, 4))
     batches = iter(tf.data.Dataset.from_tensor_slices((x, y)))
-    _, bad_loss, bad = finetune._train_epoch(model, optimizer)(batches, tf.constant(6))
+    _, bad_loss, bad = finetune_lib._train_epoch(model, optimizer)(batches, tf.constant(6))
     assert 1 <= int(bad) < 6 and not np.isfinite(float(bad_loss))
     assert int(optimizer.iterations) == int(bad)  # the steps before it, none from it on

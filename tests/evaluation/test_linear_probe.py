@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from evaluation import linear_probe
+from evaluation import linear_probe, linear_probe_lib
 from tests.helpers import make_run_dir, run_module
 
 
@@ -104,17 +104,17 @@ def test_random_init_is_the_runs_seeded_twin_probed_at_init_and_calibrated(tmp_p
     from evaluation import random_init
     from models.weights import named_variables
 
-    assert (linear_probe.AT_INIT, linear_probe.CALIBRATED) == random_init.RANDOM_INITS
+    assert (linear_probe_lib.AT_INIT, linear_probe_lib.CALIBRATED) == random_init.RANDOM_INITS
     # The network a run with seed 3 starts from is the one make_run_dir builds under seed 3.
     run, start = make_run_dir(tmp_path / "run", seed=3, config={"seed": 3, "dataset": "digits"},
                               input_shape=(12, 12, 1), head="nat", feature_dim=8)
     cfg = linear_probe.ProbeConfig(model_dir=run, init="random", seed=9)
     for _ in range(2):  # every call: the same weights, the run's twin's
-        model, _, weights = linear_probe.load_model(cfg)
+        model, _, weights = linear_probe_lib.load_model(cfg)
         assert weights == "random init, seed 3"
         for key, variable in named_variables(start).items():
             np.testing.assert_array_equal(named_variables(model)[key].numpy(), variable.numpy())
-    images = list(linear_probe.calibration_images(cfg, (12, 12, 1)))
+    images = list(linear_probe_lib.calibration_images(cfg, (12, 12, 1)))
     assert len(images) == 1198  # the run's pretraining images: every train digit
     linear_probe.main(["linear_probe", f"--model_dir={run}", "--init=random", "--dataset=digits",
                        "--endpoints=sc", "--labels_per_class=3", "--splits=2",
@@ -122,7 +122,7 @@ def test_random_init_is_the_runs_seeded_twin_probed_at_init_and_calibrated(tmp_p
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "run" / "probe_random" / "probe.json").read_text())
     means = {init: r["endpoints"][0]["mean"] for init, r in result["random_inits"].items()}
-    assert list(means) == [linear_probe.AT_INIT, linear_probe.CALIBRATED]
+    assert list(means) == [linear_probe_lib.AT_INIT, linear_probe_lib.CALIBRATED]
     assert result["stronger"] == {"sc": max(means, key=means.get)}
     assert f"sc: the stronger random-init row is {result['stronger']['sc']}" in printed
     assert printed.count("random init, BN ") >= 3  # two rows and the note
