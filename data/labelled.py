@@ -5,6 +5,7 @@ Datasets (the names of pretraining):
     name           train                         test                     classes
     digits         1198 of sklearn's 8x8 digits  the other 599            10   (embedded)
     mnist          tfds `train` (60000)          tfds `test` (10000)      10
+    fashion_mnist  tfds `train` (60000)          tfds `test` (10000)      10   (data.fashion_mnist)
     cifar10        tfds `train` (50000)          tfds `test` (10000)      10
     stl10          tfds `train` (5000)           tfds `test` (8000)       10
     imagenet2012   tfds `train` (1281167)        tfds `validation` (50000) 1000
@@ -23,8 +24,9 @@ Every image is float32 [H, W, C] in [0, 1], mapped to a model's input shape by t
 All image reads go through `load`, and all label reads through `load_labels`; protocols rely
 on that to show, in tests, that a test split is not read before the final evaluation.
 Nothing here downloads: tfds datasets must be prepared in `data_dir` (ImageNet from
-`manual_dir`) unless `LabelledSource.prepare` is set. `train_stream` gives the augmented
-training batches of fine-tuning.
+`manual_dir`) unless `LabelledSource.prepare` is set; `fashion_mnist` is prepared offline from
+the Debian package `dataset-fashion-mnist` when it is installed (`data.prepared`).
+`train_stream` gives the augmented training batches of fine-tuning.
 """
 
 from __future__ import annotations
@@ -35,15 +37,17 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from data import LABELLED_DATASETS, digits
+from data import LABELLED_DATASETS, digits, prepared
 from data.augment import translate_and_flip
 from data.images import resize_to_input
 
 SPLITS = ("train", "test")
-NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "stl10": 10, "imagenet2012": 1000}
+NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "stl10": 10,
+               "imagenet2012": 1000}
 # The split each protocol tests on: ImageNet's labelled test set is its validation set.
 TFDS_SPLIT = {
     "mnist": {"train": "train", "test": "test"},
+    "fashion_mnist": {"train": "train", "test": "test"},
     "cifar10": {"train": "train", "test": "test"},
     "stl10": {"train": "train", "test": "test"},
     "imagenet2012": {"train": "train", "test": "validation"},
@@ -149,16 +153,9 @@ def _tfds_dataset(source: LabelledSource, split: str, skip_image: bool) -> tf.da
     import tensorflow_datasets as tfds
 
     decoders = {"image": tfds.decode.SkipDecoding()} if skip_image else None
-    config = tfds.download.DownloadConfig(manual_dir=source.manual_dir)
-    return tfds.load(
-        source.name,
-        split=TFDS_SPLIT[source.name][split],
-        data_dir=source.data_dir,
-        download=source.prepare,
-        shuffle_files=False,  # a fixed order: label draws index into it
-        decoders=decoders,
-        download_and_prepare_kwargs={"download_config": config},
-    )
+    # a fixed order: label draws index into it
+    return prepared.tfds_split(source.name, TFDS_SPLIT[source.name][split], source.data_dir,
+                               source.manual_dir, decoders, prepare=source.prepare)[1]
 
 
 def _use_stl10_binary(source: LabelledSource) -> bool:
