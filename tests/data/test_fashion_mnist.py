@@ -36,6 +36,19 @@ def prepared_dir(tmp_path_factory):
     return data_dir, printed.getvalue(), time.perf_counter() - start
 
 
+def test_every_table_of_datasets_has_fashion_mnist():
+    from data import LABELLED_DATASETS, PRETRAIN_DATASETS, is_pretrain_dataset
+    from data.pretrain import TFDS_PRETRAIN_SPLIT
+    from evaluation import finetune
+
+    assert "fashion_mnist" in PRETRAIN_DATASETS and is_pretrain_dataset("fashion_mnist")
+    assert TFDS_PRETRAIN_SPLIT["fashion_mnist"] == "train"
+    assert labelled.TFDS_SPLIT["fashion_mnist"] == {"train": "train", "test": "test"}
+    assert labelled.LabelledSource("fashion_mnist").num_classes == 10
+    for name in LABELLED_DATASETS:  # fine-tuning's protocol knows every labelled dataset
+        assert name in finetune.PROTOCOL_LABELS and name in finetune.MIRROR, name
+
+
 @needs_debian
 def test_the_files_hold_the_dataset():
     images, labels = fashion_mnist.arrays("train")
