@@ -5,6 +5,8 @@
     pretrain  (index, image) streams for pretraining
     augment   the pretraining augmentations, one image at a time
     labelled  (image, label) splits and label draws for probes and fine-tuning; STL-10 folds
+    prepared  tfds datasets as prepared in a data_dir: where missing data is found and named
+    fashion_mnist  Fashion-MNIST prepared offline from the Debian package dataset-fashion-mnist
     voc       PASCAL VOC 2007 in the devkit's terms
 
 The names below are what binaries check their flags against before TensorFlow is imported
@@ -13,9 +15,10 @@ The names below are what binaries check their flags against before TensorFlow is
 
 from runtime.errors import InvalidInput
 
-PRETRAIN_DATASETS = ("digits", "mnist", "cifar10", "stl10", "imagenet2012", "folder:<path>")
+PRETRAIN_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "stl10", "imagenet2012",
+                     "folder:<path>")
 """Pretraining image sources (`data.pretrain.open_source`); folders have no labels."""
-LABELLED_DATASETS = ("digits", "mnist", "cifar10", "stl10", "imagenet2012")
+LABELLED_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "stl10", "imagenet2012")
 """Labelled datasets of the probes and of fine-tuning (`data.labelled`)."""
 CROPS = ("pad", "resize", "short_side", "none")
 """Pretraining crops (`data.augment.Augment`)."""

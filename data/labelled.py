@@ -5,6 +5,7 @@ Datasets (the names of pretraining):
     name           train                         test                     classes
     digits         1198 of sklearn's 8x8 digits  the other 599            10   (embedded)
     mnist          tfds `train` (60000)          tfds `test` (10000)      10
+    fashion_mnist  tfds `train` (60000)          tfds `test` (10000)      10   (data.fashion_mnist)
     cifar10        tfds `train` (50000)          tfds `test` (10000)      10
     stl10          tfds `train` (5000)           tfds `test` (8000)       10
     imagenet2012   tfds `train` (1281167)        tfds `validation` (50000) 1000
@@ -23,9 +24,10 @@ Every image is float32 [H, W, C] in [0, 1], mapped to a model's input shape by t
 All image reads go through `load`, and all label reads through `load_labels`; protocols rely
 on that to show, in tests, that a test split is not read before the final evaluation.
 Nothing here downloads: tfds datasets must be prepared in `data_dir` (ImageNet from
-`manual_dir`) unless `LabelledSource.prepare` is set; `check_available` says at once, in one
-line naming the `tfds build` command, when they are not. `train_stream` gives the augmented
-training batches of fine-tuning.
+`manual_dir`) unless `LabelledSource.prepare` is set; `fashion_mnist` is prepared offline from
+the Debian package `dataset-fashion-mnist` when it is installed (`data.prepared`);
+`check_available` says at once, in one line naming the `tfds build` command, when a split is
+not prepared. `train_stream` gives the augmented training batches of fine-tuning.
 """
 
 from __future__ import annotations
@@ -37,16 +39,18 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data import LABELLED_DATASETS, DataError, digits
+from data import LABELLED_DATASETS, DataError, digits, prepared
 from data.augment import translate_and_flip
 from data.images import resize_to_input
 from runtime.errors import MissingInput
 
 SPLITS = ("train", "test")
-NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "stl10": 10, "imagenet2012": 1000}
+NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "stl10": 10,
+               "imagenet2012": 1000}
 # The split each protocol tests on: ImageNet's labelled test set is its validation set.
 TFDS_SPLIT = {
     "mnist": {"train": "train", "test": "test"},
+    "fashion_mnist": {"train": "train", "test": "test"},
     "cifar10": {"train": "train", "test": "test"},
     "stl10": {"train": "train", "test": "test"},
     "imagenet2012": {"train": "train", "test": "validation"},
@@ -150,38 +154,13 @@ def stl10_folds(directory: str) -> list[np.ndarray]:
 
 def _tfds_dataset(source: LabelledSource, split: str, skip_image: bool) -> tf.data.Dataset:
     decoders = {"image": tfds.decode.SkipDecoding()} if skip_image else None
-    config = tfds.download.DownloadConfig(manual_dir=source.manual_dir)
-    try:
-        return tfds.load(
-            source.name,
-            split=TFDS_SPLIT[source.name][split],
-            data_dir=source.data_dir,
-            download=source.prepare,
-            shuffle_files=False,  # a fixed order: label draws index into it
-            decoders=decoders,
-            download_and_prepare_kwargs={"download_config": config},
-        )
-    except AssertionError:  # tfds' way of saying that the data was never generated
-        raise not_prepared(source) from None
-
-
-def not_prepared(source: LabelledSource) -> DataError:
-    """The one-line error for tfds data that is not in `source.data_dir`, naming the command
-    that prepares it there."""
-
-    where = tfds.builder(source.name, data_dir=source.data_dir).data_dir
-    suffix = f" --data_dir={source.data_dir}" if source.data_dir else ""
-    if source.name == "imagenet2012":
-        tars = source.manual_dir or "<manual_dir>"
-        return DataError(f"dataset imagenet2012 is not prepared in {where}: put "
-                         f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {tars} and run "
-                         f"`tfds build imagenet2012 --manual_dir={tars}{suffix}`")
-    return DataError(f"dataset {source.name} is not prepared in {where}: run `tfds build "
-                     f"{source.name}{suffix}` on a machine with network access")
+    # a fixed order: label draws index into it
+    return prepared.tfds_split(source.name, TFDS_SPLIT[source.name][split], source.data_dir,
+                               source.manual_dir, decoders, prepare=source.prepare)[1]
 
 
 def check_available(dataset: str | LabelledSource, splits: tuple[str, ...] = SPLITS) -> None:
-    """Raise DataError (`not_prepared`) now, before any training, when a split a run will read
+    """Raise DataError (data.prepared) now, before any training, when a split a run will read
     is not prepared; nothing is read or downloaded. The embedded digits, STL-10 from its
     binary folder and a source that may prepare itself pass."""
     source = as_source(dataset)

@@ -6,6 +6,8 @@ the dataset; SC ignores it. Sources (`open_source`):
     digits          the train split of scikit-learn's bundled 8x8 digits (1198 images,
                     data/digits.py), embedded: no download, no files
     mnist           tfds `mnist`, split `train` (60000)
+    fashion_mnist   tfds `fashion_mnist`, split `train` (60000); prepared offline from the
+                    Debian package dataset-fashion-mnist when missing (data.fashion_mnist)
     cifar10         tfds `cifar10`, split `train` (50000)
     stl10           tfds `stl10`, split `unlabelled+train` (105000; SC Sec. 5.1)
     imagenet2012    tfds `imagenet2012`, split `train` (1281167), built from `manual_dir`
@@ -71,7 +73,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data import PRETRAIN_DATASETS, DataError, digits
+from data import PRETRAIN_DATASETS, DataError, digits, prepared
 from data.augment import (
     Augment,
     crop_box,
@@ -83,6 +85,7 @@ from data.images import IMAGE_EXTENSIONS, decode_image, list_images, resize_to_i
 
 TFDS_PRETRAIN_SPLIT = {
     "mnist": "train",
+    "fashion_mnist": "train",
     "cifar10": "train",
     "stl10": "unlabelled+train",
     "imagenet2012": "train",
@@ -155,20 +158,8 @@ def _digits(input_shape) -> PretrainSource:
 
 def _tfds(name: str, input_shape, data_dir, manual_dir) -> PretrainSource:
     split = TFDS_PRETRAIN_SPLIT[name]
-    builder = tfds.builder(name, data_dir=data_dir)
     decoders = {"image": tfds.decode.SkipDecoding()}
-    try:
-        raw = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
-    except AssertionError:  # tfds' way of saying that the data was never generated
-        suffix = f" --data_dir={data_dir}" if data_dir else ""
-        if name == "imagenet2012":
-            where = manual_dir or "<manual_dir>"
-            raise DataError(
-                f"dataset imagenet2012 is not prepared in {builder.data_dir}: put "
-                f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {where} and run "
-                f"`tfds build imagenet2012 --manual_dir={where}{suffix}`") from None
-        raise DataError(f"dataset {name} is not prepared in {builder.data_dir}: run `tfds build "
-                        f"{name}{suffix}` on a machine with network access") from None
+    builder, raw = prepared.tfds_split(name, split, data_dir, manual_dir, decoders)
     if builder.info.splits:
         n = int(builder.info.splits[split].num_examples)
     else:  # data without split metadata (e.g. generated for tests): count the records once

@@ -5,8 +5,9 @@ Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
   the pretrained checkpoint (--init=<run folder or checkpoint>; every backbone layer must be
   in it, the classifier starts random) or from scratch (--init=none);
 - every layer is trained with the labels: stl10 its 5000 labelled train images (8000 test
-  images), cifar10 400 per class (10000 test images), mnist all 60000 (10000 test images),
-  digits 10 per class (599 test digits); --labels_per_class overrides (0: every label);
+  images), cifar10 400 per class (10000 test images), mnist and fashion_mnist all 60000
+  (10000 test images), digits 10 per class (599 test digits); --labels_per_class overrides
+  (0: every label);
 - SGD with momentum from lr 0.01, cut by 10x whenever the watched loss has not improved for
   --patience epochs, and stopped after --max_cuts cuts ("converged") or at --epochs. The
   watched loss (the paper's "measured loss") is:
@@ -49,8 +50,10 @@ from runtime.run_config import run_folder
 PROGRAM = "evaluation.finetune"
 RESUMABLE = ("output_dir", "data_dir", "manual_dir", "stl10_dir")  # where, not what
 # Labels per class of the SC protocol (0: every train label).
-PROTOCOL_LABELS = {"stl10": 0, "cifar10": 400, "mnist": 0, "digits": 10, "imagenet2012": 0}
-MIRROR = {"stl10": True, "cifar10": True, "imagenet2012": True, "mnist": False, "digits": False}
+PROTOCOL_LABELS = {"stl10": 0, "cifar10": 400, "mnist": 0, "digits": 10, "imagenet2012": 0,
+                   "fashion_mnist": 0}
+MIRROR = {"stl10": True, "cifar10": True, "imagenet2012": True, "mnist": False, "digits": False,
+          "fashion_mnist": False}  # as mnist
 NONE = "none"
 
 
@@ -67,8 +70,8 @@ class FinetuneConfig:
     manual_dir: str | None = option(None, "tfds manual_dir.")
     stl10_dir: str | None = option(None, "STL-10 stl10_binary folder (read instead of tfds).")
     labels_per_class: int | None = option(None, "Labels per class (0: all; default: the "
-                                          "protocol's: stl10 all, cifar10 400, mnist all, "
-                                          "digits 10).", lower=0)
+                                          "protocol's: stl10 all, cifar10 400, mnist and "
+                                          "fashion_mnist all, digits 10).", lower=0)
     seeds: tuple[int, ...] = option((0, 1, 2, 3, 4), "Seeds; one run each.")
     compare_scratch: bool = option(False, "Also train from scratch with the same seeds.")
     learning_rate: float = option(0.01, "Initial SGD learning rate.", lower=0.0)

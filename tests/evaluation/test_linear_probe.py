@@ -59,7 +59,8 @@ def test_default_output_folders():
      "--endpoints: unknown endpoint 'conv9' of nin_mnist; choose from block1, block2, sc, "
      "head, logits, pixels"),
     (["--model=nin_mnist", "--init=random", "--dataset=svhn"],
-     "--dataset=svhn: value should be one of <digits|mnist|cifar10|stl10|imagenet2012>"),
+     "--dataset=svhn: value should be one of "
+     "<digits|mnist|fashion_mnist|cifar10|stl10|imagenet2012>"),
     (["--model=nin_mnist", "--init=random", "--labels_per_class=200"],
      "--labels_per_class=200: 200 labels per class is more than class"),
     (["--init=checkpoint"], "--init=checkpoint needs --model_dir or --saved_model"),

@@ -90,7 +90,7 @@ def test_two_workers_train_together_on_loopback(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--model=resnet"], "--model=resnet: value should be one of <alexnet|nin_stl10|"),
     (["--method=rotnet"], "value should be one of <nat|sc>"),
-    (["--dataset=svhn"], "--dataset=svhn: choose one of digits, mnist, cifar10"),
+    (["--dataset=svhn"], "--dataset=svhn: choose one of digits, mnist, fashion_mnist, cifar10"),
     (["--sc_patch=big"], "--sc_patch='big'"),
     (["--cpu_replicas=3", "--batch_size=128"], "batch_size 128 is not divisible by the 3"),
     (["--batch_size=2048"], "has 1198 images, fewer than one batch of 2048"),
