@@ -32,13 +32,15 @@ from dataclasses import dataclass
 
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.vocabulary import OutputFolder
 
 PROGRAM = "serving.extract_features"
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
-    """The flags of `python -m serving.extract_features`."""
+class ExtractConfig(OutputFolder):
+    """The flags of `python -m serving.extract_features`; --output_dir (runtime/vocabulary.py)
+    is required."""
 
     images_dir: str = option("", "A folder of images (searched recursively).")
     tfds: str = option("", "A prepared tfds split instead, as name:split.")
@@ -50,7 +52,6 @@ class ExtractConfig:
     version: int | None = option(None, "A served version (default: the latest).")
     grpc: bool = option(False, "Use the gRPC PredictionService instead of REST.")
     columnar: bool = option(False, "REST: send the columnar 'inputs' format.")
-    output_dir: str = option("", "Where to write the .npy files and the index.")
     batch_size: int = option(64, "Images per request.", lower=1)
 
     def __post_init__(self):

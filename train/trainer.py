@@ -37,16 +37,16 @@ the plateau state and the mean loss of the last loop (for the results of any lat
 They are written every `checkpoint_every` steps and at each epoch end. The data stream and the
 SC patches are functions of (seed, step), so that is the whole random state. A run restarts
 from the latest
-checkpoint in `model_dir`; otherwise it loads the backbone of `init_checkpoint`; otherwise it
+checkpoint in `model_dir`; otherwise it loads the backbone of `pretrained`; otherwise it
 starts fresh. Image files that fail to load during training are dropped and refilled
 (data/pretrain.py), logged and added to skipped.json.
 
 A non-finite loss stops the run (`NonFiniteLoss`, naming the step) without writing the
 corrupted weights: the last good checkpoint is what remains.
 
-At each epoch end the trainer calls its hooks, `hook(trainer, epochs_done)`, before the
-epoch's checkpoint: the pretraining binary hands it the periodic probe (NAT Figure 2), so the
-loop itself knows nothing of evaluation.
+At each epoch end, before the epoch's checkpoint, the trainer calls its hooks with what they
+need, `hook(model, epochs_done, step, writer, log, chief)`: the pretraining binary hands it
+the periodic probe (NAT Figure 2), so the loop itself knows nothing of evaluation.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or Inf; the message names the step."""
 
 
-EpochHook = Callable[["Trainer", int], None]
+EpochHook = Callable[[keras.Model, int, int, object, Callable[[str], None], bool], None]
 
 
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -229,8 +229,8 @@ class Trainer:
     def _restore(self, latest: str | None) -> str:
         if latest:
             return f"resumed {latest} at step {self.step}"
-        if self.config.init_checkpoint:  # the backbone only (models/runs.py)
-            return load_backbone(self.model, self.config.init_checkpoint, self.config.model)[1]
+        if self.config.pretrained:  # the backbone only (models/runs.py)
+            return load_backbone(self.model, self.config.pretrained, self.config.model)[1]
         return "fresh start"
 
     @property
@@ -390,7 +390,7 @@ class Trainer:
                 self._end_epoch(epoch, epoch_loss / max(epoch_steps, 1))
                 epoch_loss, epoch_steps = 0.0, 0
                 for hook in self.hooks:
-                    hook(self, epoch + 1)
+                    hook(self.model, epoch + 1, self.step, self.writer, self.log, self.chief)
                 self.manager.save(checkpoint_number=self.step)
                 since_save = 0
             elif since_save >= cfg.checkpoint_every:
