@@ -94,13 +94,13 @@ class FinetuneConfig(PretrainedInput, DataLocation, OutputFolder):
                                   choices=PRECISIONS)
 
     def __post_init__(self):
+        cli.check_choice("dataset", self.dataset, LABELLED_DATASETS)
+        cli.check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         if self.init == "pretrained":
             cli.require("pretrained", self.pretrained)
         elif not (self.model or self.pretrained):
             raise UsageError("--init=random needs --model (or a --pretrained run to read it "
                              "from)")
-        cli.check_choice("dataset", self.dataset, LABELLED_DATASETS)
-        cli.check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         if not self.seeds:
             raise UsageError("--seeds is empty")
         if self.model and self.model not in MODEL_NAMES:

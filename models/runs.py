@@ -13,7 +13,7 @@ from models import TRANSFER_ENDPOINT, build_model
 from models.checkpoints import resolve_checkpoint
 from models.weights import LoadReport, load_weights
 from runtime.errors import InvalidInput
-from runtime.run_config import CONFIG_FILE, read_config
+from runtime.run_config import CONFIG_FILE, read_config, run_folder
 
 
 def model_spec(config: Mapping) -> tuple[str, dict]:
@@ -95,8 +95,7 @@ def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | No
     with a one-line message naming the folder or file.
     """
     checkpoint = checkpoint or model_dir
-    if model_dir and os.path.exists(f"{model_dir}.index"):  # a checkpoint prefix of the run
-        model_dir = os.path.dirname(model_dir)
+    model_dir = run_folder(model_dir) if model_dir else ""
     config: dict = {}
     if model_dir and (init == "pretrained" or not model or os.path.isdir(model_dir)):
         try:

@@ -48,8 +48,9 @@ def read_config(model_dir: str) -> dict:
 
 
 def run_folder(checkpoint: str) -> str:
-    """The folder of a run from its folder or one of its checkpoint prefixes."""
-    return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+    """The folder of a run from its folder or one of its checkpoint prefixes (a path whose
+    `.index` file exists); any other path is returned as it is."""
+    return os.path.dirname(checkpoint) if os.path.exists(f"{checkpoint}.index") else checkpoint
 
 
 def pretraining_config(checkpoint: str) -> dict | None:

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARIES = {
     "train.pretrain": [],
     "train.ablate": [],
-    "evaluation.finetune": ["--init=none", "--model=nin_mnist"],
+    "evaluation.finetune": ["--init=random", "--model=nin_mnist"],
     "evaluation.linear_probe": ["--model=nin_mnist", "--init=random"],
     "evaluation.visualize": ["retrieval", "--features=f.npy", "--output=o.png"],
     "evaluation.voc.classification": ["--model_dir=voc_run"],

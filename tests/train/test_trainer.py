@@ -140,7 +140,7 @@ CHANGES = {
     "loss": (dict(nat_reassign_every=1), ["nat_reassign_every"]),
     "schedule": (dict(lr=0.01), ["lr"]),
     "augmentation": (dict(flip=True), ["flip"]),
-    "init": (dict(init_checkpoint="donor"), ["init_checkpoint"]),
+    "init": (dict(pretrained="donor"), ["pretrained"]),
     "evaluation": (dict(probe_splits=2), ["probe_splits"]),
     "distribution": (dict(), ["nat_problem"]),  # two replicas, per-replica NAT problems
 }
@@ -154,8 +154,8 @@ def test_a_restart_that_changes_the_result_is_refused_before_any_write(finished,
     change = dict(change)
     if "dataset" in change:
         change["dataset"] = _folder_of(130, str(tmp_path / "images"))
-    if "init_checkpoint" in change:
-        change["init_checkpoint"], _ = make_run_dir(tmp_path / "donor")
+    if "pretrained" in change:
+        change["pretrained"], _ = make_run_dir(tmp_path / "donor")
     strategy = two_replica_strategy() if group == "distribution" else tf.distribute.get_strategy()
     before = folder_contents(finished.model_dir)
     config = dataclasses.replace(finished, **change)
@@ -189,7 +189,7 @@ def test_a_restart_may_change_the_resumable_settings(finished):
 
 def test_init_checkpoint_loads_the_backbone_only(tmp_path):
     prefix, donor = make_run_dir(tmp_path / "donor", seed=7)
-    trainer = Trainer(_config(tmp_path, init_checkpoint=prefix), tf.distribute.get_strategy(),
+    trainer = Trainer(_config(tmp_path, pretrained=prefix), tf.distribute.get_strategy(),
                       log=lambda _: None)
     assert trainer.restored_from.startswith("initialised")
     for layer in ("conv1_1", "conv2_1", "conv2_2"):
