@@ -11,9 +11,9 @@ import tensorflow as tf
 
 from data import labelled
 from evaluation import report
-from evaluation.divergence import check_finite
 from evaluation.finetune import RESUMABLE, FinetuneConfig
 from losses import loss_scale
+from losses.divergence import check_finite
 from models import build_model
 from models.runs import backbone_layers
 from models.runs import model_spec as run_model_spec

@@ -160,10 +160,12 @@ def check_range(name: str, value, lower=None, upper=None) -> None:
 # ------------------------------------------------------------------------- running binaries
 
 
-def load_run(target: str) -> Callable:
+def load_run(target: str | Callable) -> Callable:
     """The function named by `target`, "package.module:function", imported now: a binary
     names its run this way so that its heavy module (and TensorFlow) loads only after the
-    flags are checked."""
+    flags are checked. A function is returned as it is (code that already holds one)."""
+    if callable(target):
+        return target
     module, _, function = target.partition(":")
     return getattr(importlib.import_module(module), function)
 
@@ -331,10 +333,10 @@ def main(program: str, config_type: type, run: str, *, module_name: str, doc: st
     run_or_fail(program, run, config, verbosity)
 
 
-def run_or_fail(program: str, run: str, config, verbosity: int = 0):
-    """`run(config)` after `quiet_tensorflow`, `run` being "package.module:function"
-    (`load_run`); an error the user can act on becomes one line and exit status 1 (a bug keeps
-    its traceback, as does any error with verbosity >= 1)."""
+def run_or_fail(program: str, run: str | Callable, config, verbosity: int = 0):
+    """`run(config)` after `quiet_tensorflow`, `run` being a function or its
+    "package.module:function" (`load_run`); an error the user can act on becomes one line and
+    exit status 1 (a bug keeps its traceback, as does any error with verbosity >= 1)."""
     try:
         quiet_tensorflow(verbosity)
         return load_run(run)(config)

@@ -49,8 +49,13 @@ def read_config(model_dir: str) -> dict:
 
 def run_folder(checkpoint: str) -> str:
     """The folder of a run from its folder or one of its checkpoint prefixes (a path whose
-    `.index` file exists); any other path is returned as it is."""
-    return os.path.dirname(checkpoint) if os.path.exists(f"{checkpoint}.index") else checkpoint
+    `.index` file exists, or a path in a folder with a config.json); any other path (a folder
+    that does not exist yet, say) is returned as it is."""
+    if os.path.isdir(checkpoint):
+        return checkpoint
+    parent = os.path.dirname(checkpoint)
+    prefix = os.path.exists(f"{checkpoint}.index") or os.path.exists(config_path(parent))
+    return parent if prefix else checkpoint
 
 
 def pretraining_config(checkpoint: str) -> dict | None:

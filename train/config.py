@@ -132,7 +132,14 @@ class TrainConfig(RunFolder, Pretrained, DataLocation):
                                   "statistics, the heads and the losses stay float32.",
                                   choices=PRECISIONS)
     jit_compile: bool = option(False, "Compile the network's forward and backward pass with XLA "
-                               "(one replica; the NAT assignment runs outside).")
+                               "(one replica; the NAT assignment runs outside). XLA's fused "
+                               "kernels round differently, so it is part of the run's "
+                               "fingerprint.")
+    deterministic: bool = option(False, "Deterministic ops (tf.config.experimental."
+                                 "enable_op_determinism): needed for bitwise-exact resumes "
+                                 "on GPU, where cuDNN convolutions and SC's gather gradients "
+                                 "are not deterministic otherwise; slower there, and ops "
+                                 "without a deterministic kernel raise. CPU ops already are.")
     cpu_replicas: int = option(1, "Split the CPU into N logical devices (testing).", lower=1)
     steps_per_loop: int = option(10, "Steps per tf.function call.", lower=1)
     checkpoint_every: int = option(100, "Steps between checkpoints (also at epoch ends).",
@@ -169,13 +176,14 @@ class TrainConfig(RunFolder, Pretrained, DataLocation):
         "init": ("pretrained",),
         "evaluation": ("probe_dataset", "probe_labels_per_class", "probe_splits", "final_eval"),
         "distribution": ("workers", "nat_problem"),
+        "numerics": ("jit_compile", "deterministic"),
     }
     # What a restart may change: the length of the run, how often it saves and probes, where
     # its data and exports are, the device split (its effect is in the facts above).
     RESUMABLE: ClassVar[tuple[str, ...]] = (
         "model_dir", "epochs", "data_dir", "manual_dir", "strategy", "cpu_replicas",
         "steps_per_loop", "checkpoint_every", "keep_checkpoints", "export_dir",
-        "probe_every_epochs", "inject_nan_at_step", "jit_compile")
+        "probe_every_epochs", "inject_nan_at_step")
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

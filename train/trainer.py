@@ -11,17 +11,24 @@ One global step, on every replica (inside `strategy.run`):
 
 `mixed_precision`: a Keras mixed policy, and for fp16 a loss-scaled SGD (losses/loss_scale.py).
 `jit_compile`: the forward pass and its gradient in XLA, the Hungarian outside (train/compiled.py).
+`deterministic`: `tf.config.experimental.enable_op_determinism()`, with every seed set, before
+the model is built (it stays on for the process). CPU kernels are deterministic without it; on
+GPU it is what makes a resume bitwise exact (cuDNN convolutions and the gradients of SC's
+gathers otherwise add in a varying order), at a cost: slower steps, and ops without a
+deterministic GPU kernel raise.
 
 `steps_per_loop` steps run in one `tf.function` (`tf.range` loop). A loop never crosses an
 epoch boundary, so the NAT re-assignment flag (every `nat_reassign_every`-th epoch, counting
 from epoch 0; 0 = never, the paper's fixed-P baseline) is constant inside it.
 
-Learning rate (NAT Sec. 3.3 and SC Sec. 5 combined):
+Learning rate (NAT Sec. 3.3 and SC Sec. 5 combined; train/schedule.py):
 
     lr(t) = lr * scale / (1 + lr_gamma * max(0, t - lr_t0))
 
 `scale` starts at 1 and is cut by `plateau_factor` when the epoch's mean loss has not gone
-below the best one by `plateau_min_delta` for `plateau_patience` epochs (0: never cut).
+below the best one by `plateau_min_delta` for `plateau_patience` epochs (0: never cut). The
+loop adds each step's loss to the epoch's sum, a checkpointed variable like the rest of the
+rule's state.
 
 The run folder belongs to the trainer (on the chief; other workers checkpoint to a temporary
 folder): it is locked, and its fingerprint (`TrainConfig.fingerprint`: every setting that
@@ -33,13 +40,14 @@ first, and named.
 
 Checkpoints hold everything a resumed run needs: the model (name-keyed, models/weights.py), the
 optimizer (with its step counter), the fp16 loss scale, the NAT assignment, the epoch counter,
-the plateau state and the mean loss of the last loop (for the results of any later process).
-They are written every `checkpoint_every` steps and at each epoch end. The data stream and the
-SC patches are functions of (seed, step), so that is the whole random state. A run restarts
-from the latest
-checkpoint in `model_dir`; otherwise it loads the backbone of `pretrained`; otherwise it
-starts fresh. Image files that fail to load during training are dropped and refilled
-(data/pretrain.py), logged and added to skipped.json.
+the plateau state (with the current epoch's loss sum) and the mean loss of the last loop (for
+the results of any later process). They are written every `checkpoint_every` steps and at each
+epoch end. The data stream and the SC patches are functions of (seed, step), so that is the
+whole random state: on the same kind of machine, with the same devices and settings, a resumed
+run ends bitwise equal to an uninterrupted one (on GPU only with `deterministic`). A run
+restarts from the latest checkpoint in `model_dir`; otherwise it loads the backbone of
+`pretrained`; otherwise it starts fresh. Image files that fail to load during training
+are dropped and refilled (data/pretrain.py), logged and added to skipped.json.
 
 A non-finite loss stops the run (`NonFiniteLoss`, naming the step) without writing the
 corrupted weights: the last good checkpoint is what remains.
@@ -71,6 +79,7 @@ from data.pretrain import (
     steps_per_epoch,
 )
 from losses import loss_scale
+from losses.divergence import NonFiniteLoss
 from losses.nat import NoiseAsTargets
 from losses.spatial_contrasting import multi_endpoint_loss
 from models import build_model
@@ -82,13 +91,8 @@ from runtime.progress import Progress
 from train import records
 from train.compiled import network_forward
 from train.config import TrainConfig
-from train.schedule import LearningRate
+from train.schedule import LearningRate, Plateau
 from train.strategy import input_pipelines
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or Inf; the message names the step."""
-
 
 EpochHook = Callable[[keras.Model, int, int, object, Callable[[str], None], bool], None]
 
@@ -123,6 +127,9 @@ class Trainer:
         self.log = log
         self.hooks = tuple(hooks)
         self.chief = _is_chief(strategy)
+        if config.deterministic:  # before any op: unseeded random ops would raise
+            keras.utils.set_random_seed(config.seed)
+            tf.config.experimental.enable_op_determinism()
         replicas = strategy.num_replicas_in_sync
         if config.batch_size % replicas:
             raise DataError(f"batch_size {config.batch_size} is not divisible by the "
@@ -179,14 +186,12 @@ class Trainer:
         """Variables, optimizer, NAT state and checkpoint, restored from the latest one."""
         cfg = self.config
         with self.strategy.scope():
-            self.lr_scale = tf.Variable(1.0, trainable=False, name="lr_scale")
-            self.best_loss = tf.Variable(np.inf, trainable=False, dtype=tf.float32,
-                                         name="best_loss")
-            self.bad_epochs = tf.Variable(0, trainable=False, dtype=tf.int64, name="bad_epochs")
+            self.plateau = Plateau(cfg.plateau_patience, cfg.plateau_factor,
+                                   cfg.plateau_min_delta)
             self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="epoch")
             self.last_loss = tf.Variable(np.nan, trainable=False, dtype=tf.float64,
                                          name="last_loss")
-            self.schedule = LearningRate(cfg.lr, cfg.lr_t0, cfg.lr_gamma, self.lr_scale)
+            self.schedule = LearningRate(cfg.lr, cfg.lr_t0, cfg.lr_gamma, self.plateau.scale)
             self.optimizer = loss_scale.loss_scaled(
                 keras.optimizers.SGD(learning_rate=self.schedule, momentum=cfg.momentum),
                 cfg.mixed_precision)
@@ -197,8 +202,8 @@ class Trainer:
                                           scope=cfg.nat_scope, targets=cfg.nat_targets)
             objects = dict(model=named_variables(self.model),
                            **loss_scale.checkpoint_objects(self.optimizer),
-                           epoch=self.epoch, lr_scale=self.lr_scale, best_loss=self.best_loss,
-                           bad_epochs=self.bad_epochs, last_loss=self.last_loss)
+                           epoch=self.epoch, last_loss=self.last_loss,
+                           **self.plateau.checkpoint_objects())
             if self.nat is not None:
                 objects["nat"] = self.nat
             self._checkpoint_dir = cfg.model_dir if self.chief else tempfile.mkdtemp()
@@ -298,6 +303,7 @@ class Trainer:
                     bad_step = step
                     break
                 loss_sum += loss
+                self.plateau.add(loss)
                 stat_sums = [s + strategy.reduce(tf.distribute.ReduceOp.MEAN, stats[n], axis=None)
                              for s, n in zip(stat_sums, names, strict=True)]
                 done += 1
@@ -332,19 +338,11 @@ class Trainer:
         k = self.config.nat_reassign_every
         return self.nat is not None and k > 0 and epoch % k == 0
 
-    def _end_epoch(self, epoch: int, mean_loss: float) -> None:
-        cfg = self.config
-        if cfg.plateau_patience > 0:
-            if mean_loss < float(self.best_loss.numpy()) - cfg.plateau_min_delta:
-                self.best_loss.assign(mean_loss)
-                self.bad_epochs.assign(0)
-            else:
-                self.bad_epochs.assign_add(1)
-                if int(self.bad_epochs.numpy()) >= cfg.plateau_patience:
-                    self.lr_scale.assign(self.lr_scale * cfg.plateau_factor)
-                    self.bad_epochs.assign(0)
-                    self.log(f"epoch {epoch + 1}: loss plateaued at {mean_loss:.4f}; "
-                             f"lr scale now {float(self.lr_scale.numpy()):.3g}")
+    def _end_epoch(self, epoch: int) -> None:
+        mean_loss, cut = self.plateau.end_epoch()
+        if cut:
+            self.log(f"epoch {epoch + 1}: loss plateaued at {mean_loss:.4f}; "
+                     f"lr scale now {float(self.plateau.scale.numpy()):.3g}")
         self.epoch.assign(epoch + 1)
 
     def train(self) -> dict:
@@ -375,20 +373,17 @@ class Trainer:
     def _steps(self, iterator, bar: Progress) -> None:
         """The loop of `train`: steps, summaries, epoch ends (hooks), checkpoints."""
         cfg = self.config
-        since_save, epoch_loss, epoch_steps = 0, 0.0, 0
+        since_save = 0
         while self.step < self.total_steps:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             n = min(cfg.steps_per_loop, self.steps_per_epoch - in_epoch)
             result, elapsed = self._loop(iterator, epoch, n)
             images_per_sec, lr = self._record(result, elapsed)
-            epoch_loss += result.loss * result.steps
-            epoch_steps += result.steps
             bar.update(self.step, epoch=f"{epoch + 1}/{cfg.epochs}", loss=result.loss,
                        **{"img/s": f"{images_per_sec:.0f}"}, lr=lr)
             since_save += result.steps
             if in_epoch + n == self.steps_per_epoch:
-                self._end_epoch(epoch, epoch_loss / max(epoch_steps, 1))
-                epoch_loss, epoch_steps = 0.0, 0
+                self._end_epoch(epoch)
                 for hook in self.hooks:
                     hook(self.model, epoch + 1, self.step, self.writer, self.log, self.chief)
                 self.manager.save(checkpoint_number=self.step)

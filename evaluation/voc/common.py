@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterator
 import keras
 from absl import logging
 
-from evaluation.divergence import check_finite
 from evaluation.voc.config import resolve_preprocessing
 from losses import loss_scale
+from losses.divergence import check_finite
 from models import precision
 from models.checkpoints import open_checkpoints
 from models.weights import named_variables

@@ -6,7 +6,7 @@ import os
 import pytest
 import tensorflow as tf
 
-from train import ablate, cached
+from train import ablate, ablate_lib, cached
 
 
 def _checkpoint(model_dir: str, value: float, step: int) -> None:
@@ -23,27 +23,27 @@ def counted(monkeypatch):
         calls.append((cfg.labels_per_class, cfg.splits))
         return {"linear": {"pretrained": 0.5 + 0.01 * len(calls)}}
 
-    monkeypatch.setattr(ablate, "_evaluate", evaluate)
+    monkeypatch.setattr(ablate_lib, "_evaluate", evaluate)
     return calls
 
 
 def test_a_run_is_reevaluated_when_its_settings_or_its_checkpoint_change(tmp_path, counted):
     cfg = ablate.AblateConfig(variants=("nat",), seeds=(0,), output_dir=str(tmp_path))
-    config = ablate.train_config(cfg, "nat", 0)
+    config = ablate_lib.train_config(cfg, "nat", 0)
     _checkpoint(config.model_dir, 1.0, 1)
-    first = ablate.evaluate_run(cfg, config)
-    assert ablate.evaluate_run(cfg, config) == first and len(counted) == 1  # cached
+    first = ablate_lib.evaluate_run(cfg, config)
+    assert ablate_lib.evaluate_run(cfg, config) == first and len(counted) == 1  # cached
     for changed in (dict(splits=3), dict(labels_per_class=4)):
         other = ablate.AblateConfig(variants=("nat",), seeds=(0,), output_dir=str(tmp_path),
                                     **changed)
-        assert ablate.evaluate_run(other, ablate.train_config(other, "nat", 0)) != first
+        assert ablate_lib.evaluate_run(other, ablate_lib.train_config(other, "nat", 0)) != first
     assert counted == [(10, 5), (10, 3), (4, 5)]
-    ablate.evaluate_run(cfg, config)  # back to the first settings: the file now holds others'
+    ablate_lib.evaluate_run(cfg, config)  # back to the first settings: the file now holds others'
     assert len(counted) == 4
-    ablate.evaluate_run(cfg, config)
+    ablate_lib.evaluate_run(cfg, config)
     assert len(counted) == 4
     _checkpoint(config.model_dir, 2.0, 2)  # trained further (a larger --epochs): a new checkpoint
-    ablate.evaluate_run(cfg, config)
+    ablate_lib.evaluate_run(cfg, config)
     assert len(counted) == 5
     path = os.path.join(config.model_dir, "ablation.json")
     with open(path) as f:
@@ -52,12 +52,12 @@ def test_a_run_is_reevaluated_when_its_settings_or_its_checkpoint_change(tmp_pat
     assert stored["key"]["checkpoint"]["step"] == 2
     with open(path, "w") as f:  # a cache from before the keys: recomputed
         json.dump({"linear": {"pretrained": 0.9}}, f)
-    assert ablate.evaluate_run(cfg, config) != {"linear": {"pretrained": 0.9}}
+    assert ablate_lib.evaluate_run(cfg, config) != {"linear": {"pretrained": 0.9}}
     assert len(counted) == 6
 
 
 def test_the_scratch_accuracy_is_recomputed_for_other_labels(tmp_path, monkeypatch):
-    from evaluation import finetune
+    from evaluation import finetune_lib
 
     runs = []
 
@@ -70,15 +70,15 @@ def test_the_scratch_accuracy_is_recomputed_for_other_labels(tmp_path, monkeypat
                      ft.output_dir))
         return {"run": [Result(0.1 * len(runs))]}, ""
 
-    monkeypatch.setattr(finetune, "run", run)
+    monkeypatch.setattr(finetune_lib, "run", run)
     cfg = ablate.AblateConfig(variants=("sc",), seeds=(1,), output_dir=str(tmp_path))
-    config = ablate.train_config(cfg, "sc", 1)
-    ablate._finetune(cfg, config)
-    ablate._finetune(cfg, config)
+    config = ablate_lib.train_config(cfg, "sc", 1)
+    ablate_lib._finetune(cfg, config)
+    ablate_lib._finetune(cfg, config)
     assert [r[0] for r in runs] == ["random", config.model_dir, config.model_dir]  # scratch once
     fewer = ablate.AblateConfig(variants=("sc",), seeds=(1,), output_dir=str(tmp_path),
                                 labels_per_class=3)
-    result = ablate._finetune(fewer, ablate.train_config(fewer, "sc", 1))
+    result = ablate_lib._finetune(fewer, ablate_lib.train_config(fewer, "sc", 1))
     assert [r[:2] for r in runs[3:]] == [("random", 3), (config.model_dir, 3)]
     assert result["random init"] == pytest.approx(0.4)
     assert len({r[2] for r in runs if r[0] == "random"}) == 2  # a folder per setting
@@ -89,11 +89,11 @@ def test_the_gap_is_taken_against_the_stronger_random_row_over_the_seeds():
     runs = [{"linear": {"pretrained": p, at: a, cal: c, "pixels": 0.5},
              "finetune": {"pretrained": p, "random init": a}}
             for p, a, c in ((0.9, 0.8, 0.85), (0.92, 0.82, 0.8), (0.91, 0.79, 0.83))]
-    rows = ablate.summarise({"nat": runs})
+    rows = ablate_lib.summarise({"nat": runs})
     linear, finetune = rows
     assert linear["against"] == cal and linear["random init"][0] == pytest.approx(0.8266667)
     assert set(linear["random inits"]) == {at, cal}
     assert linear["gap"]["mean"] == pytest.approx(0.91 - 0.8266667)
     assert finetune["against"] == "random init"
-    text = ablate.table(rows)
+    text = ablate_lib.table(rows)
     assert "BN calibrated (stronger)" in text and "scratch" in text

@@ -3,6 +3,9 @@ runs that learn, keep the assignment a permutation and resume exactly."""
 
 import dataclasses
 import os
+import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -15,7 +18,7 @@ from data.pretrain import open_source
 from losses.nat import NoiseAsTargets, nat_loss, sphere_targets
 from losses.spatial_contrasting import multi_endpoint_loss, spatial_contrasting_loss
 from models import build_model
-from tests.helpers import is_permutation, scalars
+from tests.helpers import ROOT, checkpoint_tensors, is_permutation, scalars, test_env
 from train.config import TrainConfig
 from train.trainer import Trainer
 
@@ -85,26 +88,40 @@ def _config(path, prec: str, method: str, jit: bool) -> TrainConfig:
                        checkpoint_every=2, keep_checkpoints=10, **optimizer)
 
 
-def _state(trainer: Trainer) -> list[np.ndarray]:
-    """Everything a resumed run must reproduce: the network, the optimizer (with the fp16
-    loss scale and its growth counter), the NAT assignment."""
-    variables = [*trainer.model.variables, *trainer.optimizer.variables]
-    if trainer.nat is not None:
-        variables.append(trainer.nat.assignment)
-    return [np.asarray(v) for v in variables]
+# Resumes the run of `_config(model_dir, prec, method, jit)` on the digit subset, as a new
+# process of the test session's devices (tests/conftest.py splits the CPU in two).
+RESUME = """
+import sys
+import tests.conftest
+import tensorflow as tf
+from tests.train.test_mixed_precision import _config, _digits_subset
+from train.trainer import Trainer
+model_dir, prec, method, jit = sys.argv[1:]
+trainer = Trainer(_config(model_dir, prec, method, jit == "True"),
+                  tf.distribute.get_strategy(), source=_digits_subset(), log=print)
+trainer.train()
+trainer.close()
+"""
 
 
-def _assert_same(a: list[np.ndarray], b: list[np.ndarray]) -> None:
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+def _stopped_at(model_dir: str, copy: str, step: int) -> None:
+    """`copy`: the run folder as a run killed right after its checkpoint of `step` leaves it."""
+    kept = [f"ckpt-{s}" for s in range(2, step + 1, 2)]
+    shutil.copytree(model_dir, copy, ignore=lambda folder, names: [
+        n for n in names if n == ".lock" or n == "checkpoint" or (
+            n.startswith("ckpt-") and n.split(".")[0] not in kept)])
+    with open(os.path.join(copy, "checkpoint"), "w") as f:
+        f.write(f'model_checkpoint_path: "{kept[-1]}"\n'
+                + "".join(f'all_model_checkpoint_paths: "{k}"\n' for k in kept))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prec, method, jit", [("bf16", "nat", True), ("bf16", "sc", True),
                                                ("fp16", "nat", False), ("fp16", "sc", False)])
-def test_a_mixed_precision_run_learns_and_resumes_exactly(tmp_path, prec, method, jit):
+def test_a_mixed_precision_run_learns_and_resumes_bitwise_in_a_new_process(tmp_path, prec,
+                                                                          method, jit):
     source = _digits_subset()
-    config = _config(tmp_path, prec, method, jit)
+    config = _config(tmp_path / "run", prec, method, jit)
     assert config.to_json()["mixed_precision"] == prec
     trainer = Trainer(config, tf.distribute.get_strategy(), source=source, log=lambda _: None)
     assert trainer.compiled == jit
@@ -114,17 +131,21 @@ def test_a_mixed_precision_run_learns_and_resumes_exactly(tmp_path, prec, method
     assert np.mean(losses[2:]) < np.mean(losses[:2])  # epoch 2 below epoch 1
     if method == "nat":
         assert is_permutation(trainer.nat.assignment.numpy())
-    final = _state(trainer)
 
-    # The checkpoint of step 6 (mid-epoch 2) and the stream from step 6 continue exactly:
-    # restored into the same trainer (its traced loop), then run for the last 2 steps.
-    trainer.checkpoint.restore(os.path.join(config.model_dir, "ckpt-6")
-                               ).assert_existing_objects_matched()
-    assert trainer.step == 6
-    trainer.run_steps(trainer.make_iterator(6), 2, reassign=True)  # epoch 2 re-assigns
-    assert trainer.step == 8
-    _assert_same(final, _state(trainer))
-    # A new process's trainer restores the same state from the run folder.
-    fresh = Trainer(config, tf.distribute.get_strategy(), source=source, log=lambda _: None)
-    assert fresh.restored_from.startswith("resumed") and fresh.step == 8
-    _assert_same(final, _state(fresh))
+    # Killed after its checkpoint of step 6 (mid-epoch 2), resumed by a new process: the
+    # network, the optimizer (with the fp16 loss scale and its growth counter), the NAT
+    # assignment and the plateau state of step 8 are bitwise those of the uninterrupted run.
+    copy = str(tmp_path / "resumed")
+    _stopped_at(config.model_dir, copy, 6)
+    done = subprocess.run([sys.executable, "-c", RESUME, copy, prec, method, str(jit)],
+                          cwd=ROOT, env=test_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed {copy}/ckpt-6 at step 6" in done.stdout
+    want = checkpoint_tensors(os.path.join(config.model_dir, "ckpt-8"))
+    got = checkpoint_tensors(os.path.join(copy, "ckpt-8"))
+    assert sorted(got) == sorted(want)
+    if prec == "fp16":
+        assert any(key.startswith("loss_scale") for key in want), sorted(want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)

@@ -11,10 +11,10 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
 from data import DataError, labelled
-from evaluation import finetune
+from evaluation import finetune, finetune_lib
 from evaluation.linear_probe import ProbeConfig
-from evaluation.linear_probe import run as linear_probe
-from train import pretrain
+from evaluation.linear_probe_lib import run as linear_probe
+from train import pretrain_lib
 from train.config import TrainConfig
 
 
@@ -51,10 +51,10 @@ def test_unprepared_probe_data_stops_the_run_before_training(tmp_path):
     config = TrainConfig(model_dir=str(tmp_path / "run"), dataset="digits", probe_dataset="mnist",
                          data_dir=empty, epochs=1, export_dir="none")
     with pytest.raises(DataError, match=_command(empty)):
-        pretrain.run(config)
+        pretrain_lib.run(config)
     assert not os.path.exists(config.model_dir)  # nothing trained, nothing written
     # Without a probe or a final table, nothing needs the labels.
-    pretrain.check_probe_data(TrainConfig(model_dir=config.model_dir, dataset="digits",
+    pretrain_lib.check_probe_data(TrainConfig(model_dir=config.model_dir, dataset="digits",
                                           probe_dataset="mnist", data_dir=empty,
                                           probe_every_epochs=0, final_eval="none"))
 
@@ -67,7 +67,7 @@ def test_fine_tuning_and_probes_check_both_splits_first(tmp_path):
     with pytest.raises(DataError, match=_command(empty)):  # a read, too, is one line
         labelled.load_labels(labelled.LabelledSource("mnist", empty), "train")
     with pytest.raises(DataError, match=_command(empty)):
-        finetune.run(finetune.FinetuneConfig(init="random", model="nin_mnist", dataset="mnist",
+        finetune_lib.run(finetune.FinetuneConfig(init="random", model="nin_mnist", dataset="mnist",
                                              data_dir=empty, output_dir=str(tmp_path / "ft")))
     with pytest.raises(DataError, match=_command(empty)):
         linear_probe(ProbeConfig(model="nin_mnist", init="random", dataset="mnist",
@@ -92,7 +92,7 @@ def test_probes_and_final_table_read_the_runs_data_dir(tmp_path):
                          export_dir="none", probe_every_epochs=1, probe_labels_per_class=2,
                          probe_splits=2, crop="pad")
     with mock.patch.object(labelled, "_tfds_dataset", spy):
-        summary = pretrain.run(config)
+        summary = pretrain_lib.run(config)
     assert [epochs for epochs, _, _ in summary["probe_history"]] == [1]
     assert summary["final"]["probe"]["dataset"] == "mnist"
     # Every labelled read went to the run's data_dir, both splits (the final table included).

@@ -6,7 +6,7 @@ from models.runs import load_run_model
 from models.weights import named_variables
 from runtime.run_config import write_config
 from train.config import TrainConfig
-from train.pretrain import random_twin
+from train.pretrain_lib import random_twin
 
 
 def _weights(model) -> dict:
@@ -38,17 +38,17 @@ def test_without_a_run_the_seed_decides():
 
 
 def test_the_export_of_a_random_init_is_seeded(tmp_path, monkeypatch):
-    from serving import export
+    from serving import export, export_lib
 
     exported = []
-    monkeypatch.setattr(export, "export_features", lambda model, base, name, endpoints,
+    monkeypatch.setattr(export_lib, "export_features", lambda model, base, name, endpoints,
                         metadata, log: exported.append((_weights(model), metadata)) or base)
     config = TrainConfig(model_dir=str(tmp_path / "run"), seed=5)
     write_config(config.model_dir, config.to_json())
     for seed in (0, 0, 1):
-        export.run(export.ExportConfig(init="random", model="nin_mnist", seed=seed,
+        export_lib.run(export.ExportConfig(init="random", model="nin_mnist", seed=seed,
                                        export_base=str(tmp_path / "export")))
-    export.run(export.ExportConfig(init="random", pretrained=config.model_dir, seed=1))
+    export_lib.run(export.ExportConfig(init="random", pretrained=config.model_dir, seed=1))
     (a, meta), (b, _), (c, _), (twin, twin_meta) = exported
     assert _same(a, b) and not _same(a, c) and meta["init_seed"] == 0
     assert _same(twin, _weights(random_twin(config))) and twin_meta["init_seed"] == 5

@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tensorflow.python.framework import config as tf_config
 
 from data import DataError
+from data.pretrain import open_source
+from losses.divergence import NonFiniteLoss
 from runtime.cli import UsageError
 from runtime.ownership import RunMismatch
 from tests.helpers import (
+    checkpoint_tensors,
     folder_contents,
     is_permutation,
     make_run_dir,
@@ -20,8 +24,8 @@ from tests.helpers import (
     two_replica_strategy,
 )
 from train.config import TrainConfig
-from train.schedule import LearningRate
-from train.trainer import NonFiniteLoss, Trainer
+from train.schedule import LearningRate, Plateau
+from train.trainer import Trainer
 
 
 def _config(tmp_path, name="run", **kwargs) -> TrainConfig:
@@ -103,15 +107,64 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             assert np.all(np.isfinite(value)), name
 
 
-def test_plateau_cuts_the_learning_rate(tmp_path):
-    trainer = Trainer(_config(tmp_path, method="sc", plateau_patience=2, plateau_factor=0.1,
-                              plateau_min_delta=1e-3), tf.distribute.get_strategy(),
-                      log=lambda _: None)
-    for epoch, loss in enumerate([1.0, 0.8, 0.7995, 0.7999]):
-        trainer._end_epoch(epoch, loss)
-    # 0.7995 and 0.7999 are not 1e-3 below the best (0.8): two bad epochs -> one cut.
-    assert float(trainer.lr_scale.numpy()) == pytest.approx(0.1)
-    assert int(trainer.epoch.numpy()) == 4
+def test_plateau_cuts_the_learning_rate_on_the_mean_of_every_step_of_the_epoch():
+    plateau = Plateau(patience=2, factor=0.1, min_delta=1e-3)
+    cuts = []
+    for losses in ([1.2, 0.8], [0.8], [0.7, 0.899], [0.8001, 0.7989, 0.7999]):
+        for loss in losses:
+            plateau.add(tf.constant(loss, tf.float32))
+        mean, cut = plateau.end_epoch()
+        assert mean == pytest.approx(np.mean(np.float32(losses), dtype=np.float64), rel=1e-15)
+        assert int(plateau.epoch_steps.numpy()) == 0 and float(plateau.epoch_loss.numpy()) == 0
+        cuts.append(cut)
+    # Means 1.0, 0.8, 0.7995, 0.7996: the last two are not 1e-3 below the best (0.8), so two
+    # bad epochs -> one cut, at the fourth.
+    assert cuts == [False, False, False, True]
+    assert float(plateau.scale.numpy()) == pytest.approx(0.1)
+    assert float(plateau.best_loss.numpy()) == np.float32(0.8)
+    assert int(plateau.bad_epochs.numpy()) == 0
+
+
+# The first 256 digits: 4 steps of 64 per epoch.
+def _digits_subset(n: int = 256):
+    full = open_source("digits", (28, 28, 1))
+    return dataclasses.replace(full, num_examples=n, elements=lambda: full.elements().take(n))
+
+
+def test_a_run_stopped_mid_epoch_resumes_the_plateau_rule_exactly(tmp_path):
+    """SC on 256 digits, 4 steps per epoch, patience 1, min_delta 0.6: here the mean loss of
+    epoch 1 is 3.17, of epoch 2 2.68 (a fall of 0.50: a plateau, the rate is cut) while its
+    last two steps average 2.47 (a fall of 0.70). The run stops at step 6, in the middle of
+    epoch 2, and resumes from its checkpoint of step 6: it must judge epoch 2 on all four of
+    its steps, cut the rate there as the uninterrupted run does, and end bitwise equal."""
+    source = _digits_subset()
+    kwargs = dict(method="sc", sc_patch="5x5", batch_size=64, epochs=3, crop="pad",
+                  plateau_patience=1, plateau_min_delta=0.6, plateau_factor=0.1,
+                  steps_per_loop=2, checkpoint_every=2, keep_checkpoints=20)
+
+    def train(name, **more):
+        trainer = Trainer(_config(tmp_path, name, **kwargs, **more),
+                          tf.distribute.get_strategy(), source=source, log=lambda _: None)
+        trainer.train()
+        return trainer
+
+    train("straight")
+    with pytest.raises(NonFiniteLoss, match=r"at step 6 .*ckpt-6$"):  # the stop
+        train("stopped", inject_nan_at_step=6)
+    resumed = train("stopped")
+    assert resumed.restored_from.endswith("at step 6") and resumed.step == 12
+    scales = {}
+    for name in ("straight", "stopped"):
+        tensors = [checkpoint_tensors(tmp_path / name / f"ckpt-{step}") for step in (4, 8, 12)]
+        scales[name] = [float(t["lr_scale/.ATTRIBUTES/VARIABLE_VALUE"]) for t in tensors]
+    assert scales["straight"] == scales["stopped"] == [1.0, np.float32(0.1), np.float32(0.1)]
+    want = checkpoint_tensors(tmp_path / "straight" / "ckpt-12")
+    got = checkpoint_tensors(tmp_path / "stopped" / "ckpt-12")
+    assert sorted(got) == sorted(want)
+    assert {"epoch_loss/.ATTRIBUTES/VARIABLE_VALUE", "epoch_steps/.ATTRIBUTES/VARIABLE_VALUE",
+            "best_loss/.ATTRIBUTES/VARIABLE_VALUE"} <= set(want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +196,7 @@ CHANGES = {
     "init": (dict(pretrained="donor"), ["pretrained"]),
     "evaluation": (dict(probe_splits=2), ["probe_splits"]),
     "distribution": (dict(), ["nat_problem"]),  # two replicas, per-replica NAT problems
+    "numerics": (dict(jit_compile=True), ["jit_compile"]),  # XLA rounds differently
 }
 
 
@@ -169,6 +223,23 @@ def test_a_restart_that_changes_the_result_is_refused_before_any_write(finished,
     for name, value in change.items():
         old = json.dumps(getattr(finished, name))
         assert f"{name}: {old} -> {json.dumps(value)}" in listed
+    assert folder_contents(finished.model_dir) == before
+
+
+def test_deterministic_ops_are_enabled_first_and_fingerprinted(finished):
+    """--deterministic turns op determinism on before anything is built; a run made without
+    it refuses a restart with it, in one line naming the field."""
+    before = folder_contents(finished.model_dir)
+    try:
+        with pytest.raises(RunMismatch) as refused:
+            Trainer(dataclasses.replace(finished, deterministic=True),
+                    tf.distribute.get_strategy(), log=lambda _: None)
+        assert tf_config.is_op_determinism_enabled()
+    finally:
+        tf_config.disable_op_determinism()
+    assert str(refused.value) == (
+        f"{finished.model_dir} holds a run with other settings (deterministic: false -> true): "
+        "rerun with the recorded settings, or use another --model_dir")
     assert folder_contents(finished.model_dir) == before
 
 

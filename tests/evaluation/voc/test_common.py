@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from evaluation.divergence import NonFiniteLoss
 from evaluation.voc.common import train_loop
+from losses.divergence import NonFiniteLoss
 from runtime import cli
 
 

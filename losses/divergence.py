@@ -1,10 +1,12 @@
 """A diverged training loop stops: a NaN or Inf loss ends it with one line naming the step.
 
-Fine-tuning (evaluation/finetune.py) and the VOC loops (evaluation/voc/common.py) check every
-step's loss, as pretraining does (train/trainer.py): the step whose loss is not finite is the
-last one run, nothing is saved after it, and the binary prints the message and exits with
-status 1. Without the check a diverged fine-tune would have its learning rate cut on a loss
-that never improves and be reported as "converged".
+Every training loop of the zoo checks its losses: pretraining (train/trainer.py, on the
+replicas' flags of a bad step), fine-tuning (evaluation/finetune_lib.py) and the VOC loops
+(evaluation/voc/common.py). The step whose loss is not finite is the last one run, nothing is
+saved after it, and the binary prints the message and exits with status 1: a diverged run is
+the user's to fix (a smaller learning rate, say), not a bug. Without the check a diverged
+fine-tune would have its learning rate cut on a loss that never improves and be reported as
+"converged".
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from runtime.cli import UsageError
+from runtime.errors import UserError
 
 
-class NonFiniteLoss(UsageError):
+class NonFiniteLoss(UserError):
     """A loss became NaN or Inf; the one-line message names the step and what was kept."""
 
 
