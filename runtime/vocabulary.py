@@ -10,7 +10,8 @@ One name per meaning:
     --pretrained   INPUT: the pretraining run folder, or one checkpoint prefix of it, that
                    the binary reads weights (or a run's records) from
     --init         pretrained | random: the weights of --pretrained, or a seeded random init
-                   (seeded by the --pretrained run's own seed, its random twin, else --seed)
+                   (probes, figures and exports: the --pretrained run's own seed, so that it
+                   is the run's random twin, else --seed; fine-tuning: each of --seeds)
     --data_dir, --manual_dir   where tfds finds the data
 
 Every field has a default, so a config may add fields after those of its bases.
@@ -55,8 +56,8 @@ class PretrainedInput(Pretrained):
     """A binary that reads `--pretrained` weights or starts from a seeded random init."""
 
     init: str = option("pretrained", "pretrained: the weights of --pretrained; random: a seeded "
-                       "random init (seeded by the --pretrained run's own seed, its random "
-                       "twin, else by --seed).", choices=INITS)
+                       "random init instead (its seed: see the binary's seed flag).",
+                       choices=INITS)
 
 
 @dataclass(frozen=True)

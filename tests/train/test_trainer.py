@@ -258,7 +258,7 @@ def test_a_restart_may_change_the_resumable_settings(finished):
     trainer.close()
 
 
-def test_init_checkpoint_loads_the_backbone_only(tmp_path):
+def test_pretrained_loads_the_backbone_only(tmp_path):
     prefix, donor = make_run_dir(tmp_path / "donor", seed=7)
     trainer = Trainer(_config(tmp_path, pretrained=prefix), tf.distribute.get_strategy(),
                       log=lambda _: None)
