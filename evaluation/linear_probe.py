@@ -6,7 +6,8 @@ Protocol (NAT Sec. 4 and Table 3; `evaluation.probe` has the details):
   baseline: seeded by the run's own seed with --pretrained, so that it is the run's random
   twin, else by --seed). A random init is probed twice (evaluation/random_init.py): with its
   BN statistics at init, and calibrated on the pretraining images (the run's dataset; without
-  a run, the --dataset's train images); both rows are reported and the stronger one per endpoint is named;
+  a run, the --dataset's train images); both rows are reported and the stronger one per
+  endpoint is named;
 - each --endpoints map is pooled (adaptive average or max) to at most --max_dims features
   (or --pool_size cells a side) and frozen;
 - for each of --splits repetitions, --labels_per_class labelled train examples per class are
