@@ -2,8 +2,8 @@ r"""Supervised fine-tuning of a whole pretrained network: the SC protocol (SC Se
 
 Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
 - the network (the pretraining model with its softmax classifier, SC Table 4) starts from
-  the pretrained checkpoint (--init=<run folder or checkpoint>; every backbone layer must be
-  in it, the classifier starts random) or from scratch (--init=none);
+  the pretrained checkpoint (--pretrained=<run folder or checkpoint prefix>; every backbone
+  layer must be in it, the classifier starts random) or from scratch (--init=random);
 - every layer is trained with the labels: stl10 its 5000 labelled train images (8000 test
   images), cifar10 400 per class (10000 test images), mnist and fashion_mnist all 60000
   (10000 test images), digits 10 per class (599 test digits); --labels_per_class overrides
@@ -30,10 +30,12 @@ Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
 - the output warns when a run stopped at --epochs before converging, or ended near chance.
 
 Writes config.json, finetune.json (every figure) and finetune.md to --output_dir (default
-`<init>/finetune`, or `runs/finetune_<model>_scratch` with --init=none) once the results are
+`<pretrained run>/finetune`; with --init=random `<pretrained run>/finetune_random`, or
+`runs/finetune_<model>_scratch` without --pretrained) once the results are
 complete. The folder is one configuration's (runtime/ownership.py): another (differing beyond
 RESUMABLE) is refused unless the folder is new; the same one rewrites its outputs. Example:
-`python -m evaluation.finetune --init=runs/sc_nin_mnist_digits --compare_scratch --seeds=0,1,2`
+`python -m evaluation.finetune --pretrained=runs/sc_nin_mnist_digits --compare_scratch
+--seeds=0,1,2`
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from models import MODEL_NAMES, PRECISIONS
 from runtime import cli
 from runtime.cli import UsageError, option
 from runtime.run_config import run_folder
+from runtime.vocabulary import DataLocation, OutputFolder, PretrainedInput
 
 PROGRAM = "evaluation.finetune"
 RESUMABLE = ("output_dir", "data_dir", "manual_dir", "stl10_dir")  # where, not what
@@ -54,20 +57,17 @@ PROTOCOL_LABELS = {"stl10": 0, "cifar10": 400, "mnist": 0, "digits": 10, "imagen
                    "fashion_mnist": 0}
 MIRROR = {"stl10": True, "cifar10": True, "imagenet2012": True, "mnist": False, "digits": False,
           "fashion_mnist": False}  # as mnist
-NONE = "none"
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """The flags of `python -m evaluation.finetune` (and of the SC run's final table)."""
+class FinetuneConfig(PretrainedInput, DataLocation, OutputFolder):
+    """The flags of `python -m evaluation.finetune` (and of the SC run's final table); the
+    shared ones (--pretrained, --init, --data_dir, --manual_dir, --output_dir) are those of
+    runtime/vocabulary.py."""
 
-    init: str = option("", "Pretrained weights: a training run folder or a checkpoint prefix; "
-                       "'none' trains from scratch.")
-    model: str = option("", "Model name (default: the model of --init's config.json).")
+    model: str = option("", "Model name (default: the model of --pretrained's config.json).")
     model_kwargs: str = option("{}", "JSON keyword arguments of build_model.")
     dataset: str = option("digits", "Labelled dataset.", choices=LABELLED_DATASETS)
-    data_dir: str | None = option(None, "tfds data_dir.")
-    manual_dir: str | None = option(None, "tfds manual_dir.")
     stl10_dir: str | None = option(None, "STL-10 stl10_binary folder (read instead of tfds).")
     labels_per_class: int | None = option(None, "Labels per class (0: all; default: the "
                                           "protocol's: stl10 all, cifar10 400, mnist and "
@@ -94,13 +94,15 @@ class FinetuneConfig:
     mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
                                   "bf16 or fp16 (with dynamic loss scaling).",
                                   choices=PRECISIONS)
-    output_dir: str = option("", "Where config.json, finetune.json and finetune.md go "
-                             "(default: <init>/finetune).")
 
     def __post_init__(self):
-        cli.require("init", self.init)
         cli.check_choice("dataset", self.dataset, LABELLED_DATASETS)
         cli.check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        if self.init == "pretrained":
+            cli.require("pretrained", self.pretrained)
+        elif not (self.model or self.pretrained):
+            raise UsageError("--init=random needs --model (or a --pretrained run to read it "
+                             "from)")
         if not self.seeds:
             raise UsageError("--seeds is empty")
         if self.model and self.model not in MODEL_NAMES:
@@ -124,8 +126,9 @@ class FinetuneConfig:
     def out(self) -> str:
         if self.output_dir:
             return self.output_dir
-        if self.init != NONE:
-            return os.path.join(run_folder(self.init), "finetune")
+        if self.pretrained:
+            return os.path.join(run_folder(self.pretrained), "finetune" if self.init ==
+                                "pretrained" else "finetune_random")
         return os.path.join("runs", f"finetune_{self.model or 'model'}_scratch")
 
 

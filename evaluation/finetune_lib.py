@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from data import labelled
 from evaluation import report
-from evaluation.finetune import NONE, RESUMABLE, FinetuneConfig
+from evaluation.finetune import RESUMABLE, FinetuneConfig
 from losses import loss_scale
 from losses.divergence import check_finite
 from models import build_model
@@ -36,17 +36,17 @@ def labelled_source(cfg: FinetuneConfig) -> labelled.LabelledSource:
 
 
 def model_spec(cfg: FinetuneConfig) -> tuple[str, dict]:
-    """(model name, build_model kwargs) of the classifier: the pretraining model of --init's
+    """(model name, build_model kwargs) of the classifier: the pretraining model of --pretrained's
     config.json (or --model), with a softmax head over the dataset's classes."""
     name, kwargs = cfg.model, cfg.overrides()
-    config = pretraining_config(cfg.init) if cfg.init != NONE else None
+    config = pretraining_config(cfg.pretrained)
     if config is not None:
         stored_name, stored = run_model_spec(config)
         stored = {k: v for k, v in stored.items()
                   if k not in ("head", "feature_dim", "num_classes")}
         name, kwargs = name or stored_name, {**stored, **kwargs}
     if not name:
-        raise UsageError("--model is required when --init has no config.json")
+        raise UsageError("--model is required when --pretrained has no config.json")
     kwargs.update(head="softmax", num_classes=labelled.NUM_CLASSES[cfg.dataset])
     return name, kwargs
 
@@ -228,7 +228,7 @@ def run_seed(cfg: FinetuneConfig, name: str, kwargs: dict, init: str | None, see
                          test_indices).batch(256)
     test_loss, test_acc = evaluate(model, test)
     chosen = history[kept - 1]
-    return RunResult(seed, init or NONE, len(loaded.loaded) if loaded else 0, len(history),
+    return RunResult(seed, init or "random", len(loaded.loaded) if loaded else 0, len(history),
                      kept, converged, "validation" if len(data.y_val) else "training",
                      chosen["val_loss"], chosen["val_accuracy"], test_loss, test_acc, history)
 
@@ -245,7 +245,7 @@ def warnings(results: dict[str, list[RunResult]], num_classes: int) -> list[str]
 
 
 def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
-    """Every seed, pretrained (unless --init=none) and, with compare_scratch, from scratch.
+    """Every seed, pretrained (unless --init=random) and, with compare_scratch, from scratch.
 
     Returns ({"pretrained"|"scratch": [RunResult per seed]}, console text)."""
     fingerprint = fingerprint_of(cfg, RESUMABLE)
@@ -257,13 +257,13 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
         except (TypeError, ValueError) as error:
             raise UsageError(f"--model_kwargs: {error}") from None
         inits = {}
-        if cfg.init != NONE:
+        if cfg.init == "pretrained":
             try:
-                initial_model(name, kwargs, cfg.init, cfg.seeds[0])
+                initial_model(name, kwargs, cfg.pretrained, cfg.seeds[0])
             except (FileNotFoundError, ValueError) as error:
-                raise UsageError(f"--init={cfg.init}: {error}") from None
-            inits["pretrained"] = cfg.init
-        if cfg.init == NONE or cfg.compare_scratch:
+                raise UsageError(f"--pretrained={cfg.pretrained}: {error}") from None
+            inits["pretrained"] = cfg.pretrained
+        if cfg.init == "random" or cfg.compare_scratch:
             inits["scratch"] = None
         tic = time.time()
         results = {key: [] for key in inits}

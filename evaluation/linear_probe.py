@@ -1,12 +1,13 @@
 r"""Linear, MLP or nearest-neighbour probes on the frozen features of a pretrained network.
 
 Protocol (NAT Sec. 4 and Table 3; `evaluation.probe` has the details):
-- the network is loaded from a training --model_dir (its latest checkpoint), from a
-  --saved_model, or left at random initialisation (--init=random, the baseline: seeded by the
-  run's own seed with --model_dir, so that it is the run's random twin, else by --seed). A
-  random init is probed twice (evaluation/random_init.py): with its BN statistics at init, and
-  calibrated on the pretraining images (the run's dataset; without a run, the --dataset's
-  train images); both rows are reported and the stronger one per endpoint is named;
+- the network is loaded from a --pretrained run (its latest checkpoint, or the checkpoint
+  prefix given), from a --saved_model, or left at random initialisation (--init=random, the
+  baseline: seeded by the run's own seed with --pretrained, so that it is the run's random
+  twin, else by --seed). A random init is probed twice (evaluation/random_init.py): with its
+  BN statistics at init, and calibrated on the pretraining images (the run's dataset; without
+  a run, the --dataset's train images); both rows are reported and the stronger one per
+  endpoint is named;
 - each --endpoints map is pooled (adaptive average or max) to at most --max_dims features
   (or --pool_size cells a side) and frozen;
 - for each of --splits repetitions, --labels_per_class labelled train examples per class are
@@ -15,13 +16,14 @@ Protocol (NAT Sec. 4 and Table 3; `evaluation.probe` has the details):
   the epoch; --head=knn: none, k is --knn_k), and the test split is read only at the end, once;
 - the result is the mean ± std test accuracy over the repetitions.
 
-Writes to --output_dir (default: `<model_dir>/probe`, or `runs/probe_<model>_random` for a
-bare --model): config.json (the flags), probe.json (every figure) and probe.md (the table),
-and prints the table. The folder belongs to one configuration (runtime/ownership.py): a second
-process on it stops at once, and a configuration that differs in anything but `RESUMABLE`
-(output and data locations, the extraction batch size) is refused unless the folder is new.
-The same configuration recomputes and rewrites the outputs, for the weights the run holds then
-(probe.json names the checkpoint). Nothing is written before the results are complete.
+Writes to --output_dir (default: `<pretrained run>/probe`, `probe_random` with --init=random,
+or `runs/probe_<model>_random` for a bare --model): config.json (the flags), probe.json (every
+figure) and probe.md (the table), and prints the table. The folder belongs to one
+configuration (runtime/ownership.py): a second process on it stops at once, and a
+configuration that differs in anything but `RESUMABLE` (output and data locations, the
+extraction batch size) is refused unless the folder is new. The same configuration recomputes
+and rewrites the outputs, for the weights the run holds then (probe.json names the
+checkpoint). Nothing is written before the results are complete.
 
 Example (the embedded digits, random init, with raw pixels as a reference row):
 
@@ -39,36 +41,33 @@ from data import LABELLED_DATASETS
 from models import MODEL_NAMES
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.run_config import run_folder
+from runtime.vocabulary import DataLocation, OutputFolder, PretrainedInput
 
 PROGRAM = "evaluation.linear_probe"
-INITS = ("checkpoint", "random")
 HEADS = ("linear", "mlp", "knn")
 POOLS = ("avg", "max")
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
-    """The flags of `python -m evaluation.linear_probe`."""
+class ProbeConfig(PretrainedInput, DataLocation, OutputFolder):
+    """The flags of `python -m evaluation.linear_probe`; the shared ones (--pretrained, --init,
+    --data_dir, --manual_dir, --output_dir) are those of runtime/vocabulary.py."""
 
-    model_dir: str = option("", "Training run folder (config.json and checkpoints).")
     saved_model: str = option("", "A SavedModel version folder to probe instead.")
-    model: str = option("", "Model name, for --init=random without --model_dir.")
+    model: str = option("", "Model name, for --init=random without --pretrained.")
     model_kwargs: str = option("{}", "JSON kwargs of build_model (with --model).")
-    init: str = option("checkpoint", "Pretrained weights, or a random-init baseline.",
-                       choices=INITS)
     endpoints: tuple[str, ...] | None = option(None, "Endpoints to probe (default: the "
                                                "model's transfer endpoint); 'pixels' is the "
                                                "input itself.")
     head: str = option("linear", "Classifier on the frozen features.", choices=HEADS)
     dataset: str = option("digits", "Labelled dataset.", choices=LABELLED_DATASETS)
-    data_dir: str | None = option(None, "tfds data_dir.")
-    manual_dir: str | None = option(None, "tfds manual_dir (ImageNet tars, stl10_binary).")
     stl10_dir: str | None = option(None, "STL-10 stl10_binary folder (for the folds).")
     stl10_folds: bool = option(False, "STL-10: repetition s trains on predefined fold s.")
     labels_per_class: int = option(10, "Labelled train examples per class (0: all).", lower=0)
     splits: int = option(5, "Repetitions (draws of the labelled examples).", lower=1)
     seed: int = option(0, "Seed of the draws and of the classifiers (and of --init=random "
-                       "without --model_dir).")
+                       "without --pretrained).")
     pool: str = option("avg", "Pooling of feature maps.", choices=POOLS)
     pool_size: int = option(0, "Pool maps to this many cells a side (0: by --max_dims).",
                             lower=0)
@@ -81,21 +80,19 @@ class ProbeConfig:
     knn_k: int = option(1, "Neighbours of --head=knn.", lower=1)
     batch_size: int = option(256, "Batch size of feature extraction.", lower=1)
     max_test_examples: int = option(0, "Score on the first n test examples (0: all).", lower=0)
-    output_dir: str = option("", "Where config.json, probe.json and probe.md go (default: "
-                             "<model_dir>/probe).")
 
     # What may differ between two invocations writing one output folder (module docstring).
     RESUMABLE: ClassVar[tuple[str, ...]] = ("output_dir", "data_dir", "manual_dir", "stl10_dir",
                                             "batch_size")
 
     def __post_init__(self):
-        if self.model_dir and self.saved_model:
-            raise UsageError("--model_dir and --saved_model are exclusive; give one")
+        if self.pretrained and self.saved_model:
+            raise UsageError("--pretrained and --saved_model are exclusive; give one")
         if self.saved_model and self.init == "random":
-            raise UsageError("--init=random needs --model_dir or --model, not --saved_model")
-        if not (self.model_dir or self.saved_model):
-            if self.init == "checkpoint":
-                raise UsageError("--init=checkpoint needs --model_dir or --saved_model "
+            raise UsageError("--init=random needs --pretrained or --model, not --saved_model")
+        if not (self.pretrained or self.saved_model):
+            if self.init == "pretrained":
+                raise UsageError("--init=pretrained needs --pretrained or --saved_model "
                                  "(or use --init=random with --model; see --help)")
             if self.model not in MODEL_NAMES:
                 raise UsageError(f"--model={self.model}: choose one of "
@@ -110,9 +107,9 @@ class ProbeConfig:
         """The output folder (module docstring)."""
         if self.output_dir:
             return self.output_dir
-        if self.model_dir:
-            return os.path.join(self.model_dir, "probe" if self.init == "checkpoint"
-                                else "probe_random")
+        if self.pretrained:
+            return os.path.join(run_folder(self.pretrained), "probe" if self.init ==
+                                "pretrained" else "probe_random")
         if self.saved_model:
             version = os.path.normpath(self.saved_model)
             name = f"{os.path.basename(os.path.dirname(version))}_v{os.path.basename(version)}"

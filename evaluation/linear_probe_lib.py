@@ -16,7 +16,7 @@ from models import TRANSFER_ENDPOINT
 from models.runs import load_run_model
 from runtime.cli import UsageError
 from runtime.ownership import claim_run, fingerprint_of, start_run
-from runtime.run_config import read_config
+from runtime.run_config import read_config, run_folder
 from serving.client import SavedModelClient, ServingError
 
 AT_INIT, CALIBRATED = "random init, BN at init", "random init, BN calibrated"
@@ -31,11 +31,11 @@ def load_model(cfg: ProbeConfig):
             raise UsageError(f"--saved_model={cfg.saved_model}: {error}") from None
         return client, None, cfg.saved_model
     try:
-        loaded = load_run_model(cfg.model_dir, cfg.model, cfg.overrides(), init=cfg.init,
+        loaded = load_run_model(cfg.pretrained, cfg.model, cfg.overrides(), init=cfg.init,
                                 seed=cfg.seed)
     except (FileNotFoundError, ValueError) as error:
-        flag = "--model_dir" if cfg.model_dir else "--model_kwargs"
-        raise UsageError(f"{flag}={cfg.model_dir or cfg.model_kwargs}: {error}") from None
+        flag = "--pretrained" if cfg.pretrained else "--model_kwargs"
+        raise UsageError(f"{flag}={cfg.pretrained or cfg.model_kwargs}: {error}") from None
     weights = (f"random init, seed {loaded.seed}" if cfg.init == "random"
                else f"{loaded.checkpoint} ({loaded.loaded} tensors)")
     return loaded.model, loaded.name, weights
@@ -47,7 +47,7 @@ def run(cfg: ProbeConfig):
     with claim_run(cfg.out, fingerprint_of(cfg, cfg.RESUMABLE), "--output_dir") as claim:
         result, seconds, name, weights = _probe(cfg)
         # A random init is probed twice: BN at init (above) and BN calibrated.
-        results = {"": result} if cfg.init == "checkpoint" else {
+        results = {"": result} if cfg.init == "pretrained" else {
             AT_INIT: result, CALIBRATED: _probe_calibrated(cfg)}
         start_run(claim, asdict(cfg))  # complete results: config.json, then them
     labels = cfg.labels_per_class or "all"
@@ -95,10 +95,11 @@ def calibration_images(cfg: ProbeConfig, input_shape):
     """The images a random init's BN statistics are calibrated on: the run's pretraining
     images (its config.json's dataset), or without a run the --dataset's train images."""
 
-    config = read_config(cfg.model_dir) if cfg.model_dir and os.path.exists(
-        os.path.join(cfg.model_dir, "config.json")) else {}
+    folder = run_folder(cfg.pretrained) if cfg.pretrained else ""
+    config = read_config(folder) if folder and os.path.exists(
+        os.path.join(folder, "config.json")) else {}
     if "dataset" in config:
-        listed = os.path.join(cfg.model_dir, "images.txt")  # a folder run's recorded files
+        listed = os.path.join(folder, "images.txt")  # a folder run's recorded files
         files = None
         if os.path.exists(listed):
             with open(listed) as f:

@@ -1,8 +1,8 @@
 """PNG figures of a run: first-layer filters, nearest-neighbour retrieval, training curves.
 
-    python -m evaluation.visualize filters   --model_dir=RUN --output=filters.png
+    python -m evaluation.visualize filters   --pretrained=RUN --output=filters.png
     python -m evaluation.visualize retrieval --features=OUT/embedding.npy --output=retrieval.png
-    python -m evaluation.visualize curves    --model_dir=RUN --output=curves.png
+    python -m evaluation.visualize curves    --pretrained=RUN --output=curves.png
 
 filters (NAT Figure 4): the first convolution's filters in image space. With a Sobel front
 the network sees `conv1 * sobel(gray(image))`; both are linear, so each conv1 filter W_f
@@ -22,7 +22,7 @@ captioned with its label and similarity; neighbours of another class are framed 
 images come from the extraction's index.txt: embedded digits (with their class) or image
 files (labelled by their folder's name).
 
-curves: every scalar of the TensorBoard event files under `--model_dir` that changes (one
+curves: every scalar of the TensorBoard event files under `--pretrained` that changes (one
 panel per tag, tags of subdirectories prefixed by it, e.g. "train/loss"; accuracies in
 percent), against the step; constant tags are named in the title.
 
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.vocabulary import PretrainedInput
 
 PROGRAM = "evaluation.visualize"
 
@@ -43,16 +44,15 @@ FIGURES = ("filters", "retrieval", "curves")
 
 
 @dataclass(frozen=True)
-class VisualizeConfig:
-    """The flags of `python -m evaluation.visualize <figure>`."""
+class VisualizeConfig(PretrainedInput):
+    """The flags of `python -m evaluation.visualize <figure>`; --pretrained (filters: the
+    weights; curves: the run folder whose summaries are drawn) and --init (filters) are those
+    of runtime/vocabulary.py."""
 
     figure: str = option("", "filters, retrieval or curves (the positional argument).",
                          flag=False)
     output: str = option("", "The PNG to write.")
-    model_dir: str = option("", "filters, curves: the training run.")
     model: str = option("", "filters: model name (overrides config.json).")
-    init: str = option("checkpoint", "filters: the run's latest checkpoint, or random weights.",
-                       choices=("checkpoint", "random"))
     columns: int = option(8, "filters: filters per row.", lower=1)
     scale: int = option(8, "filters: pixels per filter tap.", lower=1)
     features: str = option("", "retrieval: a .npy of features [n, ...].")
@@ -61,7 +61,8 @@ class VisualizeConfig:
     query_indices: tuple[int, ...] = option((), "retrieval: explicit query rows (else random).")
     k: int = option(5, "retrieval: neighbours per query.", lower=1)
     cell: int = option(56, "retrieval: pixels per image.", lower=4)
-    seed: int = option(0, "retrieval: seed of the random queries.")
+    seed: int = option(0, "retrieval: seed of the random queries; filters: seed of --init=random "
+                       "without --pretrained.")
     width: int = option(960, "curves: width in pixels.", lower=100)
     height: int = option(640, "curves: height in pixels.", lower=100)
 
@@ -69,12 +70,12 @@ class VisualizeConfig:
         if self.figure not in FIGURES:
             raise UsageError(f"give one figure: {' | '.join(FIGURES)} (see --help)")
         cli.require("output", self.output)
-        if self.figure == "filters" and not (self.model_dir or self.model):
-            raise UsageError("filters needs --model_dir (or --model with --init=random)")
+        if self.figure == "filters" and not (self.pretrained or self.model):
+            raise UsageError("filters needs --pretrained (or --model with --init=random)")
         if self.figure == "retrieval":
             cli.require("features", self.features)
-        if self.figure == "curves" and not os.path.isdir(self.model_dir):
-            raise UsageError(f"curves needs --model_dir, a run folder; got {self.model_dir!r}")
+        if self.figure == "curves" and not os.path.isdir(self.pretrained):
+            raise UsageError(f"curves needs --pretrained, a run folder; got {self.pretrained!r}")
 
 
 def main(argv=None) -> None:

@@ -123,11 +123,11 @@ def read_scalars(model_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def _filters(f: VisualizeConfig) -> None:
-    loaded = load_run_model(f.model_dir, f.model, init=f.init)
+    loaded = load_run_model(f.pretrained, f.model, init=f.init, seed=f.seed)
     filters = first_conv_filters(loaded.model)
     sobel = any(layer.name == "sobel" for layer in loaded.model.layers)
     weights = "random init" if f.init == "random" else os.path.basename(
-        loaded.checkpoint or f.model_dir)
+        loaded.checkpoint or f.pretrained)
     title = (f"First-layer filters of {loaded.name} ({weights})"
              + (", composed with the Sobel front: filters on the grey image (NAT Figure 4)"
                 if sobel else ""))
@@ -177,7 +177,7 @@ def _retrieval(f: VisualizeConfig) -> None:
 
 
 def _curves(f: VisualizeConfig) -> None:
-    figures.plot_curves(read_scalars(f.model_dir), f.output, f.width, f.height)
+    figures.plot_curves(read_scalars(f.pretrained), f.output, f.width, f.height)
 
 
 def run(config: VisualizeConfig) -> str:

@@ -13,7 +13,7 @@ from models import TRANSFER_ENDPOINT, build_model
 from models.checkpoints import resolve_checkpoint
 from models.weights import LoadReport, load_weights
 from runtime.errors import InvalidInput
-from runtime.run_config import CONFIG_FILE, read_config
+from runtime.run_config import CONFIG_FILE, read_config, run_folder
 
 
 def model_spec(config: Mapping) -> tuple[str, dict]:
@@ -75,16 +75,17 @@ class LoadedModel:
 
 
 def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | None = None,
-                   checkpoint: str = "", init: str = "checkpoint", seed: int = 0
+                   checkpoint: str = "", init: str = "pretrained", seed: int = 0
                    ) -> LoadedModel:
     """Rebuild a run's network from `<model_dir>/config.json` and load its latest checkpoint.
 
     Args:
-      model_dir: the run folder ("" with `model` and init="random": no run at all).
+      model_dir: the run folder, or one checkpoint prefix of it (the checkpoint then loaded;
+        "" with `model` and init="random": no run at all).
       model: the model name, overriding config.json's (required without a config.json).
       overrides: build_model kwargs replacing those of config.json (e.g. head="softmax").
       checkpoint: a prefix or folder to load instead of model_dir's latest checkpoint.
-      init: "checkpoint" loads the weights (every backbone layer must be there); "random"
+      init: "pretrained" loads the weights (every backbone layer must be there); "random"
         leaves the network at its seeded initialisation: seeded by the run's own seed
         (config.json's "seed") when there is a run, so that it is the run's random twin (the
         network its pretraining started from), else by `seed`.
@@ -93,8 +94,10 @@ def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | No
     Raises MissingInput / InvalidInput (runtime/errors.py: a FileNotFoundError / ValueError)
     with a one-line message naming the folder or file.
     """
+    checkpoint = checkpoint or model_dir
+    model_dir = run_folder(model_dir) if model_dir else ""
     config: dict = {}
-    if model_dir and (init == "checkpoint" or not model or os.path.isdir(model_dir)):
+    if model_dir and (init == "pretrained" or not model or os.path.isdir(model_dir)):
         try:
             config = read_config(model_dir)
         except FileNotFoundError:
@@ -108,8 +111,8 @@ def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | No
     if kwargs.get("input_shape") is not None:
         kwargs["input_shape"] = tuple(kwargs["input_shape"])
     path, loaded, init_seed = None, 0, None
-    if init == "checkpoint":
-        path = resolve_checkpoint(checkpoint or model_dir)  # before the (large) model is built
+    if init == "pretrained":
+        path = resolve_checkpoint(checkpoint)  # before the (large) model is built
     else:
         init_seed = int(config.get("seed", seed))
         keras.utils.set_random_seed(init_seed)  # as train.pretrain.random_twin seeds the twin

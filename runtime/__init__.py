@@ -1,6 +1,7 @@
 """The zoo's shared runtime: what every binary uses and no network needs.
 
     cli.py         the binaries' one idiom: config dataclass -> flags -> run, one-line errors
+    vocabulary.py  the flags every binary names alike (--model_dir, --pretrained, ...), once
     progress.py    progress lines
     files.py       atomic file writes and the runs' JSON files
     run_config.py  a run's config.json

@@ -48,8 +48,14 @@ def read_config(model_dir: str) -> dict:
 
 
 def run_folder(checkpoint: str) -> str:
-    """The folder of a run from its folder or one of its checkpoint prefixes."""
-    return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+    """The folder of a run from its folder or one of its checkpoint prefixes (a path whose
+    `.index` file exists, or a path in a folder with a config.json); any other path (a folder
+    that does not exist yet, say) is returned as it is."""
+    if os.path.isdir(checkpoint):
+        return checkpoint
+    parent = os.path.dirname(checkpoint)
+    prefix = os.path.exists(f"{checkpoint}.index") or os.path.exists(config_path(parent))
+    return parent if prefix else checkpoint
 
 
 def pretraining_config(checkpoint: str) -> dict | None:

@@ -54,9 +54,10 @@ for NiN's `sc` (the whole map, every cell's features; the SC loss itself compare
 averages of windows of that map, losses/spatial_contrasting.py); any other 4-D endpoint
 defaults to `flatten` and a 2-D one to `none`.
 
-`python -m serving.export --model_dir=DIR` exports the latest checkpoint of a training run (its
-`config.json` gives the model); `--init=random --model=NAME` exports an untrained network,
-seeded by --seed (with --model_dir: by the run's own seed, so that it is the run's random twin).
+`python -m serving.export --pretrained=DIR` exports the latest checkpoint of a pretraining run
+(its `config.json` gives the model), or the checkpoint prefix given; `--init=random
+--model=NAME` exports an untrained network, seeded by --seed (with --pretrained: by the run's
+own seed, so that it is the run's random twin).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from dataclasses import dataclass
 from models import MODEL_NAMES
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.vocabulary import PretrainedInput
 
 PROGRAM = "serving.export"
 
@@ -86,38 +88,31 @@ def parse_endpoints(text: str) -> dict[str, str] | None:
 
 
 @dataclass(frozen=True)
-class ExportConfig:
-    """The flags of `python -m serving.export`."""
+class ExportConfig(PretrainedInput):
+    """The flags of `python -m serving.export`; --pretrained and --init are those of
+    runtime/vocabulary.py."""
 
-    model_dir: str = option("", "Training run: config.json and checkpoints.")
-    init: str = option("checkpoint", "checkpoint: the latest checkpoint of --model_dir (or "
-                       "--checkpoint); random: an untrained network of --model.",
-                       choices=("checkpoint", "random"))
     model: str = option("", "Model name (with --init=random, or to override config.json).")
     model_kwargs: str = option("", "JSON keyword arguments of build_model (override "
                                "config.json's model_kwargs).")
-    checkpoint: str = option("", "A checkpoint prefix or directory (default: the latest "
-                             "checkpoint in --model_dir).")
     endpoints: str = option("", "Comma-separated endpoint[:pooling], pooling in none, "
                             "flatten, avg, max, maxKxL, avgKxL. Default: the transfer endpoint.")
     export_base: str = option("", "Base directory of the model server (default: "
-                              "<model_dir>/export).")
+                              "<pretrained run>/export).")
     model_name: str = option("", "Served model name (default: the model name).")
-    seed: int = option(0, "Seed of --init=random without a run (with --model_dir: the run's "
-                       "own seed, its random twin).")
+    seed: int = option(0, "Seed of --init=random without a run (with --pretrained: the "
+                       "run's own seed, its random twin).")
 
     def __post_init__(self):
-        if self.init == "checkpoint" and not (self.model_dir or self.checkpoint):
-            raise UsageError("--model_dir (or --checkpoint) is required unless --init=random "
-                             "(see --help)")
-        if self.init == "random" and self.checkpoint:
-            raise UsageError("--checkpoint makes no sense with --init=random")
-        if self.init == "random" and not (self.model or self.model_dir):
-            raise UsageError("--init=random needs --model (or a --model_dir to read it from)")
+        if self.init == "pretrained" and not self.pretrained:
+            raise UsageError("--pretrained is required unless --init=random (see --help)")
+        if self.init == "random" and not (self.model or self.pretrained):
+            raise UsageError("--init=random needs --model (or a --pretrained run to read it "
+                             "from)")
         if self.model and self.model not in MODEL_NAMES:
             raise UsageError(f"--model={self.model}: choose one of {', '.join(MODEL_NAMES)}")
-        if not self.export_base and not self.model_dir:
-            raise UsageError("--export_base is required without --model_dir (see --help)")
+        if not self.export_base and not self.pretrained:
+            raise UsageError("--export_base is required without --pretrained (see --help)")
         self.overrides()
         parse_endpoints(self.endpoints)
 

@@ -19,6 +19,7 @@ from models import TRANSFER_ENDPOINT
 from models import pooling as pooling_lib
 from models.runs import load_run_model
 from runtime.errors import InvalidInput
+from runtime.run_config import run_folder
 from serving.export import ExportConfig, parse_endpoints
 from serving.graph import endpoint_shape, feature_module, input_size, output_shapes, signatures
 from serving.signatures import INPUTS, METADATA_FILE
@@ -204,8 +205,8 @@ def read_metadata(version_dir: str) -> dict:
 
 def run(config: ExportConfig) -> str:
     """Build the model, load its weights, export; prints and returns the version directory."""
-    loaded = load_run_model(config.model_dir, config.model, config.overrides(),
-                            config.checkpoint, config.init, seed=config.seed)
+    loaded = load_run_model(config.pretrained, config.model, config.overrides(),
+                            init=config.init, seed=config.seed)
     metadata = {"model": loaded.name, "model_kwargs": loaded.kwargs,
                 "checkpoint": loaded.checkpoint, "init": config.init,
                 "export_flags": asdict(config)}
@@ -214,7 +215,7 @@ def run(config: ExportConfig) -> str:
     for key in ("method", "dataset"):
         if key in loaded.config:
             metadata[key] = loaded.config[key]
-    base = config.export_base or os.path.join(config.model_dir, "export")
+    base = config.export_base or os.path.join(run_folder(config.pretrained), "export")
     path = export_features(loaded.model, base, config.model_name or loaded.name,
                            parse_endpoints(config.endpoints), metadata, log=print)
     print(path)

@@ -32,25 +32,25 @@ from dataclasses import dataclass
 
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.vocabulary import DataDir, OutputFolder
 
 PROGRAM = "serving.extract_features"
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
-    """The flags of `python -m serving.extract_features`."""
+class ExtractConfig(DataDir, OutputFolder):
+    """The flags of `python -m serving.extract_features`; --output_dir (runtime/vocabulary.py)
+    is required, --data_dir is tfds's."""
 
     images_dir: str = option("", "A folder of images (searched recursively).")
     tfds: str = option("", "A prepared tfds split instead, as name:split.")
     digits: bool = option(False, "The embedded test digits instead (599 images).")
-    data_dir: str = option("", "tfds data_dir.")
     saved_model: str = option("", "An export version directory, run in-process.")
     server: str = option("", "TensorFlow Serving host:port (REST, or gRPC with --grpc).")
     model_name: str = option("", "The served model name (with --server).")
     version: int | None = option(None, "A served version (default: the latest).")
     grpc: bool = option(False, "Use the gRPC PredictionService instead of REST.")
     columnar: bool = option(False, "REST: send the columnar 'inputs' format.")
-    output_dir: str = option("", "Where to write the .npy files and the index.")
     batch_size: int = option(64, "Images per request.", lower=1)
 
     def __post_init__(self):

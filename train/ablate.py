@@ -29,7 +29,8 @@ in `scratch/seed<k>/accuracy.json`, each with the settings and the checkpoint it
 (train/cached.py): a rerun with other --splits, --labels_per_class or a checkpoint trained
 further (--epochs) recomputes them.
 
-Writes `<output_dir>/ablation.json` (every figure), `ablation.md` and `ablation.png`.
+Writes `<output_dir>/ablation.json` (every figure), `ablation.md` and `ablation.png`
+(--output_dir: default runs/ablate).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 
 from runtime import cli
 from runtime.cli import UsageError, option
+from runtime.vocabulary import OutputFolder
 
 PROGRAM = "train.ablate"
 SC_FLAGFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
@@ -56,8 +58,9 @@ VARIANTS = {
 
 
 @dataclass(frozen=True)
-class AblateConfig:
-    """The flags of `python -m train.ablate`."""
+class AblateConfig(OutputFolder):
+    """The flags of `python -m train.ablate`; --output_dir (runtime/vocabulary.py) defaults to
+    runs/ablate."""
 
     variants: tuple[str, ...] = option(tuple(VARIANTS), "Variants to run (module docstring).")
     seeds: tuple[int, ...] = option((0, 1, 2), "Pretraining seeds; each run has its own twin.")
@@ -66,13 +69,14 @@ class AblateConfig:
     labels_per_class: int = option(10, "Labels per class of the probes and fine-tuning.",
                                    lower=1)
     splits: int = option(5, "Label draws of the probes.", lower=2)
-    output_dir: str = option(os.path.join("runs", "ablate"), "Where the runs and the tables go.")
 
     def __post_init__(self):
         for name in self.variants:
             cli.check_choice("variants", name, tuple(VARIANTS))
         if not self.variants or not self.seeds:
             raise UsageError("--variants and --seeds need at least one value")
+        if not self.output_dir:
+            object.__setattr__(self, "output_dir", os.path.join("runs", "ablate"))
 
 
 def main(argv=None) -> None:

@@ -68,9 +68,11 @@ def _evaluate(cfg: AblateConfig, config, views: dict) -> dict:
     return out
 
 
-def _finetune_config(cfg: AblateConfig, config, init: str, out: str):
-
-    return finetune.FinetuneConfig(init=init, model=config.model, dataset="digits",
+def _finetune_config(cfg: AblateConfig, config, pretrained: str, out: str):
+    """The fine-tuning of `pretrained` (a run folder; "": from scratch) into `out`."""
+    return finetune.FinetuneConfig(pretrained=pretrained,
+                                   init="pretrained" if pretrained else "random",
+                                   model=config.model, dataset="digits",
                                    data_dir=config.data_dir, manual_dir=config.manual_dir,
                                    labels_per_class=cfg.labels_per_class,
                                    seeds=(config.seed,), output_dir=out)
@@ -78,8 +80,8 @@ def _finetune_config(cfg: AblateConfig, config, init: str, out: str):
 
 def _finetune_key(cfg: AblateConfig, config) -> dict:
     """Every fine-tuning setting but where it writes (the init is keyed by the checkpoint)."""
-    settings = dataclasses.asdict(_finetune_config(cfg, config, "none", ""))
-    return {k: v for k, v in settings.items() if k not in ("output_dir", "init")}
+    settings = dataclasses.asdict(_finetune_config(cfg, config, "", ""))
+    return {k: v for k, v in settings.items() if k not in ("output_dir", "init", "pretrained")}
 
 
 def _finetune(cfg: AblateConfig, config) -> dict:
@@ -87,16 +89,16 @@ def _finetune(cfg: AblateConfig, config) -> dict:
     with the same seed (label draw, classifier init, batches); the scratch run of a seed is
     shared by every SC variant (cached for its settings in scratch/seed<k>/accuracy.json)."""
 
-    def accuracy(init: str, out: str) -> float:
-        results, _ = finetune_lib.run(_finetune_config(cfg, config, init, out))
+    def accuracy(pretrained: str, out: str) -> float:
+        results, _ = finetune_lib.run(_finetune_config(cfg, config, pretrained, out))
         return next(iter(results.values()))[0].test_accuracy
 
     # The fine-tuning folders are named by the labels, so that other settings get new ones.
     labels = f"labels{cfg.labels_per_class}"
     scratch_dir = os.path.join(cfg.output_dir, "scratch", f"seed{config.seed}")
     scratch = cached(os.path.join(scratch_dir, "accuracy.json"),
-                     {"init": "none", **_finetune_key(cfg, config)},
-                     lambda: {"accuracy": accuracy("none", os.path.join(scratch_dir, labels))})
+                     {"init": "random", **_finetune_key(cfg, config)},
+                     lambda: {"accuracy": accuracy("", os.path.join(scratch_dir, labels))})
     return {"pretrained": accuracy(config.model_dir,
                                    os.path.join(config.model_dir, f"finetune_{labels}")),
             "random init": scratch["accuracy"]}

@@ -22,6 +22,7 @@ from losses import NAT_SCOPES, NAT_TARGETS, SC_POOLS
 from models import MODEL_NAMES, PRECISIONS, PREPROCESSINGS
 from runtime.cli import UsageError, check_choice, check_range, option
 from runtime.ownership import fingerprint_of
+from runtime.vocabulary import DataLocation, Pretrained, RunFolder
 
 METHODS = ("nat", "sc")
 FINAL_EVALS = ("probe", "finetune", "none")
@@ -76,17 +77,18 @@ def parse_input_shape(text: str | None) -> tuple[int, int, int] | None:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """The settings of a pretraining run (see train/trainer.py for what each one does)."""
+class TrainConfig(RunFolder, Pretrained, DataLocation):
+    """The settings of a pretraining run (see train/trainer.py for what each one does).
+
+    From the shared bases (runtime/vocabulary.py): --model_dir, the run folder (default
+    runs/<method>_<model>_<dataset>); --pretrained, a run whose backbone weights a fresh run
+    starts from (never a resume); --data_dir and --manual_dir.
+    """
 
     method: str = option("nat", "Pretraining method.", choices=METHODS)
     model: str = option("nin_mnist", "Network to pretrain.", choices=MODEL_NAMES)
     dataset: str = option("digits", "Pretraining images: one of "
                           f"{', '.join(PRETRAIN_DATASETS)}.")
-    data_dir: str | None = option(None, "tfds data directory (default: tfds's).")
-    manual_dir: str | None = option(None, "tfds manual directory (ImageNet tars).")
-    model_dir: str = option("", "The run folder: checkpoints, summaries, config.json, results "
-                            "(default runs/<method>_<model>_<dataset>).")
     input_shape: str | None = option(None, "H,W,C of the model input (default: the model's).")
     preprocessing: str | None = option(None, "AlexNet's fixed front (default sobel).",
                                        choices=PREPROCESSINGS)
@@ -144,7 +146,6 @@ class TrainConfig:
                                    lower=1)
     keep_checkpoints: int = option(3, "Checkpoints kept in the run folder.", lower=1)
     seed: int = option(0, "Seed of the targets, the data order and the augmentation.", lower=0)
-    init_checkpoint: str | None = option(None, "Backbone weights to start from (no resume).")
     export_dir: str | None = option(None, "SavedModel base directory (default "
                                     "<model_dir>/export; 'none' skips the export).")
     probe_every_epochs: int = option(10, "Linear probe every k epochs (0 = never).", lower=0)
@@ -172,7 +173,7 @@ class TrainConfig:
         "schedule": ("lr", "momentum", "weight_decay", "lr_t0", "lr_gamma", "plateau_patience",
                      "plateau_factor", "plateau_min_delta"),
         "augmentation": ("crop", "crop_pad", "crop_min_scale", "crop_short_side", "flip"),
-        "init": ("init_checkpoint",),
+        "init": ("pretrained",),
         "evaluation": ("probe_dataset", "probe_labels_per_class", "probe_splits", "final_eval"),
         "distribution": ("workers", "nat_problem"),
         "numerics": ("jit_compile", "deterministic"),

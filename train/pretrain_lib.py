@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -39,16 +40,20 @@ class ProbeHook:
         self.dataset = dataset
         self.history: list[tuple[int, float, list[float]]] = []
 
-    def __call__(self, trainer, epochs_done: int) -> None:
+    def __call__(self, model, epochs_done: int, step: int, writer, log: Callable[[str], None],
+                 chief: bool) -> None:
+        """The trainer's epoch-end call (train/trainer.py): the trained `model`, the epochs
+        done, the global `step`, the summary `writer`, the `log` of messages and whether this
+        worker is the `chief` (only the chief probes)."""
         every = self.config.probe_every_epochs
-        if every <= 0 or epochs_done % every or not trainer.chief:
+        if every <= 0 or epochs_done % every or not chief:
             return
-        result = probe_result(self.config, trainer.model, self.dataset)
+        result = probe_result(self.config, model, self.dataset)
         entry = (epochs_done, result.mean, [float(a) for a in result.accuracies])
-        with trainer.writer.as_default(step=trainer.step):
+        with writer.as_default(step=step):
             tf.summary.scalar("probe/accuracy", result.mean)
         self.history = record_probe(self.config.model_dir, entry)
-        trainer.log(f"epoch {epochs_done}: linear probe {100 * result.mean:.1f}% "
+        log(f"epoch {epochs_done}: linear probe {100 * result.mean:.1f}% "
                     f"± {100 * result.std:.1f} (sd over {len(result.accuracies)} label draws)")
 
 
@@ -108,10 +113,10 @@ def _probe_table(config: TrainConfig, model, dataset: str) -> tuple[dict, str]:
 
 
 def _finetune_table(config: TrainConfig, dataset: str) -> tuple[dict, str]:
-    # The fine-tuning binary's own defaults: `python -m evaluation.finetune --init=<run>
+    # The fine-tuning binary's own defaults: `python -m evaluation.finetune --pretrained=<run>
     # --compare_scratch --seeds=...` reproduces this table.
     ft_config = finetune.FinetuneConfig(
-        init=config.model_dir, dataset=dataset, data_dir=config.data_dir,
+        pretrained=config.model_dir, dataset=dataset, data_dir=config.data_dir,
         manual_dir=config.manual_dir, labels_per_class=config.probe_labels_per_class,
         seeds=tuple(range(config.probe_splits)), compare_scratch=True,
         output_dir=os.path.join(config.model_dir, "finetune"),

@@ -46,15 +46,15 @@ epoch end. The data stream and the SC patches are functions of (seed, step), so 
 whole random state: on the same kind of machine, with the same devices and settings, a resumed
 run ends bitwise equal to an uninterrupted one (on GPU only with `deterministic`). A run
 restarts from the latest checkpoint in `model_dir`; otherwise it loads the backbone of
-`init_checkpoint`; otherwise it starts fresh. Image files that fail to load during training
+`pretrained`; otherwise it starts fresh. Image files that fail to load during training
 are dropped and refilled (data/pretrain.py), logged and added to skipped.json.
 
 A non-finite loss stops the run (`NonFiniteLoss`, naming the step) without writing the
 corrupted weights: the last good checkpoint is what remains.
 
-At each epoch end the trainer calls its hooks, `hook(trainer, epochs_done)`, before the
-epoch's checkpoint: the pretraining binary hands it the periodic probe (NAT Figure 2), so the
-loop itself knows nothing of evaluation.
+At each epoch end, before the epoch's checkpoint, the trainer calls its hooks with what they
+need, `hook(model, epochs_done, step, writer, log, chief)`: the pretraining binary hands it
+the periodic probe (NAT Figure 2), so the loop itself knows nothing of evaluation.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ from train.config import TrainConfig
 from train.schedule import LearningRate, Plateau
 from train.strategy import input_pipelines
 
-EpochHook = Callable[["Trainer", int], None]
+EpochHook = Callable[[keras.Model, int, int, object, Callable[[str], None], bool], None]
 
 
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -234,8 +234,8 @@ class Trainer:
     def _restore(self, latest: str | None) -> str:
         if latest:
             return f"resumed {latest} at step {self.step}"
-        if self.config.init_checkpoint:  # the backbone only (models/runs.py)
-            return load_backbone(self.model, self.config.init_checkpoint, self.config.model)[1]
+        if self.config.pretrained:  # the backbone only (models/runs.py)
+            return load_backbone(self.model, self.config.pretrained, self.config.model)[1]
         return "fresh start"
 
     @property
@@ -385,7 +385,7 @@ class Trainer:
             if in_epoch + n == self.steps_per_epoch:
                 self._end_epoch(epoch)
                 for hook in self.hooks:
-                    hook(self, epoch + 1)
+                    hook(self.model, epoch + 1, self.step, self.writer, self.log, self.chief)
                 self.manager.save(checkpoint_number=self.step)
                 since_save = 0
             elif since_save >= cfg.checkpoint_every:

@@ -1,7 +1,7 @@
 r"""PASCAL VOC 2007 classification transfer (NAT Table 4, "Classification" columns).
 
     python -m evaluation.voc.classification --model_dir=runs/voc_cls \
-        --init_checkpoint=runs/nat_alexnet --train_layers=fc6-8
+        --pretrained=runs/nat_alexnet --train_layers=fc6-8
 
 Protocol (the voc-classification code of Krahenbuhl et al. 2015, used by BiGAN and NAT):
 
@@ -32,7 +32,7 @@ Protocol (the voc-classification code of Krahenbuhl et al. 2015, used by BiGAN a
   AP the reference code printed (`sklearn_map`): a table, `results.json` and `results.md`.
 
 The run (resume, checkpoints, config.json, the step loop, results, --mixed_precision) is the
-VOC skeleton of `evaluation.voc.common`. Without `--init_checkpoint`: the random-init baseline.
+VOC skeleton of `evaluation.voc.common`. Without `--pretrained`: the random-init baseline.
 """
 
 from __future__ import annotations

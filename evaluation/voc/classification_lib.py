@@ -241,7 +241,7 @@ class ClassificationProtocol:
         # size still loads.
         target = net if config.fc_init == "checkpoint" else keras.Model(
             net.input, net.get_layer("pool5").output, name=net.name)
-        report = load_weights(target, config.init_checkpoint, require=BACKBONE_LAYERS)
+        report = load_weights(target, config.pretrained, require=BACKBONE_LAYERS)
         logging.info("loaded %d weights from %s", len(report.loaded), report.checkpoint)
 
     def prepare(self, net, config: VocClassificationConfig, resumed: bool) -> None:

@@ -2,7 +2,7 @@
 
     config  ->  the pretraining run's preprocessing  ->  the network (seeded)
             ->  SGD with the protocol's schedule; resume from <model_dir>/ckpt-* if any,
-                else initialise from --init_checkpoint (a pretraining run or a prefix)
+                else initialise from --pretrained (a pretraining run or a prefix)
             ->  the protocol's data (and data-dependent init)  ->  <model_dir>/config.json
             ->  the step loop: a log line every --log_every steps, a checkpoint every
                 --checkpoint_every steps and at the end
@@ -58,7 +58,7 @@ class VocProtocol(typing.Protocol):
         """The build_model kwargs of the AlexNet inside the network (for config.json)."""
 
     def initialize(self, net, config) -> None:
-        """Initialise a fresh (not resumed) network from config.init_checkpoint."""
+        """Initialise a fresh (not resumed) network from config.pretrained."""
 
     def prepare(self, net, config, resumed: bool) -> None:
         """Open the data (and any data-dependent initialisation) before training."""
@@ -169,7 +169,7 @@ def _start(protocol: VocProtocol, config):
         config.keep_checkpoints, optional=(loss_scale.LOSS_SCALE_KEY,))
     if latest is not None:
         logging.info("resumed from %s at step %d", latest, int(optimizer.iterations.numpy()))
-    elif config.init_checkpoint:
+    elif config.pretrained:
         protocol.initialize(net, config)
     protocol.prepare(net, config, resumed=latest is not None)
     return net, optimizer, manager, schedule, variables

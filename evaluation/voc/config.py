@@ -12,23 +12,21 @@ from models import PRECISIONS, PREPROCESSINGS
 from runtime import cli
 from runtime.cli import UsageError, option
 from runtime.run_config import pretraining_config
+from runtime.vocabulary import DataLocation, Pretrained, RunFolder
 
 
 @dataclass(frozen=True)
-class VocRunConfig:
-    """The settings every VOC protocol run has (each protocol's config extends it)."""
+class VocRunConfig(RunFolder, Pretrained, DataLocation):
+    """The settings every VOC protocol run has (each protocol's config extends it): with the
+    shared --model_dir (required), --pretrained ('' = the random-init baseline), --data_dir
+    and --manual_dir (for --download) of runtime/vocabulary.py."""
 
-    model_dir: str = option("", "Output folder: checkpoints, config.json, results.")
-    init_checkpoint: str = option("", "Pretraining run folder or checkpoint prefix ('' = "
-                                  "random init).")
     preprocessing: str = option("", "Input front; default: the pretraining run's "
                                 "config.json, else sobel.")
     checkpoint_every: int = option(5000, "Steps between checkpoints.", lower=1)
     keep_checkpoints: int = option(2, "Checkpoints to keep.", lower=1)
     log_every: int = option(100, "Steps between log lines.", lower=1)
     seed: int = option(0, "Random seed.")
-    data_dir: str = option("", "tfds data_dir ('' = tfds default).")
-    manual_dir: str = option("", "tfds manual_dir for --download.")
     download: bool = option(False, "Prepare voc/2007 first (may download).")
     mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
                                   "bf16 or fp16 (with dynamic loss scaling).",
@@ -69,9 +67,9 @@ def resolve_preprocessing(config: VocRunConfig) -> str:
 
     Raises UsageError if the pretraining run is not an AlexNet.
     """
-    pretraining = pretraining_config(config.init_checkpoint)
+    pretraining = pretraining_config(config.pretrained)
     if pretraining is not None and pretraining.get("model", "alexnet") != "alexnet":
-        raise UsageError(f"init_checkpoint {config.init_checkpoint} is a "
+        raise UsageError(f"--pretrained={config.pretrained} is a "
                          f"{pretraining.get('model')!r} run, not an AlexNet")
     if config.preprocessing:
         return config.preprocessing

@@ -1,7 +1,7 @@
 r"""PASCAL VOC 2007 detection transfer with Fast R-CNN (NAT Table 4, "Detection" column).
 
     python -m evaluation.voc.detection --model_dir=runs/voc_det \
-        --init_checkpoint=runs/nat_alexnet --proposal_workers=2
+        --pretrained=runs/nat_alexnet --proposal_workers=2
 
 Protocol (Fast R-CNN, Girshick 2015, as used by NAT and the papers it compares with; NAT
 reports 49.4 mAP, 56.8 with ImageNet labels):
@@ -13,7 +13,7 @@ reports 49.4 mAP, 56.8 with ImageNet labels):
   `--proposal_workers` processes with a progress bar; or read from `--proposals` (a Fast R-CNN
   `.mat`, a `.npz` or a directory of `.npy`, see `evaluation.voc.fast_rcnn.proposals`).
   `--only_proposals` computes the cache and exits.
-- Network (`evaluation.voc.fast_rcnn.model`): the pretrained AlexNet convs (`--init_checkpoint`;
+- Network (`evaluation.voc.fast_rcnn.model`): the pretrained AlexNet convs (`--pretrained`;
   conv1..conv5 required, fc6/fc7 loaded when present), RoI max-pooling of conv5 to 6 x 6,
   fc6, fc7, a 21-way classifier and per-class box regression. All layers are fine-tuned
   unless `--freeze_through` names the last frozen conv. BN runs in inference mode.

@@ -230,7 +230,7 @@ class DetectionProtocol:
         return {"preprocessing": preprocessing, "head": "none"}
 
     def initialize(self, net, config: VocDetectionConfig) -> None:
-        report, fc_note = det_model.load_pretrained(net, config.init_checkpoint)
+        report, fc_note = det_model.load_pretrained(net, config.pretrained)
         logging.info("loaded %d conv weights from %s; %s", len(report.loaded),
                      report.checkpoint, fc_note)
 

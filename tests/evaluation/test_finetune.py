@@ -20,8 +20,10 @@ from tests.helpers import make_run_dir
 SHAPE = [12, 12, 1]
 
 
-def config(tmp_path, init="none", **changes):
-    base = dict(init=init, output_dir=str(tmp_path / "out") if tmp_path else "", model="nin_mnist",
+def config(tmp_path, pretrained="", **changes):
+    init = "pretrained" if pretrained else "random"
+    base = dict(pretrained=pretrained, init=init, model="nin_mnist",
+                output_dir=str(tmp_path / "out") if tmp_path else "",
                 model_kwargs=json.dumps({"input_shape": SHAPE}), labels_per_class=3,
                 seeds=(0,), epochs=1, batch_size=10, max_test_examples=40)
     return finetune.FinetuneConfig(**{**base, **changes})
@@ -30,9 +32,10 @@ def config(tmp_path, init="none", **changes):
 def test_protocol_defaults_and_the_flags_agree():
     fv = flags.FlagValues()
     cli.define_flags(finetune.FinetuneConfig, fv, "finetune")
-    fv(["finetune", "--init=none", "--dataset=cifar10"])
+    fv(["finetune", "--init=random", "--model=nin_mnist", "--dataset=cifar10"])
     cfg = cli.config_from_flags(finetune.FinetuneConfig, fv)
-    assert cfg == finetune.FinetuneConfig(init="none", dataset="cifar10")
+    assert cfg == finetune.FinetuneConfig(init="random", model="nin_mnist",
+                                         dataset="cifar10")
     assert (cfg.learning_rate, cfg.labels, cfg.mirrored) == (0.01, 400, True)
     assert finetune.PROTOCOL_LABELS["stl10"] == 0 and finetune.PROTOCOL_LABELS["mnist"] == 0
     assert not finetune.MIRROR["mnist"] and not finetune.MIRROR["digits"]
@@ -136,7 +139,7 @@ def test_warnings_name_unconverged_and_failed_runs():
 def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
     model_dir, saved = make_run_dir(tmp_path / "pretrain", seed=5, input_shape=SHAPE, head="nat",
                                     feature_dim=8)
-    cfg = config(tmp_path, init=model_dir, model="", model_kwargs="{}", compare_scratch=True)
+    cfg = config(tmp_path, pretrained=model_dir, model="", model_kwargs="{}", compare_scratch=True)
     starts, batches = [], []
     initial_model, train_stream = finetune_lib.initial_model, labelled.train_stream
 
@@ -188,14 +191,16 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--init={empty}"], "--init={empty}: no checkpoint in directory"),
-    (["--init=none", "--dataset=svhn"], "--dataset"),
-    (["--init=none", "--model=nin_mnist", "--labels_per_class=500"],
+    (["--pretrained={empty}"], "--pretrained={empty}: no checkpoint in directory"),
+    (["--init=random", "--dataset=svhn"], "--dataset"),
+    (["--init=random", "--model=nin_mnist", "--labels_per_class=500"],
      "--labels_per_class=500: 500 labels per class is more than class"),
-    (["--init=none"], "--model is required"),
-    (["--init=none", "--model=vgg"], "--model=vgg: choose one of alexnet"),
-    (["--init=none", "--mixed_precision=fp8"], "--mixed_precision=fp8"),
-    ([], "--init is required (see --help)"),
+    (["--init=random"], "--init=random needs --model"),
+    (["--init=random", "--model=vgg"], "--model=vgg: choose one of alexnet"),
+    (["--init=random", "--mixed_precision=fp8"], "--mixed_precision=fp8"),
+    ([], "--pretrained is required (see --help)"),
+    (["--init=none", "--model=nin_mnist"], "--init=none"),
+    (["--init=runs/x"], "--init=runs/x"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, expected):
     empty = tmp_path / "empty"  # a run folder with its config.json but no checkpoint
@@ -228,7 +233,7 @@ def test_a_diverged_fine_tune_stops_with_one_line_naming_the_step(tmp_path, caps
                   if p.is_file()}
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        finetune.main(["finetune", f"--init={model_dir}", f"--output_dir={out}",
+        finetune.main(["finetune", f"--pretrained={model_dir}", f"--output_dir={out}",
                        "--labels_per_class=3", "--batch_size=10", "--epochs=5",
                        "--learning_rate=1e30", "--max_test_examples=40"])
     assert exit_info.value.code == 1

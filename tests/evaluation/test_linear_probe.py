@@ -11,7 +11,7 @@ from tests.helpers import make_run_dir, run_module
 
 def test_probe_of_a_run_writes_table_json_and_markdown(tmp_path, capsys):
     run, _ = make_run_dir(tmp_path / "run", input_shape=(12, 12, 1), head="nat", feature_dim=8)
-    linear_probe.main(["linear_probe", f"--model_dir={run}", "--dataset=digits",
+    linear_probe.main(["linear_probe", f"--pretrained={run}", "--dataset=digits",
                        "--endpoints=sc,embedding,pixels", "--labels_per_class=3", "--splits=2",
                        "--max_test_examples=50"])
     printed = capsys.readouterr().out
@@ -32,7 +32,7 @@ def test_probe_of_a_run_writes_table_json_and_markdown(tmp_path, capsys):
     # The folder belongs to this configuration: another one is refused, and writes nothing.
     written = {name: (out / name).read_bytes() for name in os.listdir(out)}
     with pytest.raises(SystemExit) as exit_info:
-        linear_probe.main(["linear_probe", f"--model_dir={run}", "--dataset=digits",
+        linear_probe.main(["linear_probe", f"--pretrained={run}", "--dataset=digits",
                            "--endpoints=sc,embedding,pixels", "--labels_per_class=3",
                            "--splits=1", "--max_test_examples=50"])
     assert exit_info.value.code == 1
@@ -44,17 +44,17 @@ def test_probe_of_a_run_writes_table_json_and_markdown(tmp_path, capsys):
 
 def test_default_output_folders():
     cfg = linear_probe.ProbeConfig
-    assert cfg(model_dir="runs/a").out == os.path.join("runs/a", "probe")
-    assert cfg(model_dir="runs/a", init="random").out == os.path.join("runs/a", "probe_random")
+    assert cfg(pretrained="runs/a").out == os.path.join("runs/a", "probe")
+    assert cfg(pretrained="runs/a", init="random").out == os.path.join("runs/a", "probe_random")
     assert cfg(model="nin_mnist", init="random").out == os.path.join("runs",
                                                                       "probe_nin_mnist_random")
     assert cfg(saved_model="runs/a/export/nin_mnist/3").out == os.path.join(
         "runs", "probe_nin_mnist_v3")
-    assert cfg(model_dir="runs/a", output_dir="elsewhere").out == "elsewhere"
+    assert cfg(pretrained="runs/a", output_dir="elsewhere").out == "elsewhere"
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--model_dir={empty}"], "--model_dir={empty}: no checkpoint in directory"),
+    (["--pretrained={empty}"], "--pretrained={empty}: no checkpoint in directory"),
     (["--model=nin_mnist", "--init=random", "--endpoints=conv9"],
      "--endpoints: unknown endpoint 'conv9' of nin_mnist; choose from block1, block2, sc, "
      "head, logits, pixels"),
@@ -63,9 +63,10 @@ def test_default_output_folders():
      "<digits|mnist|fashion_mnist|cifar10|stl10|imagenet2012>"),
     (["--model=nin_mnist", "--init=random", "--labels_per_class=200"],
      "--labels_per_class=200: 200 labels per class is more than class"),
-    (["--init=checkpoint"], "--init=checkpoint needs --model_dir or --saved_model"),
+    (["--init=pretrained"], "--init=pretrained needs --pretrained or --saved_model"),
+    (["--init=checkpoint"], "--init=checkpoint: value should be one of <pretrained|random>"),
     (["--model=resnet", "--init=random"], "--model=resnet: choose one of alexnet, nin_stl10"),
-    (["--model_dir={tmp}/missing"], "run folder {tmp}/missing does not exist"),
+    (["--pretrained={tmp}/missing"], "run folder {tmp}/missing does not exist"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, expected):
     empty = tmp_path / "empty"  # a run folder with its config.json but no checkpoint
@@ -92,10 +93,10 @@ def test_program_runs_as_a_module(tmp_path):
     assert run.stderr == ""
     assert "test acc %" in run.stdout and "pixels" in run.stdout
     assert {"config.json", "probe.json", "probe.md"} <= set(os.listdir(out))
-    bad = run_module("evaluation.linear_probe", f"--model_dir={tmp_path}", timeout=60)
+    bad = run_module("evaluation.linear_probe", f"--pretrained={tmp_path}", timeout=60)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
-        f"evaluation.linear_probe: error: --model_dir={tmp_path}: {tmp_path} has no "
+        f"evaluation.linear_probe: error: --pretrained={tmp_path}: {tmp_path} has no "
         "config.json: not a run folder"]
 
 
@@ -109,7 +110,7 @@ def test_random_init_is_the_runs_seeded_twin_probed_at_init_and_calibrated(tmp_p
     # The network a run with seed 3 starts from is the one make_run_dir builds under seed 3.
     run, start = make_run_dir(tmp_path / "run", seed=3, config={"seed": 3, "dataset": "digits"},
                               input_shape=(12, 12, 1), head="nat", feature_dim=8)
-    cfg = linear_probe.ProbeConfig(model_dir=run, init="random", seed=9)
+    cfg = linear_probe.ProbeConfig(pretrained=run, init="random", seed=9)
     for _ in range(2):  # every call: the same weights, the run's twin's
         model, _, weights = linear_probe_lib.load_model(cfg)
         assert weights == "random init, seed 3"
@@ -117,7 +118,7 @@ def test_random_init_is_the_runs_seeded_twin_probed_at_init_and_calibrated(tmp_p
             np.testing.assert_array_equal(named_variables(model)[key].numpy(), variable.numpy())
     images = list(linear_probe_lib.calibration_images(cfg, (12, 12, 1)))
     assert len(images) == 1198  # the run's pretraining images: every train digit
-    linear_probe.main(["linear_probe", f"--model_dir={run}", "--init=random", "--dataset=digits",
+    linear_probe.main(["linear_probe", f"--pretrained={run}", "--init=random", "--dataset=digits",
                        "--endpoints=sc", "--labels_per_class=3", "--splits=2",
                        "--max_test_examples=60"])
     printed = capsys.readouterr().out

@@ -136,7 +136,7 @@ def test_binaries_write_readable_pngs(tmp_path):
         "filters": ["filters", "--model=nin_mnist", "--init=random"],
         "retrieval": ["retrieval", f"--features={tmp_path / 'embedding.npy'}", "--queries=3",
                       "--k=4"],
-        "curves": ["curves", f"--model_dir={tmp_path / 'run'}", "--width=400", "--height=300"],
+        "curves": ["curves", f"--pretrained={tmp_path / 'run'}", "--width=400", "--height=300"],
     }
     running = {  # all at once: each spends most of its time importing TensorFlow
         name: subprocess.Popen(

@@ -410,7 +410,7 @@ def test_binary_exports_a_training_run(tmp_path):
         before_save=lambda net: _randomise_statistics(net, 8), input_shape=(12, 12, 1),
         head="nat", feature_dim=4)
     prefix = tf.train.latest_checkpoint(run_dir)
-    done = run_module("serving.export", f"--model_dir={run_dir}", "--endpoints=embedding,sc:avg")
+    done = run_module("serving.export", f"--pretrained={run_dir}", "--endpoints=embedding,sc:avg")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr == ""  # quiet: no TensorFlow start-up logs
     path = done.stdout.strip().splitlines()[-1]
@@ -426,7 +426,7 @@ def test_binary_exports_a_training_run(tmp_path):
 
 
 def test_config_and_run_reject_bad_runs(tmp_path):
-    config = ExportConfig(model_dir=str(tmp_path))
+    config = ExportConfig(pretrained=str(tmp_path))
     with pytest.raises(FileNotFoundError, match=f"{tmp_path} has no config.json: not a run"):
         run(config)
     (tmp_path / "config.json").write_text(json.dumps({"model": "nin_mnist",
@@ -437,8 +437,19 @@ def test_config_and_run_reject_bad_runs(tmp_path):
         replace(config, model_kwargs="{head: nat}")
     with pytest.raises(UsageError, match="--model=vgg: choose one of alexnet"):
         replace(config, init="random", model="vgg")
-    with pytest.raises(UsageError, match=r"--model_dir \(or --checkpoint\) is required"):
+    with pytest.raises(UsageError, match=r"--pretrained is required unless --init=random"):
         ExportConfig()
     missing = tmp_path / "nothing"
     with pytest.raises(FileNotFoundError, match=f"run folder {missing} does not exist"):
-        run(ExportConfig(model_dir=str(missing)))
+        run(ExportConfig(pretrained=str(missing)))
+
+
+def test_pretrained_may_name_one_checkpoint_of_the_run(tmp_path):
+    run_dir, _ = make_run_dir(tmp_path / "run", config={"method": "nat", "dataset": "digits"},
+                              input_shape=(12, 12, 1), head="nat", feature_dim=4)
+    prefix = tf.train.latest_checkpoint(run_dir)
+    path = run(ExportConfig(pretrained=prefix))  # the run's config.json gives the model
+    assert path == os.path.join(run_dir, "export", "nin_mnist", "1")
+    meta = read_metadata(path)
+    assert (meta["checkpoint"], meta["init"], meta["model"]) == (prefix, "pretrained",
+                                                                 "nin_mnist")

@@ -66,7 +66,8 @@ def test_the_scratch_accuracy_is_recomputed_for_other_labels(tmp_path, monkeypat
             self.test_accuracy = accuracy
 
     def run(ft):
-        runs.append((ft.init, ft.labels_per_class, ft.output_dir))
+        runs.append((ft.pretrained if ft.init == "pretrained" else ft.init, ft.labels_per_class,
+                     ft.output_dir))
         return {"run": [Result(0.1 * len(runs))]}, ""
 
     monkeypatch.setattr(finetune_lib, "run", run)
@@ -74,13 +75,13 @@ def test_the_scratch_accuracy_is_recomputed_for_other_labels(tmp_path, monkeypat
     config = ablate_lib.train_config(cfg, "sc", 1)
     ablate_lib._finetune(cfg, config)
     ablate_lib._finetune(cfg, config)
-    assert [r[0] for r in runs] == ["none", config.model_dir, config.model_dir]  # scratch once
+    assert [r[0] for r in runs] == ["random", config.model_dir, config.model_dir]  # scratch once
     fewer = ablate.AblateConfig(variants=("sc",), seeds=(1,), output_dir=str(tmp_path),
                                 labels_per_class=3)
     result = ablate_lib._finetune(fewer, ablate_lib.train_config(fewer, "sc", 1))
-    assert [r[:2] for r in runs[3:]] == [("none", 3), (config.model_dir, 3)]
+    assert [r[:2] for r in runs[3:]] == [("random", 3), (config.model_dir, 3)]
     assert result["random init"] == pytest.approx(0.4)
-    assert len({r[2] for r in runs if r[0] == "none"}) == 2  # a folder per setting
+    assert len({r[2] for r in runs if r[0] == "random"}) == 2  # a folder per setting
 
 
 def test_the_gap_is_taken_against_the_stronger_random_row_over_the_seeds():

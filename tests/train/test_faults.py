@@ -354,7 +354,8 @@ def test_an_image_deleted_during_training_is_skipped_named_and_the_run_resumes(t
                          checkpoint_every=1, probe_every_epochs=0)
     said = []
 
-    def vandal(trainer, epochs_done):  # after epoch 1, one file goes and one breaks
+    def vandal(model, epochs_done, step, writer, log, chief):  # after epoch 1, a file goes
+        # and another breaks
         if epochs_done == 1:
             os.remove(root / "7.png")
             (root / "12.png").write_bytes(b"no longer an image")

@@ -1,4 +1,4 @@
-"""`--init_checkpoint`: a pretraining run starts from another run's backbone, and only that."""
+"""`--pretrained`: a pretraining run starts from another run's backbone, and only that."""
 
 import keras
 import numpy as np
@@ -29,7 +29,7 @@ def test_transfer_layers_stop_at_the_transfer_endpoint():
 def test_a_nat_run_starts_from_a_nat_run_of_another_dimension(tmp_path):
     donor_dir, donor = make_run_dir(tmp_path / "donor", seed=7, head="nat", feature_dim=32)
     config = TrainConfig(model_dir=str(tmp_path / "run"), nat_dim=16, batch_size=128,
-                         epochs=1, init_checkpoint=donor_dir)
+                         epochs=1, pretrained=donor_dir)
     # restored_from ends the line trainer.train() logs at its start
     trainer = Trainer(config, tf.distribute.get_strategy(), log=lambda _: None)
     keras.utils.set_random_seed(config.seed)

@@ -67,7 +67,7 @@ def test_fine_tuning_and_probes_check_both_splits_first(tmp_path):
     with pytest.raises(DataError, match=_command(empty)):  # a read, too, is one line
         labelled.load_labels(labelled.LabelledSource("mnist", empty), "train")
     with pytest.raises(DataError, match=_command(empty)):
-        finetune_lib.run(finetune.FinetuneConfig(init="none", model="nin_mnist", dataset="mnist",
+        finetune_lib.run(finetune.FinetuneConfig(init="random", model="nin_mnist", dataset="mnist",
                                              data_dir=empty, output_dir=str(tmp_path / "ft")))
     with pytest.raises(DataError, match=_command(empty)):
         linear_probe(ProbeConfig(model="nin_mnist", init="random", dataset="mnist",

@@ -48,7 +48,7 @@ def test_the_export_of_a_random_init_is_seeded(tmp_path, monkeypatch):
     for seed in (0, 0, 1):
         export_lib.run(export.ExportConfig(init="random", model="nin_mnist", seed=seed,
                                        export_base=str(tmp_path / "export")))
-    export_lib.run(export.ExportConfig(init="random", model_dir=config.model_dir, seed=1))
+    export_lib.run(export.ExportConfig(init="random", pretrained=config.model_dir, seed=1))
     (a, meta), (b, _), (c, _), (twin, twin_meta) = exported
     assert _same(a, b) and not _same(a, c) and meta["init_seed"] == 0
     assert _same(twin, _weights(random_twin(config))) and twin_meta["init_seed"] == 5

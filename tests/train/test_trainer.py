@@ -193,7 +193,7 @@ CHANGES = {
     "loss": (dict(nat_reassign_every=1), ["nat_reassign_every"]),
     "schedule": (dict(lr=0.01), ["lr"]),
     "augmentation": (dict(flip=True), ["flip"]),
-    "init": (dict(init_checkpoint="donor"), ["init_checkpoint"]),
+    "init": (dict(pretrained="donor"), ["pretrained"]),
     "evaluation": (dict(probe_splits=2), ["probe_splits"]),
     "distribution": (dict(), ["nat_problem"]),  # two replicas, per-replica NAT problems
     "numerics": (dict(jit_compile=True), ["jit_compile"]),  # XLA rounds differently
@@ -208,8 +208,8 @@ def test_a_restart_that_changes_the_result_is_refused_before_any_write(finished,
     change = dict(change)
     if "dataset" in change:
         change["dataset"] = _folder_of(130, str(tmp_path / "images"))
-    if "init_checkpoint" in change:
-        change["init_checkpoint"], _ = make_run_dir(tmp_path / "donor")
+    if "pretrained" in change:
+        change["pretrained"], _ = make_run_dir(tmp_path / "donor")
     strategy = two_replica_strategy() if group == "distribution" else tf.distribute.get_strategy()
     before = folder_contents(finished.model_dir)
     config = dataclasses.replace(finished, **change)
@@ -258,9 +258,9 @@ def test_a_restart_may_change_the_resumable_settings(finished):
     trainer.close()
 
 
-def test_init_checkpoint_loads_the_backbone_only(tmp_path):
+def test_pretrained_loads_the_backbone_only(tmp_path):
     prefix, donor = make_run_dir(tmp_path / "donor", seed=7)
-    trainer = Trainer(_config(tmp_path, init_checkpoint=prefix), tf.distribute.get_strategy(),
+    trainer = Trainer(_config(tmp_path, pretrained=prefix), tf.distribute.get_strategy(),
                       log=lambda _: None)
     assert trainer.restored_from.startswith("initialised")
     for layer in ("conv1_1", "conv2_1", "conv2_2"):
@@ -299,3 +299,44 @@ def test_two_cpu_replicas_match_one_device(tmp_path, method, extra):
             assert is_permutation(trainer.nat.assignment.numpy())
     assert len(losses[1]) == len(losses[2]) == 4
     np.testing.assert_allclose(losses[2], losses[1], rtol=2e-3)
+
+
+def test_hooks_are_called_with_what_they_need_at_each_epoch_end(tmp_path, capsys):
+    calls = []
+
+    def hook(model, epochs_done, step, writer, log, chief):
+        calls.append((model, epochs_done, step, writer, chief))
+        log(f"hook after epoch {epochs_done}")
+
+    trainer = Trainer(_config(tmp_path, epochs=2), tf.distribute.get_strategy(),
+                      log=lambda _: None, hooks=[hook])
+    trainer.train()
+    per_epoch = trainer.steps_per_epoch
+    assert [c[1:3] for c in calls] == [(1, per_epoch), (2, 2 * per_epoch)]
+    assert all(c[0] is trainer.model and c[3] is trainer.writer and c[4] is True for c in calls)
+    out = capsys.readouterr().out  # while it trains, `log` writes above the progress bar
+    assert "hook after epoch 1" in out and "hook after epoch 2" in out
+
+
+def test_the_probe_hook_needs_no_trainer(tmp_path):
+    from models import build_model
+    from train.pretrain_lib import ProbeHook
+
+    config = _config(tmp_path, probe_every_epochs=2, probe_splits=2, probe_labels_per_class=3)
+    hook = ProbeHook(config, "digits")
+    writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "train"))
+    said = []
+    model = build_model("nin_mnist", **config.model_kwargs())
+    hook(model, 1, 5, writer, said.append, True)  # not a probe epoch
+    hook(model, 2, 10, writer, said.append, False)  # not the chief
+    history = os.path.join(config.model_dir, "probe_history.json")
+    assert said == [] and hook.history == [] and not os.path.exists(history)
+    hook(model, 2, 10, writer, said.append, True)
+    writer.flush()
+    [(epochs, mean, accuracies)] = hook.history
+    assert epochs == 2 and len(accuracies) == 2 and mean == pytest.approx(np.mean(accuracies))
+    assert said == [f"epoch 2: linear probe {100 * mean:.1f}% ± {100 * np.std(accuracies):.1f} "
+                    "(sd over 2 label draws)"]
+    assert scalars(config.model_dir)["probe/accuracy"] == [pytest.approx(mean)]
+    with open(history) as f:
+        assert json.load(f) == [[2, mean, accuracies]]

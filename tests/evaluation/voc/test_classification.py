@@ -214,16 +214,16 @@ def test_incompatible_checkpoints(tmp_path):
                                       data_dir=str(tmp_path / "no_data"))
     nin = _save_pretraining(tmp_path / "nin", model="nin_cifar10")
     with pytest.raises(ValueError, match="'nin_cifar10' run, not an AlexNet"):
-        vc_lib.run(dataclasses.replace(base, init_checkpoint=nin))
+        vc_lib.run(dataclasses.replace(base, pretrained=nin))
     os.remove(os.path.join(nin, "config.json"))  # without its config, the weights tell
     with pytest.raises(InvalidInput, match=r"holds no weights|no weights for conv1"):
-        vc_lib.run(dataclasses.replace(base, init_checkpoint=nin))
+        vc_lib.run(dataclasses.replace(base, pretrained=nin))
     sobel = _save_pretraining(tmp_path / "sobel", preprocessing="sobel")
     with pytest.raises(InvalidInput, match=r"conv1.kernel has shape \(11, 11, 2, 96\)") as caught:
-        vc_lib.run(dataclasses.replace(base, init_checkpoint=sobel, preprocessing="rgb"))
+        vc_lib.run(dataclasses.replace(base, pretrained=sobel, preprocessing="rgb"))
     assert "\n" not in str(caught.value)
     with pytest.raises(MissingInput, match="nothing does not exist: give a run folder"):
-        vc_lib.run(dataclasses.replace(base, init_checkpoint=str(tmp_path / "nothing")))
+        vc_lib.run(dataclasses.replace(base, pretrained=str(tmp_path / "nothing")))
 
 
 def _parse(argv: list[str]) -> vc.VocClassificationConfig:
@@ -245,7 +245,7 @@ def test_flags_parse_into_the_config(tmp_path):
 def test_bad_checkpoint_and_missing_data_exit_with_one_line(tmp_path, capsys):
     sobel = _save_pretraining(tmp_path / "sobel", preprocessing="sobel")
     cases = [
-        (_parse([f"--model_dir={tmp_path / 'a'}", f"--init_checkpoint={sobel}",
+        (_parse([f"--model_dir={tmp_path / 'a'}", f"--pretrained={sobel}",
                  "--preprocessing=rgb", f"--crop_size={SIZE}"]), "is not compatible"),
         (_parse([f"--model_dir={tmp_path / 'b'}", f"--crop_size={SIZE}",
                  f"--data_dir={tmp_path / 'empty'}"]),
@@ -315,7 +315,7 @@ def test_short_run_learns_and_resumes(tmp_path, caplog):
     chance = _chance_map(test_labels, np.random.default_rng(0))
     pretrained = _save_pretraining(tmp_path / "pretrain", preprocessing="rgb")
     config = vc.VocClassificationConfig(
-        model_dir=str(tmp_path / "voc"), init_checkpoint=pretrained, train_layers="fc6-8",
+        model_dir=str(tmp_path / "voc"), pretrained=pretrained, train_layers="fc6-8",
         crop_size=SIZE, min_scale=0.8, learning_rate=0.02, num_steps=15, test_crops=2,
         checkpoint_every=15, log_every=15, data_dir=str(tmp_path / "unused"))
     caplog.set_level(logging.INFO)

@@ -88,7 +88,7 @@ def test_flags_parse_into_the_config(tmp_path):
         cli.config_from_flags(vd.VocDetectionConfig, values)
     # --help of the binary lists the run flags the README uses
     help_text = values.module_help(vd.PROGRAM)
-    for flag in ("--model_dir", "--init_checkpoint", "--data_dir", "--proposal_workers"):
+    for flag in ("--model_dir", "--pretrained", "--data_dir", "--proposal_workers"):
         assert flag in help_text
 
 
@@ -108,7 +108,7 @@ def test_config_validation_one_line():
 def test_end_to_end_selective_search_then_resume(tmp_path, monkeypatch):
     splits, _ = make_splits()
     init = save_pretraining(tmp_path / "pretrain")
-    config = small_config(tmp_path / "det", init_checkpoint=init)
+    config = small_config(tmp_path / "det", pretrained=init)
     with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn(splits)):
         results = vd_lib.run(config)
     out = tmp_path / "det"
