@@ -2,9 +2,7 @@
 
 - linear (`fit_linear`): multinomial logistic regression on standardised features (mean and
   std of the fitting examples), L2 strength 1/C with C chosen from `LinearHead.cs` by
-  validation accuracy (ties go to the smaller C), then refitted on fit + validation; solved by
-  L-BFGS to a relative gradient tolerance, warm-started along the path of C, and refused
-  (NotConvergedError) rather than used when it does not reach it.
+  validation accuracy (ties go to the smaller C), then refitted on fit + validation.
 - mlp (`fit_mlp`): the classifier of NAT Table 3 (Krizhevsky et al. 2012): fc 4096 - BN - ReLU
   - dropout 0.5 - fc 4096 - BN - ReLU - dropout 0.5 - fc classes, trained by SGD with momentum
   on standardised features; the epoch with the best validation accuracy is kept.
@@ -23,7 +21,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 import tensorflow as tf
-from scipy.optimize import minimize
+from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from models.layers import batch_norm
@@ -35,14 +33,12 @@ KNN_CHUNK = 256  # queries compared with every labelled example at once
 
 @dataclass(frozen=True)
 class LinearHead:
-    """Multinomial logistic regression (L-BFGS to a relative gradient tolerance `tol`, at most
-    `max_iter` iterations, `logistic_regression`); C = inverse L2 strength, chosen on
-    validation; `default_c` when there is no validation example."""
+    """Multinomial logistic regression (L-BFGS); C = inverse L2 strength, chosen on validation;
+    `default_c` when there is no validation example."""
 
     cs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
     default_c: float = 1.0
-    max_iter: int = 2000
-    tol: float = 1e-4
+    max_iter: int = 500
 
 
 @dataclass(frozen=True)
@@ -89,60 +85,19 @@ def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.asarray(predicted) == np.asarray(labels)))
 
 
-class NotConvergedError(ValueError):
-    """The linear classifier's solver stopped before its tolerance; the message says where."""
-
-
-def _objective(x: np.ndarray, onehot: np.ndarray, c: float):
-    """theta -> (F, dF/dtheta) for theta = [W (D x K) ravelled, b (K)], F = the objective of
-    `logistic_regression` divided by N, in float64 (float32 sums over N examples leave a
-    gradient noise of about 1e-4 of its initial size: the tolerance itself)."""
-    n, d = x.shape
-    k = onehot.shape[1]
-
-    def value_and_gradient(theta):
-        w, b = theta[:d * k].reshape(d, k), theta[d * k:]
-        logits = x @ w + b
-        top = logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits - top)
-        total = exp.sum(axis=1, keepdims=True)
-        loss = float(np.sum(np.log(total) + top) - np.sum(logits * onehot))
-        residual = exp / total - onehot
-        grad_w = x.T @ residual + w / c
-        value = (loss + float(np.sum(w * w)) / (2 * c)) / n
-        return value, np.concatenate([grad_w.ravel(), residual.sum(axis=0)]) / n
-
-    return value_and_gradient
-
-
-def _row_space(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(V [D, r], X V [N, r]): an orthonormal basis of the row space of x, and x in it."""
-    eigenvalues, u = np.linalg.eigh(x @ x.T)
-    keep = eigenvalues > 1e-10 * max(eigenvalues.max(), 1e-300)
-    s, u = np.sqrt(eigenvalues[keep]), u[:, keep]
-    return x.T @ (u / s), u * s
-
-
 def logistic_regression(x: np.ndarray, y: np.ndarray, c: float, num_classes: int,
-                        max_iter: int = 2000, tol: float = 1e-4,
-                        init: tuple[np.ndarray, np.ndarray] | None = None,
-                        info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        max_iter: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression: W [D, K], b [K] minimising
 
         sum_i (logsumexp(x_i W + b) - (x_i W + b)[y_i]) + ||W||^2 / (2 C)
 
-    (b not penalised), by L-BFGS (scipy) on that objective divided by N, in float64. It stops
-    when the largest gradient entry is at most `tol` times its value at W = 0, b = 0 (in the
-    coordinates solved, see below), and raises NotConvergedError when it stops otherwise
-    (`max_iter` iterations, or a line search that cannot progress: float64 values of the
-    objective hold tolerances down to about 1e-6 to 1e-7). `init` = (W, b) starts it there (a
-    neighbouring C's optimum, along a path of C); `info`, when given, receives the iterations
-    and the final relative gradient.
-
-    When N < D the optimum lies in the row space of X: with X X^T = U S^2 U^T (rank r) and
-    V = X^T U S^-1 (orthonormal columns), W = V B and ||W|| = ||B||, so the same problem is
-    solved on the r coordinates X V = U S, which is much faster for wide conv features and few
-    labels. Classes absent from y get a bias of -inf (never predicted).
+    (b not penalised), solved by scikit-learn's L-BFGS in float64. When N < D the optimum lies
+    in the row space of X: with X X^T = U S^2 U^T (rank r) and V = X^T U S^-1 (orthonormal
+    columns), W = V B and ||W|| = ||B||, so the same problem is solved on the r coordinates
+    X V = U S, which is much faster for wide conv features and few labels. Classes absent
+    from y get a bias of -inf (never predicted). With two classes present scikit-learn fits
+    one vector w (binary logistic regression); the multinomial optimum is W = [-w/2, w/2] for
+    the binary problem at 2C, which is what is solved.
     """
     x = np.asarray(x, np.float64)
     y = np.asarray(y)
@@ -152,56 +107,47 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, c: float, num_classes: int
         raise ValueError(f"logistic regression needs two classes or more; got {present}")
     # Small problems: BLAS threads only contend (with TensorFlow's too) and slow L-BFGS down.
     with threadpool_limits(limits=1 if n * d < 10_000_000 else None):
-        basis, x = _row_space(x) if n < d else (None, x)
-        r, k = x.shape[1], len(present)
-        onehot = (y[:, None] == present[None, :]).astype(np.float64)
-        fun = _objective(x, onehot, c)
-        theta = np.zeros(r * k + k)
-        target = tol * np.abs(fun(theta)[1]).max()
-        if init is not None:
-            w0 = init[0][:, present] if basis is None else basis.T @ init[0][:, present]
-            b0 = init[1][present]  # a class absent before has no bias yet
-            theta = np.concatenate([w0.ravel(), np.where(np.isfinite(b0), b0, 0.0)])
-        result = minimize(fun, theta, jac=True, method="L-BFGS-B",
-                          options={"maxiter": max_iter, "maxcor": 20, "gtol": target,
-                                   "ftol": 1e-15, "maxls": 50})
-    gradient = float(np.abs(result.jac).max()) / max(target / tol, 1e-300)
-    if info is not None:
-        info.update(iterations=int(result.nit), relative_gradient=gradient)
-    if gradient > tol:
-        raise NotConvergedError(
-            f"logistic regression (C={c:g}, {n} examples x {d} features) stopped after "
-            f"{result.nit} of {max_iter} iterations with a gradient of {gradient:.2g} of its "
-            f"initial size, above the tolerance {tol:g} ({result.message})")
-    w = np.zeros((r, num_classes))
+        basis = None
+        if n < d:
+            eigenvalues, u = np.linalg.eigh(x @ x.T)
+            keep = eigenvalues > 1e-10 * max(eigenvalues.max(), 1e-300)
+            s, u = np.sqrt(eigenvalues[keep]), u[:, keep]
+            basis = x.T @ (u / s)  # [D, r]
+            x = u * s
+        binary = len(present) == 2
+        solver = LogisticRegression(C=2 * c if binary else c, l1_ratio=0.0, tol=1e-8,
+                                    max_iter=max_iter)
+        solver.fit(x, y)
+    coef, intercept = solver.coef_, solver.intercept_
+    if binary:
+        coef = np.concatenate([-coef, coef]) / 2
+        intercept = np.concatenate([-intercept, intercept]) / 2
+    w = np.zeros((x.shape[1], num_classes))
     b = np.full(num_classes, -np.inf)
-    w[:, present] = result.x[:r * k].reshape(r, k)
-    b[present] = result.x[r * k:]
+    w[:, solver.classes_] = coef.T
+    b[solver.classes_] = intercept
     return (w if basis is None else basis @ w), b
 
 
-def _fit_linear(x, y, c: float, cfg: LinearHead, num_classes: int, init=None):
-    """(predict, (W, b)) of the linear classifier at C on standardised x."""
+def _fit_linear(x, y, c: float, cfg: LinearHead, num_classes: int):
     standardize = standardizer(x)
-    w, b = logistic_regression(standardize(x), y, c, num_classes, cfg.max_iter, cfg.tol, init)
-    return (lambda z: np.argmax(standardize(z) @ w + b, axis=1).astype(np.int64)), (w, b)
+    w, b = logistic_regression(standardize(x), y, c, num_classes, cfg.max_iter)
+    return lambda z: np.argmax(standardize(z) @ w + b, axis=1).astype(np.int64)
 
 
 def fit_linear(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                num_classes: int, cfg: LinearHead = LinearHead()) -> Fitted:
-    """Choose C on validation (each C's solve starting from the optimum of the next smaller
-    one), then refit on fit + validation with that C, starting from its optimum on fit."""
+    """Choose C on validation, then refit on fit + validation with that C."""
     if len(y_val) == 0:
-        return Fitted(_fit_linear(x_fit, y_fit, cfg.default_c, cfg, num_classes)[0],
+        return Fitted(_fit_linear(x_fit, y_fit, cfg.default_c, cfg, num_classes),
                       {"C": cfg.default_c}, None)
-    scores, optima, init = {}, {}, None
-    for c in sorted(cfg.cs):
-        predict, init = _fit_linear(x_fit, y_fit, c, cfg, num_classes, init)
-        scores[c], optima[c] = accuracy(predict(x_val), y_val), init
-    best = max(sorted(cfg.cs), key=lambda c: scores[c])  # first maximum: the smallest such C
-    predict = _fit_linear(np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]), best,
-                          cfg, num_classes, optima[best])[0]
-    return Fitted(predict, {"C": best}, scores[best])
+    scores = [accuracy(_fit_linear(x_fit, y_fit, c, cfg, num_classes)(x_val), y_val)
+              for c in cfg.cs]
+    best = int(np.argmax(scores))  # first maximum: the smallest such C
+    c = cfg.cs[best]
+    predict = _fit_linear(np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]), c, cfg,
+                          num_classes)
+    return Fitted(predict, {"C": c}, scores[best])
 
 
 def _nearest(z: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

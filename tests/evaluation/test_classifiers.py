@@ -16,83 +16,40 @@ def _objective_gradient(x, y, w, b, c):
     return x.T @ residual + w / c, residual.sum(axis=0)
 
 
-def _relative_gradient(x, y, w, b, c) -> float:
-    """The oracle's largest gradient entry at (W, b), relative to its value at W = 0, b = 0."""
-    zero = _objective_gradient(x, y, np.zeros_like(w), np.zeros_like(b), c)
-    return (max(np.abs(g).max() for g in _objective_gradient(x, y, w, b, c))
-            / max(np.abs(g).max() for g in zero))
-
-
-def test_logistic_regression_solves_its_objective_to_its_tolerance():
-    rng = np.random.default_rng(120)
-    x = rng.normal(size=(120, 6))
-    y = np.arange(120) % 3
-    for tol in (1e-4, 1e-6):
-        info = {}
-        w, b = classifiers.logistic_regression(x, y, c=0.5, num_classes=3, tol=tol, info=info)
-        assert w.shape == (6, 3) and b.shape == (3,)
-        assert _relative_gradient(x, y, w, b, 0.5) <= tol * 1.001
-        assert info["relative_gradient"] <= tol and 0 < info["iterations"] < 2000
-
-
-def test_logistic_regression_with_fewer_examples_than_features_solves_the_full_problem():
-    """With N < D the row-space reduction must not change the optimum (the optimum of the full
-    problem lies in the row space): the full gradient vanishes."""
-    rng = np.random.default_rng(30)
-    x = rng.normal(size=(30, 80))
-    y = np.arange(30) % 3
-    w, b = classifiers.logistic_regression(x, y, c=0.5, num_classes=3, tol=1e-7)
-    assert w.shape == (80, 3)
-    assert _relative_gradient(x, y, w, b, 0.5) < 1e-5
+@pytest.mark.parametrize("n, d", [(30, 80), (120, 6)])
+def test_logistic_regression_solves_its_objective(n, d):
+    """At the optimum the gradient vanishes; with N < D the row-space reduction must not
+    change that (the optimum of the full problem lies in the row space)."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, d))
+    y = np.arange(n) % 3
+    w, b = classifiers.logistic_regression(x, y, c=0.5, num_classes=3)
+    assert w.shape == (d, 3) and b.shape == (3,)
+    grad_w, grad_b = _objective_gradient(x, y, w, b, 0.5)
+    assert np.abs(grad_w).max() < 1e-4 and np.abs(grad_b).max() < 1e-4
 
 
 def test_logistic_regression_two_classes_and_an_absent_class():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, 5))
     y = (x[:, 0] > 0).astype(int) * 2  # classes 0 and 2; class 1 never appears
-    w, b = classifiers.logistic_regression(x, y, c=10.0, num_classes=3, tol=1e-6)
-    assert b[1] == -np.inf and not w[:, 1].any()
+    w, b = classifiers.logistic_regression(x, y, c=10.0, num_classes=3)
+    assert b[1] == -np.inf
     keep = [0, 2]
-    assert _relative_gradient(x, y // 2, w[:, keep], b[keep], 10.0) <= 1e-6 * 1.001
+    grad_w, grad_b = _objective_gradient(x, y // 2, w[:, keep], b[keep], 10.0)
+    assert np.abs(grad_w).max() < 1e-4 and np.abs(grad_b).max() < 1e-4
     assert np.array_equal(np.argmax(x @ w + b, axis=1), y)
-
-
-def test_a_warm_start_reaches_the_same_optimum_in_fewer_iterations():
-    rng = np.random.default_rng(4)
-    x = rng.normal(size=(200, 12))
-    y = rng.integers(0, 4, 200)
-    near = classifiers.logistic_regression(x, y, c=1.0, num_classes=4, tol=1e-6)
-    cold, warm = {}, {}
-    w_cold, b_cold = classifiers.logistic_regression(x, y, 2.0, 4, tol=1e-6, info=cold)
-    w_warm, b_warm = classifiers.logistic_regression(x, y, 2.0, 4, tol=1e-6, init=near,
-                                                     info=warm)
-    assert warm["iterations"] < cold["iterations"]
-    # both within the tolerance of the optimum; b is defined up to a common shift
-    np.testing.assert_allclose(w_warm, w_cold, atol=1e-4)
-    np.testing.assert_allclose(x @ w_warm + b_warm - (x @ w_cold + b_cold), 0, atol=1e-4)
-
-
-def test_a_solve_that_stops_early_is_refused_not_used():
-    rng = np.random.default_rng(5)
-    x = rng.normal(size=(300, 20))
-    y = rng.integers(0, 5, 300)
-    with pytest.raises(classifiers.NotConvergedError,
-                       match=r"logistic regression \(C=1, 300 examples x 20 features\) stopped "
-                             r"after 3 of 3 iterations with a gradient of .* of its initial size, "
-                             r"above the tolerance 0.0001"):
-        classifiers.logistic_regression(x, y, 1.0, 5, max_iter=3)
-    assert isinstance(classifiers.NotConvergedError("x"), ValueError)  # one line in binaries
 
 
 def test_fit_linear_chooses_c_on_validation_ties_to_the_smallest():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(60, 4))
     y = (x[:, 0] > 0).astype(int)
-    cfg = classifiers.LinearHead(tol=1e-6)  # the warm-started path and cold fits agree
-    fitted = classifiers.fit_linear(x[:40], y[:40], x[40:], y[40:], 2, cfg)
+    fitted = classifiers.fit_linear(x[:40], y[:40], x[40:], y[40:], 2)
     scores = [classifiers.accuracy(
-        classifiers._fit_linear(x[:40], y[:40], c, cfg, 2)[0](x[40:]), y[40:]) for c in cfg.cs]
-    assert fitted.hyper["C"] == cfg.cs[int(np.argmax(scores))]
+        classifiers._fit_linear(x[:40], y[:40], c, classifiers.LinearHead(), 2)(x[40:]), y[40:])
+        for c in classifiers.LinearHead().cs]
+    assert fitted.hyper["C"] == classifiers.LinearHead().cs[int(np.argmax(scores))]
     assert fitted.val_accuracy == max(scores)
 
 
