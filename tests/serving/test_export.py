@@ -440,7 +440,9 @@ def test_config_and_run_reject_bad_runs(tmp_path):
     with pytest.raises(UsageError, match=r"--pretrained is required unless --init=random"):
         ExportConfig()
     missing = tmp_path / "nothing"
-    with pytest.raises(FileNotFoundError, match=f"run folder {missing} does not exist"):
+    # --pretrained takes a run folder or a checkpoint prefix: a missing path is named as such
+    with pytest.raises(FileNotFoundError, match=f"^{missing} does not exist: give a run folder "
+                       "or a checkpoint prefix$"):
         run(ExportConfig(pretrained=str(missing)))
 
 
