@@ -16,10 +16,9 @@ from data import DataError, fashion_mnist, labelled, prepared
 from data.pretrain import open_source
 from tests.helpers import run_module
 
-needs_debian = pytest.mark.skipif(
-    not os.path.isdir(fashion_mnist.DEBIAN_DIR),
-    reason=f"{fashion_mnist.DEBIAN_DIR} is absent: `apt-get install dataset-fashion-mnist` "
-           "(.ci/run installs it where it can)")
+NO_DEBIAN = (f"{fashion_mnist.DEBIAN_DIR} is absent: `apt-get install dataset-fashion-mnist` "
+             "(.ci/run installs it where it can)")
+needs_debian = pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEBIAN_DIR), reason=NO_DEBIAN)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def prepared_dir(tmp_path_factory):
     """A data_dir with fashion_mnist prepared from the Debian files once for this module (the
     preparation takes about a minute): (data_dir, what it printed, seconds)."""
     if not os.path.isdir(fashion_mnist.DEBIAN_DIR):
-        pytest.skip(f"{fashion_mnist.DEBIAN_DIR} is absent")
+        pytest.skip(NO_DEBIAN)
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     printed = io.StringIO()
     start = time.perf_counter()
