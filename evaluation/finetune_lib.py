@@ -15,9 +15,10 @@ from evaluation.finetune import RESUMABLE, FinetuneConfig
 from losses import loss_scale
 from losses.divergence import check_finite
 from models import build_model
+from models.checkpoints import ChosenCheckpoint
 from models.runs import backbone_layers
 from models.runs import model_spec as run_model_spec
-from models.weights import load_weights
+from models.weights import load_weights, read_model_weights
 from runtime.cli import UsageError
 from runtime.ownership import claim_run, fingerprint_of, start_run
 from runtime.progress import Progress
@@ -51,12 +52,13 @@ def model_spec(cfg: FinetuneConfig) -> tuple[str, dict]:
     return name, kwargs
 
 
-def initial_model(name: str, kwargs: dict, init: str | None, seed: int,
+def initial_model(name: str, kwargs: dict, init: str | ChosenCheckpoint | None, seed: int,
                   mixed_precision: str = "none"):
     """(the network before fine-tuning, the LoadReport or None): built under `seed` (and the
     dtype policy of `mixed_precision`), then (init not None) every variable the checkpoint
-    holds is loaded; the backbone layers must all be there. With the same seed, a pretrained
-    and a scratch model differ only in the loaded variables.
+    (a path, or the weights `read_model_weights` read) holds is loaded; the backbone layers
+    must all be there. With the same seed, a pretrained and a scratch model differ only in the
+    loaded variables.
     """
     keras.utils.set_random_seed(seed)
     model = build_model(name, precision=mixed_precision, **kwargs)
@@ -216,8 +218,9 @@ def _keep(model, best_weights, best_epoch: int, last_epoch: int) -> int:
     return best_epoch if best_weights is not None else last_epoch
 
 
-def run_seed(cfg: FinetuneConfig, name: str, kwargs: dict, init: str | None, seed: int,
-             data: Labelled, label: str = "") -> RunResult:
+def run_seed(cfg: FinetuneConfig, name: str, kwargs: dict,
+             init: str | ChosenCheckpoint | None, seed: int, data: Labelled, label: str = ""
+             ) -> RunResult:
     """One fine-tuning run: the initial model of (init, seed), training, then the test split."""
     model, loaded = initial_model(name, kwargs, init, seed, cfg.mixed_precision)
     bar = Progress(cfg.epochs, label or f"seed {seed}", unit=" epochs")
@@ -228,7 +231,8 @@ def run_seed(cfg: FinetuneConfig, name: str, kwargs: dict, init: str | None, see
                          test_indices).batch(256)
     test_loss, test_acc = evaluate(model, test)
     chosen = history[kept - 1]
-    return RunResult(seed, init or "random", len(loaded.loaded) if loaded else 0, len(history),
+    return RunResult(seed, loaded.checkpoint if loaded else "random",
+                     len(loaded.loaded) if loaded else 0, len(history),
                      kept, converged, "validation" if len(data.y_val) else "training",
                      chosen["val_loss"], chosen["val_accuracy"], test_loss, test_acc, history)
 
@@ -256,13 +260,14 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
             input_shape = tuple(build_model(name, **kwargs).input_shape[1:])
         except (TypeError, ValueError) as error:
             raise UsageError(f"--model_kwargs: {error}") from None
-        inits = {}
-        if cfg.init == "pretrained":
+        inits, weights = {}, None
+        if cfg.init == "pretrained":  # one checkpoint, read once, for every seed
             try:
-                initial_model(name, kwargs, cfg.pretrained, cfg.seeds[0])
+                weights = read_model_weights(cfg.pretrained)
+                initial_model(name, kwargs, weights, cfg.seeds[0])
             except (FileNotFoundError, ValueError) as error:
                 raise UsageError(f"--pretrained={cfg.pretrained}: {error}") from None
-            inits["pretrained"] = cfg.pretrained
+            inits["pretrained"] = weights
         if cfg.init == "random" or cfg.compare_scratch:
             inits["scratch"] = None
         tic = time.time()
@@ -276,13 +281,16 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
                 results[key].append(run_seed(cfg, name, kwargs, init, seed, data,
                                              f"fine-tuning {key}, seed {seed}"))
         start_run(claim, asdict(cfg))  # complete results: config.json, then them
-        text = write_report(cfg, name, kwargs, results, time.time() - tic)
+        text = write_report(cfg, name, kwargs, results, time.time() - tic,
+                            weights.record() if weights else None)
     return results, text
 
 
 def write_report(cfg: FinetuneConfig, name: str, kwargs: dict,
-                 results: dict[str, list[RunResult]], seconds: float) -> str:
-    """finetune.json and finetune.md; returns the console text."""
+                 results: dict[str, list[RunResult]], seconds: float,
+                 checkpoint: dict | None = None) -> str:
+    """finetune.json and finetune.md (with `checkpoint`, the {"path", "step"} every pretrained
+    seed started from); returns the console text."""
     labels = f"{cfg.labels}/class" if cfg.labels else "all"
     headers = ["init", "model", "dataset", "labels", "seeds", "converged", "epochs",
                f"test acc % (± sd over {len(cfg.seeds)} seeds)"]
@@ -300,6 +308,7 @@ def write_report(cfg: FinetuneConfig, name: str, kwargs: dict,
         gap = report.paired_gap([r.test_accuracy for r in results["pretrained"]],
                                 [r.test_accuracy for r in results["scratch"]], "seeds")
     payload = {"config": asdict(cfg), "model": name, "model_kwargs": kwargs, "seconds": seconds,
+               "checkpoint": checkpoint,
                "runs": {key: [asdict(r) for r in runs] for key, runs in results.items()},
                "summary": {key: dict(zip(("mean", "std"),
                                          report.mean_std([r.test_accuracy for r in runs]),

@@ -23,13 +23,14 @@ AT_INIT, CALIBRATED = "random init, BN at init", "random init, BN calibrated"
 
 
 def load_model(cfg: ProbeConfig):
-    """(model, model name, a description of the weights) from the config."""
+    """(model, model name, a description of the weights, the checkpoint's {"path", "step"} or
+    None) from the config: one checkpoint, read once (models/checkpoints.py)."""
     if cfg.saved_model:
         try:
             client = SavedModelClient(cfg.saved_model)
         except ServingError as error:
             raise UsageError(f"--saved_model={cfg.saved_model}: {error}") from None
-        return client, None, cfg.saved_model
+        return client, None, cfg.saved_model, None
     try:
         loaded = load_run_model(cfg.pretrained, cfg.model, cfg.overrides(), init=cfg.init,
                                 seed=cfg.seed)
@@ -38,14 +39,15 @@ def load_model(cfg: ProbeConfig):
         raise UsageError(f"{flag}={cfg.pretrained or cfg.model_kwargs}: {error}") from None
     weights = (f"random init, seed {loaded.seed}" if cfg.init == "random"
                else f"{loaded.checkpoint} ({loaded.loaded} tensors)")
-    return loaded.model, loaded.name, weights
+    checkpoint = {"path": loaded.checkpoint, "step": loaded.step} if loaded.checkpoint else None
+    return loaded.model, loaded.name, weights, checkpoint
 
 
 def run(cfg: ProbeConfig):
     """Run the probe of `cfg`; write config.json, probe.json and probe.md; print and return
     (result, console table)."""
     with claim_run(cfg.out, fingerprint_of(cfg, cfg.RESUMABLE), "--output_dir") as claim:
-        result, seconds, name, weights = _probe(cfg)
+        result, seconds, name, weights, checkpoint = _probe(cfg)
         # A random init is probed twice: BN at init (above) and BN calibrated.
         results = {"": result} if cfg.init == "pretrained" else {
             AT_INIT: result, CALIBRATED: _probe_calibrated(cfg)}
@@ -64,7 +66,7 @@ def run(cfg: ProbeConfig):
     title = (f"{cfg.head} probe of {name} ({weights}) on {cfg.dataset}: "
              f"{result.train_examples} train images drawn, {result.test_examples} test images")
     payload = {"config": asdict(cfg), "model": name, "weights": weights,
-               "seconds": seconds, **result.to_json()}
+               "checkpoint": checkpoint, "seconds": seconds, **result.to_json()}
     notes = ""
     if len(results) > 1:
         headers.append("init")
@@ -119,13 +121,13 @@ def _probe_calibrated(cfg: ProbeConfig):
 
 
 def _probe(cfg: ProbeConfig, loaded=None):
-    """(the ProbeResult, seconds, model name, a description of the weights) of the model of
-    `cfg` (or of `loaded`, `load_model`'s answer with the weights changed since)."""
+    """(the ProbeResult, seconds, model name, a description of the weights, the checkpoint) of
+    the model of `cfg` (or of `loaded`, `load_model`'s answer with the weights changed since)."""
 
     source = labelled.LabelledSource(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.stl10_dir)
     if not cfg.stl10_folds:  # (the folds read the STL-10 binary folder, not tfds)
         labelled.check_available(source)  # both splits, before the model is loaded
-    model, name, weights = loaded or load_model(cfg)
+    model, name, weights, checkpoint = loaded or load_model(cfg)
     endpoints = cfg.endpoints
     if endpoints is None:
         if name not in TRANSFER_ENDPOINT:
@@ -147,4 +149,4 @@ def _probe(cfg: ProbeConfig, loaded=None):
             knn=KnnHead(k=cfg.knn_k))
     except labelled.LabelsPerClassError as error:
         raise UsageError(f"--labels_per_class={cfg.labels_per_class}: {error}") from None
-    return result, time.time() - tic, name or model.name, weights
+    return result, time.time() - tic, name or model.name, weights, checkpoint

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import keras
 
 from models import TRANSFER_ENDPOINT, build_model
-from models.checkpoints import resolve_checkpoint
-from models.weights import LoadReport, load_weights
+from models.weights import LoadReport, load_weights, read_model_weights
 from runtime.errors import InvalidInput
 from runtime.run_config import CONFIG_FILE, read_config, run_folder
 
@@ -72,12 +71,14 @@ class LoadedModel:
     loaded: int
     config: dict
     seed: int | None = None  # the seed of a random init (None: the weights were loaded)
+    step: int | None = None  # the step of `checkpoint`
 
 
 def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | None = None,
                    checkpoint: str = "", init: str = "pretrained", seed: int = 0
                    ) -> LoadedModel:
-    """Rebuild a run's network from `<model_dir>/config.json` and load its latest checkpoint.
+    """Rebuild a run's network from `<model_dir>/config.json` and load its newest intact
+    checkpoint (models/checkpoints.py: read once, checked, then used).
 
     Args:
       model_dir: the run folder, or one checkpoint prefix of it (the checkpoint then loaded;
@@ -110,14 +111,14 @@ def load_run_model(model_dir: str = "", model: str = "", overrides: Mapping | No
     kwargs.update(overrides or {})
     if kwargs.get("input_shape") is not None:
         kwargs["input_shape"] = tuple(kwargs["input_shape"])
-    path, loaded, init_seed = None, 0, None
+    weights, path, loaded, init_seed, step = None, None, 0, None, None
     if init == "pretrained":
-        path = resolve_checkpoint(checkpoint)  # before the (large) model is built
+        weights = read_model_weights(checkpoint)  # before the (large) model is built
     else:
         init_seed = int(config.get("seed", seed))
         keras.utils.set_random_seed(init_seed)  # as train.pretrain.random_twin seeds the twin
     built = build_model(name, **kwargs)
-    if path is not None:
-        report = load_weights(built, path, require=backbone_layers(name, **kwargs))
-        path, loaded = report.checkpoint, len(report.loaded)
-    return LoadedModel(built, name, kwargs, path, loaded, config, init_seed)
+    if weights is not None:
+        report = load_weights(built, weights, require=backbone_layers(name, **kwargs))
+        path, loaded, step = report.checkpoint, len(report.loaded), report.step
+    return LoadedModel(built, name, kwargs, path, loaded, config, init_seed, step)

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from models.checkpoints import resolve_checkpoint
+from models.checkpoints import ChosenCheckpoint, read_checkpoint
 from runtime.errors import InvalidInput
 
 _PREFIX = "model/"
@@ -56,32 +55,47 @@ class LoadReport:
     checkpoint: str
     loaded: tuple[str, ...]
     missing: tuple[str, ...]
+    step: int | None = None  # the checkpoint's step
 
 
-def load_weights(model: keras.Model, checkpoint: str, require: tuple[str, ...] = (),
-                 require_all: bool = False, layers: tuple[str, ...] | None = None
-                 ) -> LoadReport:
+def is_model_tensor(name: str) -> bool:
+    """True for the checkpoint names of `named_variables` entries (what load_weights reads)."""
+    return name.startswith(_PREFIX) and name.endswith(_SUFFIX)
+
+
+def read_model_weights(checkpoint: str) -> ChosenCheckpoint:
+    """The checkpoint to read at `checkpoint` (a prefix, or a run folder's newest intact one:
+    models/checkpoints.py), checked, with its model tensors in memory: read once, it can fill
+    any number of models (`load_weights`) whatever the run's writer does meanwhile."""
+    return read_checkpoint(checkpoint, is_model_tensor)
+
+
+def load_weights(model: keras.Model, checkpoint: str | ChosenCheckpoint,
+                 require: tuple[str, ...] = (), require_all: bool = False,
+                 layers: tuple[str, ...] | None = None) -> LoadReport:
     """Copy into `model` every variable the checkpoint holds under the same key.
 
     Args:
       model: the model to fill.
-      checkpoint: a checkpoint prefix, or a directory (its latest checkpoint).
+      checkpoint: a checkpoint prefix, or a directory (its newest intact checkpoint), or the
+        weights `read_model_weights` read from one.
       require: layer names that must all be loaded (for example the backbone's convs).
       require_all: every model variable must be loaded (a full resume).
       layers: when given, only the variables of these layers are read; the others keep
         their values whatever the checkpoint holds for them (reported as missing).
 
     Raises:
-      MissingInput (a FileNotFoundError): no checkpoint at `checkpoint`.
+      MissingInput (a FileNotFoundError): no checkpoint at `checkpoint`; InvalidInput naming
+        it when it is damaged.
       InvalidInput (a ValueError): a shape differs, nothing matches, or a required layer is
         missing; the message names the checkpoint and the first offending key.
     """
-    path = resolve_checkpoint(checkpoint)
-    reader = tf.train.load_checkpoint(path)
+    chosen = checkpoint if isinstance(checkpoint, ChosenCheckpoint) else \
+        read_model_weights(checkpoint)
+    path = chosen.prefix
     stored = {  # key -> (name in the checkpoint, shape)
-        _unescape(name[len(_PREFIX):-len(_SUFFIX)]): (name, shape)
-        for name, shape in reader.get_variable_to_shape_map().items()
-        if name.startswith(_PREFIX) and name.endswith(_SUFFIX)
+        _unescape(name[len(_PREFIX):-len(_SUFFIX)]): (name, np.shape(value))
+        for name, value in chosen.tensors.items() if is_model_tensor(name)
     }
     loaded, missing = [], []
     for key, variable in named_variables(model).items():
@@ -94,7 +108,7 @@ def load_weights(model: keras.Model, checkpoint: str, require: tuple[str, ...] =
                 f"checkpoint {path} is not compatible with {model.name}: {key} has shape "
                 f"{tuple(shape)} there, {tuple(variable.shape)} in the model"
             )
-        variable.assign(np.asarray(reader.get_tensor(name)))
+        variable.assign(np.asarray(chosen.tensors[name]))
         loaded.append(key)
     if not loaded:
         raise InvalidInput(f"checkpoint {path} holds no weights of {model.name}")
@@ -106,4 +120,4 @@ def load_weights(model: keras.Model, checkpoint: str, require: tuple[str, ...] =
     if require_all and missing:
         raise InvalidInput(f"checkpoint {path} lacks {len(missing)} weights of {model.name}, "
                            f"first {missing[0]}")
-    return LoadReport(os.fspath(path), tuple(loaded), tuple(missing))
+    return LoadReport(os.fspath(path), tuple(loaded), tuple(missing), chosen.step)

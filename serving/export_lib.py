@@ -204,12 +204,15 @@ def read_metadata(version_dir: str) -> dict:
 
 
 def run(config: ExportConfig) -> str:
-    """Build the model, load its weights, export; prints and returns the version directory."""
+    """Build the model, load its weights (one checkpoint, read once: models/checkpoints.py),
+    export; prints and returns the version directory."""
     loaded = load_run_model(config.pretrained, config.model, config.overrides(),
                             init=config.init, seed=config.seed)
     metadata = {"model": loaded.name, "model_kwargs": loaded.kwargs,
-                "checkpoint": loaded.checkpoint, "init": config.init,
-                "export_flags": asdict(config)}
+                "checkpoint": loaded.checkpoint, "checkpoint_step": loaded.step,
+                # now, not at writing time, when a live run may have rotated it away
+                "checkpoint_digest": checkpoint_digest(loaded.checkpoint),
+                "init": config.init, "export_flags": asdict(config)}
     if loaded.seed is not None:
         metadata["init_seed"] = loaded.seed
     for key in ("method", "dataset"):

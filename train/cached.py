@@ -15,16 +15,24 @@ import os
 import re
 from collections.abc import Callable
 
-from models.checkpoints import resolve_checkpoint
+from models.checkpoints import RETRIES, resolve_checkpoint
+from runtime.errors import MissingInput
 from runtime.files import read_json, write_json_atomic
 
 
 def checkpoint_identity(path: str) -> dict:
     """{"checkpoint": prefix name, "step": its step or None, "index_sha256": digest} of the
-    checkpoint `path` names (a prefix, or a folder's latest)."""
-    prefix = resolve_checkpoint(path)
-    with open(prefix + ".index", "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    checkpoint `path` names (a prefix, or a folder's newest intact one: models/checkpoints.py)."""
+    for _ in range(RETRIES):
+        prefix = resolve_checkpoint(path)
+        try:
+            with open(prefix + ".index", "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            break
+        except FileNotFoundError:  # rotated away since it was checked: resolve again
+            continue
+    else:
+        raise MissingInput(f"the checkpoints of {path} kept vanishing while they were read")
     step = re.search(r"-(\d+)$", prefix)
     return {"checkpoint": os.path.basename(prefix), "step": int(step[1]) if step else None,
             "index_sha256": digest}

@@ -112,7 +112,7 @@ def test_random_init_is_the_runs_seeded_twin_probed_at_init_and_calibrated(tmp_p
                               input_shape=(12, 12, 1), head="nat", feature_dim=8)
     cfg = linear_probe.ProbeConfig(pretrained=run, init="random", seed=9)
     for _ in range(2):  # every call: the same weights, the run's twin's
-        model, _, weights = linear_probe_lib.load_model(cfg)
+        model, _, weights, _ = linear_probe_lib.load_model(cfg)
         assert weights == "random init, seed 3"
         for key, variable in named_variables(start).items():
             np.testing.assert_array_equal(named_variables(model)[key].numpy(), variable.numpy())
