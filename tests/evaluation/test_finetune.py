@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -259,3 +260,40 @@ def test_the_epoch_stops_before_the_first_non_finite_step():
     _, bad_loss, bad = finetune_lib._train_epoch(model, optimizer)(batches, tf.constant(6))
     assert 1 <= int(bad) < 6 and not np.isfinite(float(bad_loss))
     assert int(optimizer.iterations) == int(bad)  # the steps before it, none from it on
+
+
+def test_every_seed_starts_from_one_checkpoint_read_once(tmp_path, monkeypatch):
+    """A live run writes a newer checkpoint between the seeds: both seeds still start from the
+    checkpoint read at the start, read once, and finetune.json records its path and step."""
+    from models import checkpoints
+    from models.checkpoints import open_checkpoints
+
+    model_dir, saved = make_run_dir(tmp_path / "pretrain", seed=5, input_shape=SHAPE,
+                                    head="nat", feature_dim=8)
+    first = tf.train.latest_checkpoint(model_dir)
+    _, writer, _ = open_checkpoints(model_dir, {"model": named_variables(saved)}, keep=1)
+    reads, starts = [], []
+    check, run_seed = checkpoints.check_checkpoint, finetune_lib.run_seed
+
+    def counted_check(prefix, want=None):
+        reads.append(prefix)
+        return check(prefix, want)
+
+    def run_seed_then_train_on(cfg, name, kwargs, init, seed, *args):
+        result = run_seed(cfg, name, kwargs, init, seed, *args)
+        starts.append(result.init)
+        for variable in saved.trainable_variables:  # the run trains on and saves
+            variable.assign(variable + 1.0)
+        writer.save(checkpoint_number=len(starts) + 1)
+        return result
+
+    monkeypatch.setattr(checkpoints, "check_checkpoint", counted_check)
+    monkeypatch.setattr(finetune_lib, "run_seed", run_seed_then_train_on)
+    results, _ = finetune_lib.run(config(tmp_path, pretrained=model_dir, model="",
+                                         model_kwargs="{}", seeds=(0, 1)))
+    assert reads == [first]
+    assert starts == [first, first] and first.endswith("ckpt-1")
+    assert not os.path.exists(first + ".index")  # rotated away meanwhile (keep=1)
+    assert [r.init for r in results["pretrained"]] == [first, first]
+    written = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert written["checkpoint"] == {"path": first, "step": 1}
