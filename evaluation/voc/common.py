@@ -40,7 +40,7 @@ from losses import loss_scale
 from losses.divergence import check_finite
 from models import precision
 from models.checkpoints import open_checkpoints
-from models.weights import named_variables
+from models.weights import named_variables, read_model_weights
 from runtime.files import write_json_atomic, write_text_atomic
 from runtime.ownership import claim_run, fingerprint_of, start_run
 from runtime.progress import Progress
@@ -169,7 +169,8 @@ def _start(protocol: VocProtocol, config):
         config.keep_checkpoints, optional=(loss_scale.LOSS_SCALE_KEY,))
     if latest is not None:
         logging.info("resumed from %s at step %d", latest, int(optimizer.iterations.numpy()))
-    elif config.pretrained:
-        protocol.initialize(net, config)
+    elif config.pretrained:  # one checkpoint, read once, for every part of the net it fills
+        protocol.initialize(net, dataclasses.replace(
+            config, pretrained=read_model_weights(config.pretrained)))
     protocol.prepare(net, config, resumed=latest is not None)
     return net, optimizer, manager, schedule, variables

@@ -52,3 +52,54 @@ def test_a_finite_run_saves_every_checkpoint(tmp_path):
     _loop(tmp_path, nan_at=-1)()
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".index")) == [
         f"ckpt-{s}.index" for s in (2, 4, 6, 8)]
+
+
+def test_a_fresh_run_initialises_from_the_newest_intact_checkpoint_read_once(tmp_path, capsys,
+                                                                             monkeypatch):
+    import keras
+
+    from evaluation.voc import common
+    from evaluation.voc.classification import VocClassificationConfig
+    from models import checkpoints
+    from models.checkpoints import ChosenCheckpoint
+    from models.weights import load_weights, named_variables
+
+    def net():
+        inputs = keras.Input((3,))
+        return keras.Model(inputs, keras.layers.Dense(2, name="fc")(inputs))
+
+    pretrained, saved = net(), tmp_path / "pretrained"
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=named_variables(pretrained)), str(saved), 5)
+    for step in (1, 2):
+        pretrained.get_layer("fc").kernel.assign(np.full((3, 2), step, np.float32))
+        manager.save(checkpoint_number=step)
+    data = saved / "ckpt-2.data-00000-of-00001"
+    os.truncate(data, os.path.getsize(data) // 2)
+    seen, reads, check = [], [], checkpoints.check_checkpoint
+    monkeypatch.setattr(checkpoints, "check_checkpoint",
+                        lambda prefix, want=None: reads.append(prefix) or check(prefix, want))
+
+    class Protocol:
+        def build(self, config, preprocessing):
+            built = net()
+            return built, 0.1, built.trainable_variables
+
+        def initialize(self, built, config):
+            seen.append(config.pretrained)
+            load_weights(built, config.pretrained)
+            load_weights(built, config.pretrained)  # (detection fills two parts of its net)
+
+        def prepare(self, built, config, resumed):
+            seen.append(resumed)
+
+    config = VocClassificationConfig(model_dir=str(tmp_path / "voc"), pretrained=str(saved))
+    built, *_ = common._start(Protocol(), config)
+    (chosen, resumed) = seen
+    assert reads == [str(saved / "ckpt-2"), str(saved / "ckpt-1")]  # each read once
+    assert isinstance(chosen, ChosenCheckpoint) and not resumed
+    assert (chosen.prefix, chosen.step) == (str(saved / "ckpt-1"), 1)
+    np.testing.assert_array_equal(built.get_layer("fc").kernel.numpy(), np.ones((3, 2)))
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: skipped damaged checkpoint {saved}/ckpt-2 (truncated: ")
+    assert line.endswith(f"): using {saved}/ckpt-1 (step 1) instead")
