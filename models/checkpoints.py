@@ -85,11 +85,8 @@ class ChosenCheckpoint:
                 f"{self.step}) instead")
 
     def record(self) -> dict:
-        """{"path", "step"} (and "skipped", the damaged prefixes) for a results file."""
-        found = {"path": self.prefix, "step": self.step}
-        if self.skipped:
-            found["skipped"] = [prefix for prefix, _ in self.skipped]
-        return found
+        """{"path", "step"}: what a results file records of the checkpoint it comes from."""
+        return {"path": self.prefix, "step": self.step}
 
 
 def _reason(error: BaseException) -> str:

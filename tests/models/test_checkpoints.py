@@ -86,7 +86,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_line_naming_both(tmp_pa
     assert lines == [chosen.skipped_line()]
     assert lines[0] == (f"skipped damaged checkpoint {saved[3]} ({chosen.skipped[0][1]}): "
                         f"using {saved[2]} (step 2) instead")
-    assert chosen.record() == {"path": saved[2], "step": 2, "skipped": [saved[3]]}
+    assert chosen.record() == {"path": saved[2], "step": 2}
     # the same damaged prefix named explicitly: one line naming it, no fallback
     with pytest.raises(Damaged) as caught:
         read_checkpoint(saved[3])
