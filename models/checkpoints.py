@@ -129,8 +129,9 @@ def list_checkpoints(folder: str) -> list[str]:
         prefixes.add(os.path.join(folder, state.model_checkpoint_path))
     stamped = []
     for prefix in prefixes:
+        step = checkpoint_step(prefix)
         try:
-            stamped.append((checkpoint_step(prefix) or -1, os.path.getmtime(prefix + ".index"),
+            stamped.append((-1 if step is None else step, os.path.getmtime(prefix + ".index"),
                             os.path.normpath(prefix)))
         except OSError:  # listed, but not (or no longer) there
             continue
