@@ -14,6 +14,7 @@ from evaluation.compare import compare
 from evaluation.figures import plot_ablation
 from evaluation.random_init import stronger
 from evaluation.report import format_table, paired_gap, write_json
+from models.checkpoints import resolve_checkpoint
 from models.runs import load_run_model
 from runtime import cli
 from runtime.files import write_text_atomic
@@ -46,25 +47,26 @@ def evaluate_run(cfg: AblateConfig, config) -> dict:
     it answers (train/cached.py)."""
 
     views = {"linear": "sc"} | ({"knn": "embedding"} if config.method == "nat" else {})
+    prefix = resolve_checkpoint(config.model_dir)  # one checkpoint for every view and row
     key = {"dataset": "digits", "views": views, "labels_per_class": cfg.labels_per_class,
            "splits": cfg.splits, "seed": config.seed, "method": config.method,
            "model": config.model, "model_kwargs": config.model_kwargs(),
-           "checkpoint": checkpoint_identity(config.model_dir),
+           "checkpoint": checkpoint_identity(prefix),
            "finetune": _finetune_key(cfg, config) if config.method == "sc" else None}
     return cached(os.path.join(config.model_dir, "ablation.json"), key,
-                  lambda: _evaluate(cfg, config, views))
+                  lambda: _evaluate(cfg, config, views, prefix))
 
 
-def _evaluate(cfg: AblateConfig, config, views: dict) -> dict:
+def _evaluate(cfg: AblateConfig, config, views: dict, prefix: str) -> dict:
 
-    model = load_run_model(config.model_dir).model
+    model = load_run_model(config.model_dir, checkpoint=prefix).model
     comparison = compare(model, random_twin(config), probe_source(config, "digits"), views,
                          cfg.labels_per_class, cfg.splits, config.seed, config.method,
                          calibrated=calibrated_twin(config))
     out = {view: {r.init: r.mean for r in comparison.rows if r.view == view}
            for view in views}
     if config.method == "sc":
-        out["finetune"] = _finetune(cfg, config)
+        out["finetune"] = _finetune(cfg, config, prefix)
     return out
 
 
@@ -84,7 +86,7 @@ def _finetune_key(cfg: AblateConfig, config) -> dict:
     return {k: v for k, v in settings.items() if k not in ("output_dir", "init", "pretrained")}
 
 
-def _finetune(cfg: AblateConfig, config) -> dict:
+def _finetune(cfg: AblateConfig, config, prefix: str) -> dict:
     """Fine-tuned test accuracy of the run's network and of the same network from scratch,
     with the same seed (label draw, classifier init, batches); the scratch run of a seed is
     shared by every SC variant (cached for its settings in scratch/seed<k>/accuracy.json)."""
@@ -99,7 +101,7 @@ def _finetune(cfg: AblateConfig, config) -> dict:
     scratch = cached(os.path.join(scratch_dir, "accuracy.json"),
                      {"init": "random", **_finetune_key(cfg, config)},
                      lambda: {"accuracy": accuracy("", os.path.join(scratch_dir, labels))})
-    return {"pretrained": accuracy(config.model_dir,
+    return {"pretrained": accuracy(prefix,
                                    os.path.join(config.model_dir, f"finetune_{labels}")),
             "random init": scratch["accuracy"]}
 

@@ -19,7 +19,9 @@ def _checkpoint(model_dir: str, value: float, step: int) -> None:
 def counted(monkeypatch):
     calls = []
 
-    def evaluate(cfg, config, views):
+    def evaluate(cfg, config, views, prefix):
+        # every view and row reads the one checkpoint the cache is keyed by
+        assert prefix == tf.train.latest_checkpoint(config.model_dir)
         calls.append((cfg.labels_per_class, cfg.splits))
         return {"linear": {"pretrained": 0.5 + 0.01 * len(calls)}}
 
@@ -73,13 +75,14 @@ def test_the_scratch_accuracy_is_recomputed_for_other_labels(tmp_path, monkeypat
     monkeypatch.setattr(finetune_lib, "run", run)
     cfg = ablate.AblateConfig(variants=("sc",), seeds=(1,), output_dir=str(tmp_path))
     config = ablate_lib.train_config(cfg, "sc", 1)
-    ablate_lib._finetune(cfg, config)
-    ablate_lib._finetune(cfg, config)
-    assert [r[0] for r in runs] == ["random", config.model_dir, config.model_dir]  # scratch once
+    prefix = os.path.join(config.model_dir, "ckpt-3")
+    ablate_lib._finetune(cfg, config, prefix)
+    ablate_lib._finetune(cfg, config, prefix)
+    assert [r[0] for r in runs] == ["random", prefix, prefix]  # scratch once
     fewer = ablate.AblateConfig(variants=("sc",), seeds=(1,), output_dir=str(tmp_path),
                                 labels_per_class=3)
-    result = ablate_lib._finetune(fewer, ablate_lib.train_config(fewer, "sc", 1))
-    assert [r[:2] for r in runs[3:]] == [("random", 3), (config.model_dir, 3)]
+    result = ablate_lib._finetune(fewer, ablate_lib.train_config(fewer, "sc", 1), prefix)
+    assert [r[:2] for r in runs[3:]] == [("random", 3), (prefix, 3)]
     assert result["random init"] == pytest.approx(0.4)
     assert len({r[2] for r in runs if r[0] == "random"}) == 2  # a folder per setting
 
