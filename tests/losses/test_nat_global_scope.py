@@ -141,6 +141,13 @@ def test_two_replicas_solve_once_per_step_and_match_every_replica_solving():
     _compare(two_replica_strategy())
 
 
+def test_a_replica_id_known_only_at_run_time_still_solves_once(monkeypatch):
+    # On a TPU the replica id is a run-time tensor: the solve then sits in a tf.cond.
+    monkeypatch.setattr(cross_replica, "is_first_replica",
+                        lambda: tf.equal(cross_replica.replica_id(), 0))
+    _compare(two_replica_strategy())
+
+
 def test_one_device_solves_once_per_step_and_matches_the_oracle():
     _compare(tf.distribute.OneDeviceStrategy("/cpu:0"))
 
