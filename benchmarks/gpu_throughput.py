@@ -34,6 +34,18 @@ How to read it:
   of the step is scipy / (step + scipy) for B / b replicas of batch b; with the default
   --nat_scope=replica each replica solves only b x b. When the share grows past a few
   percent, global scope is no longer free.
+
+    python -m benchmarks.gpu_throughput --assignment   # only the global-scope assignment table
+
+The assignment table: the NAT module's own step (`NoiseAsTargets(scope="global")` under
+`strategy.run` in a tf.function, d = 2048, no network) on a global batch B split over R
+replicas (OneDevice for R = 1, MirroredStrategy over R GPUs, else over R logical CPUs of this
+host). Per step: the solver's calls, the host time spent in them (summed over the calls,
+timed around scipy by wrapping the module's solver), and the step's wall time with
+re-assignment on and off (on - off: what re-assignment adds to a step: the B x B cost and the
+solve). Each step alternates between two random feature batches, so every solve has targets to
+trade. Logical CPUs share the host's cores: replicas that solve concurrently overlap at most
+as many solves as there are free cores (the output prints the core count and load).
 """
 
 from __future__ import annotations
@@ -56,10 +68,11 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from benchmarks.steps import SupervisedStep, fixed_batches, synthetic_source
-from losses.nat import sphere_targets
+from losses import nat as nat_lib
+from losses.nat import NoiseAsTargets, sphere_targets
 from models import PRECISIONS
 from train.config import TrainConfig
-from train.strategy import make_strategy
+from train.strategy import make_strategy, split_cpu
 from train.trainer import Trainer
 
 _QUICK = flags.DEFINE_boolean("quick", False, "A size for a CPU: batch 4, 1 step, 1 round "
@@ -67,6 +80,8 @@ _QUICK = flags.DEFINE_boolean("quick", False, "A size for a CPU: batch 4, 1 step
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Batch of every step.", lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round and row.", lower_bound=1)
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds (median reported).", lower_bound=1)
+_ASSIGNMENT = flags.DEFINE_boolean("assignment", False, "Only the NAT global-scope assignment "
+                                   "table: B x B solves per step for 1, 2 and 4 replicas.")
 
 WORKLOADS = (  # model, input size, pretraining method
     ("alexnet", 224, "nat"),
@@ -74,6 +89,8 @@ WORKLOADS = (  # model, input size, pretraining method
     ("nin_cifar10", 32, "sc"),
 )
 GLOBAL_BATCHES = (256, 1024, 2048, 4096)
+ASSIGNMENT_BATCHES = (1024, 2048, 4096)  # --quick: 64, 128, 256
+ASSIGNMENT_REPLICAS = (1, 2, 4)
 NAT_DIM = 2048
 
 
@@ -134,10 +151,117 @@ def _hungarian_ms(size: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+class _SolverClock:
+    """Times every call of the NAT module's host solver while active (installed before the
+    steps are traced: tf.py_function looks the solver up then)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def __enter__(self) -> _SolverClock:
+        self._real = real = nat_lib._solve_assignment
+
+        def timed(cost):
+            start = time.perf_counter()
+            try:
+                return real(cost)
+            finally:
+                self.seconds.append(time.perf_counter() - start)
+
+        nat_lib._solve_assignment = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        nat_lib._solve_assignment = self._real
+
+
+def _replica_strategy(replicas: int) -> tf.distribute.Strategy:
+    if replicas == 1:
+        return make_strategy("one_device")
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = gpus if len(gpus) >= replicas else tf.config.list_logical_devices("CPU")
+    # Strategies of one process start their collective group keys at the same base, and a key
+    # that two device sets share aborts the collective; each replica count gets a base of its
+    # own (the class attribute TensorFlow's tests set, read at construction only).
+    cls = tf.distribute.MirroredStrategy
+    saved, cls._collective_key_base = cls._collective_key_base, 100_000 * replicas
+    try:
+        return cls([d.name for d in devices[:replicas]])
+    finally:
+        cls._collective_key_base = saved
+
+
+def _assignment_row(strategy, size: int, clock: _SolverClock, rounds: int) -> tuple:
+    """(solves per step, solver host s per step, step s with re-assignment on, off): medians."""
+    local = size // strategy.num_replicas_in_sync
+    with strategy.scope():
+        nat = NoiseAsTargets(size, NAT_DIM, seed=size, scope="global")
+
+    def split(array):
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: array[ctx.replica_id_in_sync_group * local:
+                              (ctx.replica_id_in_sync_group + 1) * local])
+
+    indices = split(tf.range(size, dtype=tf.int32))
+    batches = [split(tf.math.l2_normalize(
+        tf.random.stateless_normal([size, NAT_DIM], seed=[size, k]), 1)) for k in (1, 2)]
+    step = tf.function(lambda i, z, flag: strategy.experimental_local_results(
+        strategy.run(nat, (i, z, flag))[1]["loss_after"]))
+    measured = {}
+    for reassign in (True, False):
+        flag = tf.constant(reassign)
+        for z in batches:
+            step(indices, z, flag)  # trace, warm up
+        calls, solver, wall = [], [], []
+        for _ in range(rounds):
+            for z in batches:
+                clock.seconds.clear()
+                start = time.perf_counter()
+                [x.numpy() for x in step(indices, z, flag)]
+                wall.append(time.perf_counter() - start)
+                calls.append(len(clock.seconds))
+                solver.append(sum(clock.seconds))
+        measured[reassign] = (statistics.median(calls), statistics.median(solver),
+                              statistics.median(wall))
+    return measured[True][0], measured[True][1], measured[True][2], measured[False][2]
+
+
+def assignment_main() -> None:
+    """The --assignment table (see the module docstring)."""
+    sizes = (64, 128, 256) if _QUICK.value else ASSIGNMENT_BATCHES
+    rounds = 1 if _QUICK.value else _ROUNDS.value
+    kind = "GPU" if len(tf.config.list_logical_devices("GPU")) >= max(ASSIGNMENT_REPLICAS) \
+        else "logical CPU"
+    print(f"NAT global-scope assignment per step, d = {NAT_DIM}; replicas on {kind}s; host "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; TensorFlow "
+          f"{tf.__version__}; median of {rounds} rounds x 2 steps\n")
+    print(f"| {'global batch B':>14} | {'replicas':>8} | {'solves/step':>11} "
+          f"| {'solver host ms/step':>19} | {'step ms, on':>11} | {'step ms, off':>12} "
+          f"| {'on - off ms':>11} |")
+    print(f"|{'-' * 16}|{'-' * 10}|{'-' * 13}|{'-' * 21}|{'-' * 13}|{'-' * 14}|{'-' * 13}|")
+    strategies = {r: _replica_strategy(r) for r in ASSIGNMENT_REPLICAS}
+    with _SolverClock() as clock:
+        for size in sizes:
+            for replicas, strategy in strategies.items():
+                calls, solver, on, off = _assignment_row(strategy, size, clock, rounds)
+                print(f"| {size:>14} | {replicas:>8} | {calls:>11g} | {1e3 * solver:>19.1f} "
+                      f"| {1e3 * on:>11.0f} | {1e3 * off:>12.0f} | {1e3 * (on - off):>11.0f} |",
+                      flush=True)
+                gc.collect()
+    if kind == "logical CPU":
+        print(f"\nnote: the replicas are logical CPUs sharing this host's {os.cpu_count()} "
+              "cores, so replicas solving concurrently overlap at most that many solves.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.ERROR)  # tf.function's notes on retracing: one per cell
+    if _ASSIGNMENT.value:
+        if len(tf.config.list_physical_devices("GPU")) < max(ASSIGNMENT_REPLICAS):
+            split_cpu(max(ASSIGNMENT_REPLICAS))
+        assignment_main()
+        return
     strategy = make_strategy("one_device")
     device = strategy.extended.worker_devices[0]
     batch, steps, rounds = _sizes()

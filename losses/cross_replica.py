@@ -59,3 +59,31 @@ def replica_offset(local_batch_size: tf.Tensor | int) -> tf.Tensor:
     size = tf.reshape(tf.cast(local_batch_size, tf.int32), [1])
     sizes = all_gather(size)
     return tf.reduce_sum(sizes[: replica_id()])
+
+
+def is_first_replica() -> bool | tf.Tensor:
+    """Whether this is replica 0 of the whole cluster: True on exactly one replica.
+
+    Under MultiWorkerMirroredStrategy the replica ids run over all workers (worker w's local
+    replica r is w x replicas-per-worker + r), so replica 0 is on the first worker. A Python
+    bool when the id is known while tracing (no strategy, OneDevice, Mirrored, MultiWorker
+    Mirrored), so work that only replica 0 does is not even built on the others; a bool
+    tensor when the id is only known at run time.
+    """
+    rid = replica_id()
+    static = tf.get_static_value(rid)
+    if static is not None:
+        return int(static) == 0
+    return tf.equal(rid, 0)
+
+
+def from_first_replica(value: tf.Tensor) -> tf.Tensor:
+    """Replica 0's `value` on every replica (a broadcast), bit for bit, for any dtype.
+
+    An all_gather of `value` with a new leading axis, of which every replica keeps row 0: exact
+    for integers and floats alike (no arithmetic), on one machine or a cluster. Every replica
+    must call it, with a `value` of the same shape. Identity on one replica.
+    """
+    if not is_distributed():
+        return value
+    return all_gather(tf.expand_dims(value, 0))[0]

@@ -267,8 +267,8 @@ class NoiseAsTargets(tf.Module):
     Under tf.distribute (create the module inside `strategy.scope()`):
       - scope="replica": each replica solves its own b x b problem (scales linearly).
       - scope="global": the global batch's features and target ids are gathered from all
-        replicas, one B x B problem is solved, and each replica takes its rows. Replica 0's
-        solution is the one used everywhere, so replicas agree even if their float costs do not.
+        replicas, one B x B problem is solved, and each replica takes its rows. Only replica 0
+        of the cluster solves it; the others receive its permutation by a collective.
       In both scopes every replica gathers the global batch's indices and new target ids and
       writes that same global update to its own copy of `assignment` (aggregation NONE writes
       the local copy in replica context, with no merge_call), so the copies stay identical, on
@@ -434,12 +434,17 @@ class NoiseAsTargets(tf.Module):
             global_targets = self.vectors(global_ids)
             return optimal_assignment(_pairwise_sq_dist(global_features, global_targets))
 
-        if static_reassign is None:
-            perm = tf.cond(reassign, solve, lambda: tf.range(global_batch, dtype=tf.int32))
+        # One solve per step in the cluster: replica 0 solves, the others build no host work
+        # (nor the B x B cost) and receive its permutation, so all apply the same one.
+        first = cross_replica.is_first_replica()
+        if first is False:
+            perm = tf.range(global_batch, dtype=tf.int32)
+        elif static_reassign is None or first is not True:
+            perm = tf.cond(tf.logical_and(reassign, first), solve,
+                           lambda: tf.range(global_batch, dtype=tf.int32))
         else:
             perm = solve()
-        # Take replica 0's permutation so every replica applies the same one.
-        perm = cross_replica.all_gather(perm)[:global_batch]
+        perm = cross_replica.from_first_replica(perm)
         offset = cross_replica.replica_offset(batch)
         new_ids = tf.gather(global_ids, perm[offset:offset + batch])
         return new_ids, self.vectors(new_ids)
