@@ -43,7 +43,10 @@ def open_checkpoints(model_dir: str, objects: Mapping, keep: int, directory: str
     directory = directory or model_dir
     os.makedirs(directory, exist_ok=True)
     manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
-    latest = manager.latest_checkpoint
+    # Restored from model_dir's latest whichever folder the manager writes to: the workers of a
+    # cluster all resume the run folder's checkpoint (train/cluster.py).
+    latest = tf.train.latest_checkpoint(model_dir) if directory != model_dir else \
+        manager.latest_checkpoint
     if latest is not None:
         status = checkpoint.restore(latest)  # restores the save counter too
         saved = {name.split("/")[0] for name, _ in tf.train.list_variables(latest)}
