@@ -199,3 +199,27 @@ def test_lost_workers_and_restarts_end_bitwise_equal_to_an_uninterrupted_run(
 
     # (e) no worker copy and no temporary stays behind, in either run folder.
     assert _leftovers(killed.model_dir) == [] and _leftovers(reference.model_dir) == []
+
+
+def test_a_termination_signal_to_one_worker_makes_every_worker_save_and_stop(tmp_path):
+    run = Cluster(str(tmp_path / "run"), "--epochs=50")  # long enough to be signalled mid-run
+    workers = run.start()
+    deadline = time.time() + 600
+    while _latest_step(run.model_dir) < 2 and time.time() < deadline:
+        assert all(p.poll() is None for p in workers), workers[0].stderr.read()[-3000:]
+        time.sleep(0.05)
+    workers[1].send_signal(signal.SIGTERM)
+    lines = []
+    for process in workers:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 1, err[-3000:]
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-3000:]
+        lines.append(err.strip())
+    step = _latest_step(run.model_dir)
+    assert 2 < step < 200
+    assert lines == [
+        f"train.pretrain: error: stopped by a termination signal at step {step}, after every "
+        f"worker saved it (the run's checkpoint {run.model_dir}/ckpt-{step}): restart every "
+        "worker with the same command to resume"] * 2
+    assert is_permutation(assignment(run.model_dir))
+    assert _leftovers(run.model_dir) == []
