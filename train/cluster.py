@@ -5,7 +5,7 @@ termination signal, and the one line of a lost worker.
 Checkpoints. The run folder (`model_dir`) must be on a filesystem every worker sees. Every
 worker restores the run folder's latest complete checkpoint, so a restart of all workers with
 the same command resumes all of them from the same step (and a finished run reruns nothing
-on any worker); the first collective after the restore checks that they agree
+on any worker); a collective before the restore checks that they see the same checkpoint
 (`check_same_start`). Every worker also saves when the chief does (a save may read values that
 need all workers), but only the chief writes into `model_dir`; the other workers write a
 throwaway copy into `<model_dir>/.workers/<job>-<index>/` (`checkpoint_dir`), which is removed
@@ -85,19 +85,22 @@ def remove_checkpoint_dir(path: str, model_dir: str) -> None:
         pass  # another worker's copy is still there
 
 
-def check_same_start(strategy: tf.distribute.Strategy, step: int, model_dir: str) -> None:
-    """`UserError` when the workers restored different steps (a run folder that is not
-    shared, or not the same folder); a no-op without a cluster. One all-reduce of (s, s^2, 1)
-    over the replicas: the steps are all equal iff n * sum(s^2) == sum(s)^2."""
+def check_same_start(strategy: tf.distribute.Strategy, model_dir: str) -> None:
+    """`UserError` when the workers do not see the same latest checkpoint in `model_dir` (a
+    folder that is not shared, or not the same folder), before anything is restored; a no-op
+    without a cluster. One all-reduce of (s, s^2, 1), s the checkpoint's step (-1 for none):
+    the steps are all equal iff n * sum(s^2) == sum(s)^2."""
     if _resolver(strategy) is None:
         return
+    latest = tf.train.latest_checkpoint(model_dir)
+    step = int(latest.rsplit("-", 1)[1]) if latest else -1
     local = tf.constant([step, step * step, 1], tf.int64)
     total, squares, n = (int(v) for v in strategy.reduce(
         tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(local)), axis=None))
     if n * squares != total * total:
-        raise UserError(f"the workers resumed {model_dir} at different steps (this one at "
-                        f"{step}, their mean {total / n:g}): --model_dir must be the same "
-                        "folder on a filesystem every worker shares")
+        raise UserError(f"the workers see different checkpoints in {model_dir} (this one "
+                        f"{latest or 'none'}): --model_dir must be the same folder, on a "
+                        "filesystem every worker shares")
 
 
 class Preemption:

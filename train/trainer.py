@@ -200,12 +200,12 @@ class Trainer:
                            **self.plateau.checkpoint_objects())
             if self.nat is not None:
                 objects["nat"] = self.nat
+            cluster.check_same_start(self.strategy, cfg.model_dir)
             self._checkpoint_dir = cluster.checkpoint_dir(cfg.model_dir, self.strategy)
             self.checkpoint, self.manager, latest = open_checkpoints(
                 cfg.model_dir, objects, cfg.keep_checkpoints, self._checkpoint_dir,
                 optional=(loss_scale.LOSS_SCALE_KEY,))
         self.restored_from = self._restore(latest)
-        cluster.check_same_start(self.strategy, self.step, cfg.model_dir)
         self.preemption = cluster.Preemption(self.strategy, self.manager, self._save,
                                              lambda: self.step, cfg.model_dir)
 
