@@ -95,8 +95,12 @@ def check_same_start(strategy: tf.distribute.Strategy, model_dir: str) -> None:
     latest = tf.train.latest_checkpoint(model_dir)
     step = int(latest.rsplit("-", 1)[1]) if latest else -1
     local = tf.constant([step, step * step, 1], tf.int64)
-    total, squares, n = (int(v) for v in strategy.reduce(
-        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(local)), axis=None))
+    try:
+        total, squares, n = (int(v) for v in strategy.reduce(
+            tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(local)), axis=None))
+    except tf.errors.OpError as error:  # a peer died while starting
+        raise_if_lost(error, strategy, max(step, 0), model_dir)
+        raise
     if n * squares != total * total:
         raise UserError(f"the workers see different checkpoints in {model_dir} (this one "
                         f"{latest or 'none'}): --model_dir must be the same folder, on a "
