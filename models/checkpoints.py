@@ -207,9 +207,11 @@ def open_checkpoints(model_dir: str, objects: Mapping, keep: int, directory: str
     directory = directory or model_dir
     os.makedirs(directory, exist_ok=True)
     manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+    # Restored from model_dir's newest intact checkpoint whichever folder the manager writes
+    # to: the workers of a cluster all resume the run folder's checkpoint (train/cluster.py).
     latest = None
-    if list_checkpoints(directory):  # the newest intact one (module docstring)
-        latest = read_checkpoint(directory).prefix
+    if list_checkpoints(model_dir):  # the newest intact one (module docstring)
+        latest = read_checkpoint(model_dir).prefix
         status = checkpoint.restore(latest)  # restores the save counter too
         saved = {name.split("/")[0] for name, _ in tf.train.list_variables(latest)}
         present = {k: v for k, v in objects.items() if k not in optional or k in saved}

@@ -248,7 +248,13 @@ class TrainConfig(RunFolder, Pretrained, DataLocation):
 
     def fingerprint(self, images: int, files: str | None, workers: int, replicas: int) -> dict:
         """The run's fingerprint (FINGERPRINT_GROUPS) for a dataset of `images` images (a
-        folder's file-list digest `files`), `workers` input pipelines and `replicas`."""
+        folder's file-list digest `files`), `workers` input pipelines and `replicas`.
+
+        `workers` is the cluster size (1 without TF_CONFIG): each worker reads its own shard
+        of every batch and the gradients add up across workers in an order that depends on
+        how many there are, so a restart needs the same number of workers (a refusal says so,
+        train/cluster.py); the workers' hosts and ports are not in it and may change between
+        restarts."""
         problem = None
         if self.method == "nat":
             problem = self.batch_size // replicas if self.nat_scope == "replica" else \

@@ -30,8 +30,8 @@ below the best one by `plateau_min_delta` for `plateau_patience` epochs (0: neve
 loop adds each step's loss to the epoch's sum, a checkpointed variable like the rest of the
 rule's state.
 
-The run folder belongs to the trainer (on the chief; other workers checkpoint to a temporary
-folder): it is locked, and its fingerprint (`TrainConfig.fingerprint`: every setting that
+The run folder belongs to the trainer (on the chief; every worker restores from it, see
+train/cluster.py): it is locked, and its fingerprint (`TrainConfig.fingerprint`: every setting that
 changes the result, plus the number of images, a folder's file list, the input pipelines and
 NAT's problem size) is compared with the recorded one before anything is restored or written
 (runtime/ownership.py). Only then are config.json, a folder's file list (images.txt) and the files
@@ -61,8 +61,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,18 +86,13 @@ from models.runs import load_backbone
 from models.weights import named_variables
 from runtime.ownership import abandon_run, claim_run, start_run
 from runtime.progress import Progress
-from train import records
+from train import cluster, records
 from train.compiled import network_forward
 from train.config import TrainConfig
 from train.schedule import LearningRate, Plateau
 from train.strategy import input_pipelines
 
 EpochHook = Callable[[keras.Model, int, int, object, Callable[[str], None], bool], None]
-
-
-def _is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """True on the worker that writes checkpoints, summaries and exports."""
-    return bool(getattr(strategy.extended, "should_checkpoint", True))
 
 
 def _l2(model: keras.Model) -> tf.Tensor:
@@ -126,7 +119,7 @@ class Trainer:
         self.strategy = strategy
         self.log = log
         self.hooks = tuple(hooks)
-        self.chief = _is_chief(strategy)
+        self.chief = cluster.is_chief(strategy)
         if config.deterministic:  # before any op: unseeded random ops would raise
             keras.utils.set_random_seed(config.seed)
             tf.config.experimental.enable_op_determinism()
@@ -136,7 +129,8 @@ class Trainer:
                             f"{replicas} replicas")
         self.claim = None
         if self.chief:  # lock first: a second process stops before opening any data
-            self.claim = claim_run(config.model_dir, lambda: self._open_data(source))
+            self.claim = cluster.claim(claim_run, config.model_dir,
+                                       lambda: self._open_data(source))
         else:
             self._open_data(source)
         try:
@@ -206,11 +200,14 @@ class Trainer:
                            **self.plateau.checkpoint_objects())
             if self.nat is not None:
                 objects["nat"] = self.nat
-            self._checkpoint_dir = cfg.model_dir if self.chief else tempfile.mkdtemp()
+            cluster.check_same_start(self.strategy, cfg.model_dir)
+            self._checkpoint_dir = cluster.checkpoint_dir(cfg.model_dir, self.strategy)
             self.checkpoint, self.manager, latest = open_checkpoints(
                 cfg.model_dir, objects, cfg.keep_checkpoints, self._checkpoint_dir,
                 optional=(loss_scale.LOSS_SCALE_KEY,))
         self.restored_from = self._restore(latest)
+        self.preemption = cluster.Preemption(self.strategy, self.manager, self._save,
+                                             lambda: self.step, cfg.model_dir)
 
     def _record_data(self) -> None:
         """images.txt (first start) and the files the folder scan left out."""
@@ -324,8 +321,8 @@ class Trainer:
         """Run `num_steps` training steps in one tf.function call (stops early on NaN/Inf)."""
         if self._loop_fn is None:
             self._loop_fn = self._build_loop()
-        done, loss_sum, stat_sums, bad_step = self._loop_fn(
-            iterator, tf.constant(num_steps), tf.constant(reassign))
+        done, loss_sum, stat_sums, bad_step = self.preemption.run(
+            self._loop_fn, iterator, tf.constant(num_steps), tf.constant(reassign))
         done = int(done)
         stats = {n: float(s) / max(done, 1)
                  for n, s in zip(self._stat_names(), stat_sums, strict=True)}
@@ -386,11 +383,16 @@ class Trainer:
                 self._end_epoch(epoch)
                 for hook in self.hooks:
                     hook(self.model, epoch + 1, self.step, self.writer, self.log, self.chief)
-                self.manager.save(checkpoint_number=self.step)
+                self._save()
                 since_save = 0
             elif since_save >= cfg.checkpoint_every:
-                self.manager.save(checkpoint_number=self.step)
+                self._save()
                 since_save = 0
+
+    def _save(self) -> None:
+        """A checkpoint at this step, unless there is one (all workers call it together)."""
+        if not (self.manager.latest_checkpoint or "").endswith(f"-{self.step}"):
+            self.manager.save(checkpoint_number=self.step)
 
     def _record(self, result: LoopResult, elapsed: float) -> tuple[float, float]:
         """Write the loop's summaries; returns (images/s, learning rate)."""
@@ -415,6 +417,9 @@ class Trainer:
             raise DataError(f"the images of {self.source.name} ran out at step {step}: too many "
                             f"can no longer be read (see {records.SKIPPED} in "
                             f"{self.config.model_dir})") from None
+        except tf.errors.OpError as error:  # a peer lost mid-collective: one line
+            cluster.raise_if_lost(error, self.strategy, step, self.config.model_dir)
+            raise
         elapsed = time.perf_counter() - t0
         self._note_failures()
         if result.bad_step >= 0:
@@ -439,6 +444,7 @@ class Trainer:
                 "last_loss": float(self.last_loss.numpy())}
 
     def close(self) -> None:
+        """Close the summaries, remove a non-chief's checkpoint copy, restore SIGTERM."""
         self.writer.close()
-        if not self.chief:
-            shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
+        cluster.remove_checkpoint_dir(self._checkpoint_dir, self.config.model_dir)
+        self.preemption.close()
