@@ -21,14 +21,8 @@ deterministic GPU kernel raise.
 epoch boundary, so the NAT re-assignment flag (every `nat_reassign_every`-th epoch, counting
 from epoch 0; 0 = never, the paper's fixed-P baseline) is constant inside it.
 
-Learning rate (NAT Sec. 3.3 and SC Sec. 5 combined; train/schedule.py):
-
-    lr(t) = lr * scale / (1 + lr_gamma * max(0, t - lr_t0))
-
-`scale` starts at 1 and is cut by `plateau_factor` when the epoch's mean loss has not gone
-below the best one by `plateau_min_delta` for `plateau_patience` epochs (0: never cut). The
-loop adds each step's loss to the epoch's sum, a checkpointed variable like the rest of the
-rule's state.
+Learning rate: lr * scale / (1 + lr_gamma * max(0, t - lr_t0)) (NAT Sec. 3.3 and SC Sec. 5
+combined), `scale` cut on a loss plateau; its state is checkpointed (train/schedule.py).
 
 The run folder belongs to the trainer (on the chief; every worker restores from it, see
 train/cluster.py): it is locked, and its fingerprint (`TrainConfig.fingerprint`: every setting that
@@ -45,7 +39,7 @@ the results of any later process). They are written every `checkpoint_every` ste
 epoch end. The data stream and the SC patches are functions of (seed, step), so that is the
 whole random state: on the same kind of machine, with the same devices and settings, a resumed
 run ends bitwise equal to an uninterrupted one (on GPU only with `deterministic`). A run
-restarts from the latest checkpoint in `model_dir`; otherwise it loads the backbone of
+restarts from the newest intact checkpoint in `model_dir`; otherwise it loads the backbone of
 `pretrained`; otherwise it starts fresh. Image files that fail to load during training
 are dropped and refilled (data/pretrain.py), logged and added to skipped.json.
 
@@ -205,7 +199,7 @@ class Trainer:
             self.checkpoint, self.manager, latest = open_checkpoints(
                 cfg.model_dir, objects, cfg.keep_checkpoints, self._checkpoint_dir,
                 optional=(loss_scale.LOSS_SCALE_KEY,))
-        self.restored_from = self._restore(latest)
+        self.restored_from, self._saved_step = self._restore(latest), self.step
         self.preemption = cluster.Preemption(self.strategy, self.manager, self._save,
                                              lambda: self.step, cfg.model_dir)
 
@@ -390,9 +384,11 @@ class Trainer:
                 since_save = 0
 
     def _save(self) -> None:
-        """A checkpoint at this step, unless there is one (all workers call it together)."""
-        if not (self.manager.latest_checkpoint or "").endswith(f"-{self.step}"):
+        """A checkpoint at this step, unless this process restored or saved one there (all
+        workers call it together; not the manager's latest, which may be a damaged one)."""
+        if self._saved_step != self.step:
             self.manager.save(checkpoint_number=self.step)
+            self._saved_step = self.step
 
     def _record(self, result: LoopResult, elapsed: float) -> tuple[float, float]:
         """Write the loop's summaries; returns (images/s, learning rate)."""

@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 
+from models.checkpoints import check_checkpoint, read_checkpoint
 from tests.helpers import run_module
 
 pytestmark = pytest.mark.slow
@@ -104,6 +105,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(pretrained, tm
         assert "Checksum does not match" in line
     used = _used(reader, run, tmp_path / "out", finished)
     assert {k: used[k] for k in ("path", "step")} == {"path": f"{run}/ckpt-4", "step": 4}
+    if reader == "train.pretrain":  # trained on past step 8: its checkpoint is written anew
+        check_checkpoint(f"{run}/ckpt-8")
+        assert read_checkpoint(run).prefix == f"{run}/ckpt-12"
 
 
 @pytest.mark.parametrize("reader, flag", [
