@@ -14,6 +14,10 @@ before decoding), cut into batches of `--batch`, in two ways:
                        buffer of that size
     full permutation   the source fetched by index, as digits and folders are: a uniform
                        permutation of every index (data.order.permutation)
+    ..., paths         the same, each index then fetching a path of ImageNet's form from a
+                       table of them, as a folder does (a tensor in host memory); and, for
+                       comparison, from the same table as a NumPy array (a constant of the
+                       gather's function)
 
 Per epoch: the distinct classes in each full batch (mean, minimum, maximum), against the
 exact mean and standard deviation of a uniform draw of `--batch` images without replacement
@@ -56,6 +60,15 @@ def class_sorted_source(classes: int, per_class: int) -> PretrainSource:
                           fixed_size=True, gather=lambda indices: indices)
 
 
+def with_paths(source: PretrainSource, numpy: bool) -> PretrainSource:
+    """The source fetching, for index i, the path of image i of a class-sorted ImageNet."""
+    paths = np.asarray([f"/data/imagenet/train/n{c:08d}/n{c:08d}_{i}.JPEG"
+                        for c in range(_CLASSES.value) for i in range(_PER_CLASS.value)])
+    with tf.device("/cpu:0"):
+        table = paths if numpy else tf.constant(paths)
+    return dataclasses.replace(source, gather=lambda indices: tf.gather(table, indices))
+
+
 def uniform_draw(classes: int, per_class: int, draws: int) -> tuple[float, float]:
     """(mean, standard deviation) of the number of distinct classes among `draws` images drawn
     uniformly without replacement from `classes` classes of `per_class` images."""
@@ -96,11 +109,13 @@ def main(argv: list[str]) -> None:
     indexed = class_sorted_source(classes, per_class)
     rows = {f"block shuffle ({order.SHUFFLE_BUFFER})": dataclasses.replace(indexed,
                                                                           gather=None),
-            "full permutation": indexed}
+            "full permutation": indexed,
+            "full permutation, paths": with_paths(indexed, numpy=False),
+            "..., paths as NumPy constant": with_paths(indexed, numpy=True)}
     mean, sd = uniform_draw(classes, per_class, batch)
     print(f"{classes} classes x {per_class} images listed class after class, batches of "
           f"{batch}, seed {_SEED.value}; a uniform draw holds {mean:.2f} +- {sd:.2f} classes\n")
-    head = (f"| {'order':<22} | {'epoch':>5} | {'batches':>7} | {'classes/batch mean':>18} | "
+    head = (f"| {'order':<28} | {'epoch':>5} | {'batches':>7} | {'classes/batch mean':>18} | "
             f"{'min':>4} | {'max':>4} | {'epoch s':>7} | {'CPU s':>5} | {'first index s':>13} | "
             f"{'indices/s':>9} |")
     print(head)
@@ -108,7 +123,7 @@ def main(argv: list[str]) -> None:
     for name, source in rows.items():
         for epoch in range(_EPOCHS.value):
             distinct, seconds, cpu, first = measure(source, epoch)
-            print(f"| {name:<22} | {epoch:>5} | {len(distinct):>7} | "
+            print(f"| {name:<28} | {epoch:>5} | {len(distinct):>7} | "
                   f"{distinct.mean():>18.2f} | {distinct.min():>4} | {distinct.max():>4} | "
                   f"{seconds:>7.2f} | {cpu:>5.2f} | {first:>13.2f} | "
                   f"{source.num_examples / seconds:>9.0f} |")

@@ -150,16 +150,25 @@ class PretrainSource:
     gather: Callable[[tf.Tensor], tf.Tensor] | None = None
 
 
+def _host_table(values) -> tf.Tensor:
+    """`values` as a tensor in host memory, for `PretrainSource.gather` to capture: a NumPy
+    array would become a constant of the gather's function, which took 8x its CPU time per
+    epoch at ImageNet's size (benchmarks/shuffle_mixing.py)."""
+    with tf.device("/cpu:0"):
+        return tf.constant(values)
+
+
 def _digits(input_shape) -> PretrainSource:
     images, _ = digits.split_arrays("train")
     resized = resize_to_input(images, input_shape).numpy()
     n = len(resized)
+    table = _host_table(resized)
 
     def elements():
         return tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), resized))
 
     return PretrainSource("digits", n, input_shape, elements, lambda x: x, fixed_size=True,
-                          gather=lambda indices: tf.gather(resized, indices))
+                          gather=lambda indices: tf.gather(table, indices))
 
 
 def _tfds(name: str, input_shape, data_dir, manual_dir) -> PretrainSource:
@@ -232,10 +241,11 @@ def _folder(root: str, input_shape, files: Sequence[str] | None) -> PretrainSour
                         f"{f'; {len(skipped)} unreadable files skipped' if skipped else ''}")
     channels = input_shape[-1]
     failures = SkipLog()
-    table = np.asarray(paths)
+    table = _host_table(paths)
 
     def elements():
-        return tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), table))
+        return tf.data.Dataset.from_tensor_slices(
+            (np.arange(len(paths), dtype=np.int64), np.asarray(paths)))
 
     def decode(path):
         return to_channels(decode_image(tf.io.read_file(path)), channels)
