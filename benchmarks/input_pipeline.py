@@ -142,12 +142,15 @@ def _as_encoded(folder):
     file that names files failing mid-run; measured in its own row)."""
     paths = tf.constant(list(folder.paths))
 
+    def gather(indices):
+        return tf.map_fn(tf.io.read_file, tf.gather(paths, indices))
+
     def elements():
         indices = tf.data.Dataset.range(len(folder.paths))
         return indices.map(lambda i: (i, tf.io.read_file(tf.gather(paths, i))))
 
-    return dataclasses.replace(folder, elements=elements, encoded=True, load=None,
-                               failures=None)
+    return dataclasses.replace(folder, elements=elements, gather=gather, encoded=True,
+                               load=None, failures=None)
 
 
 def _measure(source, setting: Setting, fused: bool) -> tuple[float, float]:

@@ -42,14 +42,15 @@ the graph (benchmarks/input_pipeline.py).
 
 The stream (`pretrain_dataset`), per input pipeline (one per worker under tf.distribute):
 
-    elements -> shard(pipelines) -> per epoch e: shuffle(seed, e) -> decode -> augment(seed, e,
-    index) -> batch(per-replica batch, drop_remainder) -> take(batches of one epoch) -> the
-    run's epochs one after the other -> prefetch
+    per epoch e: order(seed, e) -> shard(pipelines) -> decode -> augment(seed, e, index) ->
+    batch(per-replica batch, drop_remainder) -> take(batches of one epoch) -> the run's epochs
+    one after the other -> prefetch
 
-The shuffle is stateless: blocks of SHUFFLE_BUFFER consecutive elements are permuted by keys
-drawn from (seed, epoch, block), which is a uniform permutation of the whole dataset when it
-fits in one block (digits, small folders); larger datasets also pass through a shuffle buffer
-of that size to mix across blocks.
+The order of epoch e (data.order) is a uniform permutation of ALL the indices [0, n) for
+sources fetched by index (`PretrainSource.gather`: digits, folders), whatever the order
+of their listing; pipeline p of P takes its positions p, p + P, ..., so the shards are
+disjoint and differ every epoch. The tfds sources, streamed from their record files, keep a
+block shuffle of every P-th element.
 
 Batching happens inside an epoch and epochs are concatenated after it, so a batch never holds
 an index twice. Every epoch has exactly `steps_per_epoch * replicas_per_pipeline` batches on
@@ -73,7 +74,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data import PRETRAIN_DATASETS, DataError, digits, prepared
+from data import PRETRAIN_DATASETS, DataError, digits, order, prepared
 from data.augment import (
     Augment,
     crop_box,
@@ -90,7 +91,7 @@ TFDS_PRETRAIN_SPLIT = {
     "stl10": "unlabelled+train",
     "imagenet2012": "train",
 }
-SHUFFLE_BUFFER = 16384
+GATHER_BATCH = 256
 
 
 class SkipLog:
@@ -120,6 +121,9 @@ class PretrainSource:
     """An opened pretraining dataset.
 
     elements: () -> unbatched Dataset of (index int64, raw), in a fixed order.
+    gather: indices int64 [k] -> their raw [k, ...], for sources fetched by index (digits,
+      folders): their epochs are permutations of all indices (module docstring). It must agree
+      with `elements`: a copy that replaces one replaces both. None: streamed from `elements`.
     decode: raw -> float32 [h, w, C] in [0, 1] (any h, w).
     fixed_size: decoded images already have the model's H x W.
     skipped: (path, reason) of the folder files left out when the folder was scanned.
@@ -143,17 +147,28 @@ class PretrainSource:
     encoded: bool = False
     load: Callable[[tf.Tensor, tf.Tensor, Callable], tuple[tf.Tensor, tf.Tensor]] | None = None
     failures: SkipLog | None = None
+    gather: Callable[[tf.Tensor], tf.Tensor] | None = None
+
+
+def _host_table(values) -> tf.Tensor:
+    """`values` as a tensor in host memory, for `PretrainSource.gather` to capture: a NumPy
+    array would become a constant of the gather's function, which took 8x its CPU time per
+    epoch at ImageNet's size (benchmarks/shuffle_mixing.py)."""
+    with tf.device("/cpu:0"):
+        return tf.constant(values)
 
 
 def _digits(input_shape) -> PretrainSource:
     images, _ = digits.split_arrays("train")
     resized = resize_to_input(images, input_shape).numpy()
     n = len(resized)
+    table = _host_table(resized)
 
     def elements():
         return tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), resized))
 
-    return PretrainSource("digits", n, input_shape, elements, lambda x: x, fixed_size=True)
+    return PretrainSource("digits", n, input_shape, elements, lambda x: x, fixed_size=True,
+                          gather=lambda indices: tf.gather(table, indices))
 
 
 def _tfds(name: str, input_shape, data_dir, manual_dir) -> PretrainSource:
@@ -226,6 +241,7 @@ def _folder(root: str, input_shape, files: Sequence[str] | None) -> PretrainSour
                         f"{f'; {len(skipped)} unreadable files skipped' if skipped else ''}")
     channels = input_shape[-1]
     failures = SkipLog()
+    table = _host_table(paths)
 
     def elements():
         return tf.data.Dataset.from_tensor_slices(
@@ -254,7 +270,8 @@ def _folder(root: str, input_shape, files: Sequence[str] | None) -> PretrainSour
 
     return PretrainSource(f"folder:{root}", len(paths), input_shape, elements, decode,
                           fixed_size=False, skipped=skipped, paths=tuple(paths), root=root,
-                          load=load, failures=failures)
+                          load=load, failures=failures,
+                          gather=lambda indices: tf.gather(table, indices))
 
 
 def open_source(name: str, input_shape: tuple[int, int, int], data_dir: str | None = None,
@@ -326,25 +343,25 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return num_examples // global_batch
 
 
-def _shuffled(elements: tf.data.Dataset, seed: int, epoch: tf.Tensor, size: int
-              ) -> tf.data.Dataset:
-    """The (index, raw) elements of one epoch in the order of (seed, epoch) (module docstring).
-    `size` is the number of elements."""
-    base_seed = tf.constant(seed, tf.int64) * 1_000_003 + epoch
+def epoch_elements(source: PretrainSource, seed: int, pipelines: int = 1, pipeline_id: int = 0
+                   ) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """epoch -> the (index int64, raw) elements of input pipeline `pipeline_id` of
+    `pipelines` in that epoch, in its order (module docstring): positions pipeline_id,
+    pipeline_id + pipelines, ... of a permutation of all indices when the source has
+    `gather`, else every pipelines-th element of the stream, block-shuffled."""
+    if source.gather is None:
+        elements = source.elements().shard(pipelines, pipeline_id)
+        size = source.num_examples // pipelines
+        return lambda epoch: order.block_shuffled(elements, seed, epoch, size)
 
-    def permute_block(index, raw):
-        # A stateless permutation of a block of consecutive elements, seeded by (seed, epoch,
-        # the block's first index): the order is a function of those alone.
-        keys = tf.random.stateless_uniform(tf.shape(index), tf.stack([base_seed, index[0]]))
-        order = tf.argsort(keys)
-        return tf.gather(index, order), tf.gather(raw, order)
+    def permuted(epoch: tf.Tensor) -> tf.data.Dataset:
+        indices = order.permutation(source.num_examples, seed, epoch)[pipeline_id::pipelines]
+        # Fetched GATHER_BATCH at a time: one tf.data call per index would cost more than
+        # the gather itself.
+        return (tf.data.Dataset.from_tensor_slices(indices).batch(GATHER_BATCH)
+                .map(lambda batch: (batch, source.gather(batch))).unbatch())
 
-    ds = elements.batch(SHUFFLE_BUFFER).map(permute_block).unbatch()
-    if size > SHUFFLE_BUFFER:
-        # Mixes across block boundaries; its input differs every epoch, so its fixed seed still
-        # gives a new order each epoch.
-        ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed % 2**31, reshuffle_each_iteration=False)
-    return ds
+    return permuted
 
 
 def _prepared(ds: tf.data.Dataset, source: PretrainSource, augment: Augment,
@@ -403,15 +420,14 @@ def pretrain_dataset(source: PretrainSource, global_batch: int, augment: Augment
                         f"{source.input_shape[0]}x{source.input_shape[1]}")
     batches_per_epoch = steps * (replicas // pipelines)
     start_epoch, done_in_epoch = divmod(int(start_step), steps)
-    shard_size = source.num_examples // pipelines
-    elements = source.elements().shard(pipelines, pipeline_id)
+    elements = epoch_elements(source, seed, pipelines, pipeline_id)
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         def seeds(index):
             return tf.random.experimental.stateless_split(
                 tf.stack([tf.constant(seed, tf.int64), epoch * source.num_examples + index]), 3)
 
-        ds = _prepared(_shuffled(elements, seed, epoch, shard_size), source, augment, seeds)
+        ds = _prepared(elements(epoch), source, augment, seeds)
         ds = ds.batch(per_replica, drop_remainder=True).take(batches_per_epoch)
         # The first epoch of a resumed run skips the batches done before the interruption.
         first = tf.cast(tf.equal(epoch, start_epoch), tf.int64)

@@ -9,8 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data import DataError
-from data import pretrain as pretrain_data
+from data import DataError, order
 from data.augment import Augment
 from data.pretrain import (
     PretrainSource,
@@ -21,15 +20,17 @@ from data.pretrain import (
 from tests.helpers import jpeg_bytes
 
 
-def _toy_source(n: int = 23, size: int = 6) -> PretrainSource:
-    """Image i is filled with the value i / n, so an image tells which index it came from."""
+def _toy_source(n: int = 23, size: int = 6, indexed: bool = True) -> PretrainSource:
+    """Image i is filled with the value i / n, so an image tells which index it came from;
+    fetched by index, or only streamed."""
     images = (np.arange(n, dtype=np.float32) / n)[:, None, None, None] * np.ones(
         (1, size, size, 1), np.float32)
 
     def elements():
         return tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), images))
 
-    return PretrainSource("toy", n, (size, size, 1), elements, lambda x: x, fixed_size=True)
+    return PretrainSource("toy", n, (size, size, 1), elements, lambda x: x, fixed_size=True,
+                          gather=(lambda indices: tf.gather(images, indices)) if indexed else None)
 
 
 def _stream(source, global_batch, augment, seed, epochs=5, **kwargs):
@@ -67,13 +68,15 @@ def test_batches_never_repeat_an_index_and_epochs_cover_distinct_images():
     assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
 
 
-@pytest.mark.parametrize("block", [8, 16384])
-def test_resume_continues_the_same_stream(monkeypatch, block):
+@pytest.mark.parametrize("indexed, block", [(True, None), (False, 8), (False, 16384)])
+def test_resume_continues_the_same_stream(monkeypatch, indexed, block):
     # A global TF seed (the trainer sets one for a seeded init; 0 is the default seed) must not
-    # disturb the stream. Block 8 < 23 images exercises the shuffle across blocks.
+    # disturb the stream. A streamed source in blocks of 8 < 23 images exercises the shuffle
+    # across blocks.
     keras.utils.set_random_seed(0)
-    monkeypatch.setattr(pretrain_data, "SHUFFLE_BUFFER", block)
-    source = _toy_source(23)
+    if block:
+        monkeypatch.setattr(order, "SHUFFLE_BUFFER", block)
+    source = _toy_source(23, indexed=indexed)
     epoch = np.concatenate([b[0] for b in _take(_stream(source, 5, Augment(), seed=7), 4)])
     assert len(set(epoch)) == 20
     augment = Augment(crop="pad", pad=2, flip=True)
