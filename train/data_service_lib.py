@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import sys
+import time
 
 import tensorflow as tf
 
@@ -10,9 +13,21 @@ from runtime.cli import UsageError
 from train.data_service import ServiceConfig
 
 
+def _check_free(port: int) -> None:
+    """UsageError naming --port when another process listens on it (gRPC would share it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise UsageError(f"--port={port}: already in use; choose another") from None
+            raise
+
+
 def start(config: ServiceConfig):
     """The DispatchServer or WorkerServer of `config`, started. Raises UsageError naming
     --port when the port cannot be listened on."""
+    _check_free(config.port)
     service = tf.data.experimental.service
     try:
         if config.role == "dispatcher":
@@ -27,13 +42,18 @@ def start(config: ServiceConfig):
 
 
 def run(config: ServiceConfig) -> None:
-    server = start(config)
+    server = start(config)  # serves while referenced
     if config.role == "dispatcher":
         print(f"tf.data service dispatcher on port {config.port} for the workers "
               f"{', '.join(config.workers)}; train with --data_service=grpc://<this "
-              f"host>:{config.port}")
+              f"host>:{config.port}; Ctrl-C stops it")
     else:
-        print(f"tf.data service worker {config.address} on port {config.port}, "
-              f"dispatcher {config.dispatcher}")
+        print(f"tf.data service worker {config.address} on port {config.port}, dispatcher "
+              f"{config.dispatcher}; Ctrl-C stops it")
     sys.stdout.flush()
-    server.join()
+    try:
+        while True:  # the server runs in its own threads; a Python wait lets Ctrl-C through
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("stopped")
+    del server

@@ -2,6 +2,7 @@
 and two workers on 127.0.0.1) is the local stream, bit for bit, also after a resume and for
 one input pipeline of several; a bad --data_service value is one line."""
 
+import signal
 import socket
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from data.augment import Augment
 from data.pretrain import PretrainSource, open_source, pretrain_dataset
 from data.service import pretrain_stream, service_dataset
 from runtime.cli import UsageError
-from tests.helpers import ROOT, jpeg_bytes, test_env
+from tests.helpers import ROOT, jpeg_bytes, run_module, test_env
 from train.config import TrainConfig
+from train.data_service import ServiceConfig
 
 SERVICE = tf.data.experimental.service
 
@@ -126,3 +128,57 @@ def test_a_bad_value_on_the_command_line_is_one_line():
     assert done.stderr.splitlines() == [
         "train.pretrain: error: --data_service=d:5050: expected grpc://HOST:PORT of a tf.data "
         "service dispatcher (python -m train.data_service), e.g. grpc://localhost:5050"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(role="both"), "give one role: dispatcher | worker"),
+    (dict(role="dispatcher"), "dispatcher needs --workers"),
+    (dict(role="dispatcher", workers=("w1",)), "--workers=w1: expected HOST:PORT"),
+    (dict(role="worker"), "--dispatcher is required"),
+    (dict(role="worker", dispatcher="d:1", worker_address="w:0"),
+     "--worker_address=w:0: expected HOST:PORT"),
+    (dict(role="worker", dispatcher="d:1", workers=("w:1",)), "--workers is the dispatcher's")])
+def test_bad_service_flags_are_usage_errors(flags, message):
+    with pytest.raises(UsageError, match=f"^{message}"):
+        ServiceConfig(**flags)
+
+
+def _serve(*args: str) -> subprocess.Popen:
+    """`python -m train.data_service args...`, once it says it serves."""
+    server = subprocess.Popen([sys.executable, "-m", "train.data_service", *args], cwd=ROOT,
+                              env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    assert "Ctrl-C stops it" in server.stdout.readline()
+    return server
+
+
+@pytest.mark.slow
+def test_a_run_through_the_service_binaries_is_the_local_run(tmp_path):
+    d, w1, w2 = (_free_port() for _ in range(3))
+    servers = [_serve("dispatcher", f"--port={d}", f"--workers=localhost:{w1},localhost:{w2}")]
+    servers += [_serve("worker", f"--port={w}", f"--dispatcher=localhost:{d}") for w in (w1, w2)]
+    try:
+        taken = run_module("train.data_service", "worker", f"--port={w1}",
+                           f"--dispatcher=localhost:{d}", timeout=120)
+        assert taken.returncode == 1
+        assert taken.stderr == f"train.data_service: error: --port={w1}: already in use; " \
+            "choose another\n"
+        quick = ["--epochs=1", "--batch_size=256", "--nat_dim=16", "--steps_per_loop=2",
+                 "--export_dir=none", "--final_eval=none", "--probe_every_epochs=0"]
+        for name, extra in (("local", []), ("service", [f"--data_service=grpc://localhost:{d}"])):
+            done = run_module("train.pretrain", f"--model_dir={tmp_path / name}", *quick,
+                              *extra)
+            assert done.returncode == 0, done.stderr
+    finally:
+        for server in servers:
+            server.send_signal(signal.SIGINT)
+        outputs = [server.communicate(timeout=120) for server in servers]
+    assert [server.returncode for server in servers] == [0, 0, 0]
+    assert all(out.endswith("stopped\n") and err == "" for out, err in outputs)
+    local, remote = (tf.train.load_checkpoint(str(tmp_path / name / "ckpt-4"))
+                     for name in ("local", "service"))
+    names = sorted(local.get_variable_to_shape_map())
+    assert names == sorted(remote.get_variable_to_shape_map())
+    for name in names:  # every weight, slot and counter, bitwise
+        a, b = (np.asarray(c.get_tensor(name)) for c in (local, remote))
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
