@@ -21,11 +21,14 @@ see batch k at step k. So the protocol is:
   only those are decoded and augmented, with the seeds of (seed, epoch, index): the same
   images as locally. After its last batch a worker sends padding (tagged with the k it would
   have next), forever, because coordinated reads need an endless stream.
-- The client reads with coordinated reads (`num_consumers=1`): round r takes one element from
-  each worker in turn, so no worker runs more than one round ahead of the slowest, and
-  `group_by_window` puts each round (the W consecutive tags (k - start) // W) back in k order.
-  At most two rounds (2 W batches) are held; no image is copied (the window is filtered, not
-  batched). The stream ends after the run's last batch: the padding never reaches the model.
+- The client reads with coordinated reads (`num_consumers=1`): the service hands it one
+  element from each worker in turn, in a fixed rotation, so no worker runs ahead of the
+  slowest by more than the service's buffers, and each turn of the rotation is one round of W
+  consecutive tags (k - start) // W. `group_by_window` puts each round back in k order: at
+  most W - 1 batches wait for the rest of their round, and no image is copied (the round's
+  window is filtered, not batched). The order does not depend on the rotation: any arrival
+  order that keeps each worker's own order is restored. The stream ends after the run's last
+  batch: the padding never reaches the model.
 
 Guaranteed: the elements equal those of `pretrain_dataset` with the same arguments, for any
 number of workers, input pipelines (`input_context`, each pipeline its own job) and
