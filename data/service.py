@@ -162,7 +162,12 @@ def _in_step_order(ds: tf.data.Dataset, start_k: int) -> tf.data.Dataset:
         return tf.data.Dataset.range(workers).flat_map(
             lambda j: window.filter(lambda k, *_: tf.equal(k, base + j)))
 
-    return ds.group_by_window(key, in_order, window_size_func=lambda key: key % _ROUND)
+    # Plain functions: they need no autograph conversion, and one benchmark process that
+    # built several of these streams once failed here with autograph calling `key` with two
+    # arguments (not reproduced since).
+    plain = tf.autograph.experimental.do_not_convert
+    return ds.group_by_window(plain(key), plain(in_order),
+                              window_size_func=plain(lambda key: key % _ROUND))
 
 
 def service_dataset(service: str, source: PretrainSource, global_batch: int, augment: Augment,
