@@ -31,6 +31,12 @@ A second table splits one image's cost (CPU milliseconds, a sequential tf.functi
 64 files, no tf.data): decoding the whole file, decoding the crop's window, and the
 whole fused and unfused crops; the difference is what the resize and the rest cost.
 
+A third table streams the same files through a tf.data service (`--data_service`,
+data/service.py) with `--service_workers` workers, against the local stream under tf.data's
+defaults: the workers are servers in this process on loopback, sharing its cores, so the rows
+show what the protocol costs (the round trip, the reordering), not the cores other machines
+add.
+
 Beside it, the training step's images/s for AlexNet at 224 (NAT head, d = 2048, float32,
 batch `--step_batch`, on whatever device there is), and the cores the fused pipeline needs to
 feed AlexNet at 3000 and 10000 images/s (an H100-class GPU), from the per-core cost.
@@ -42,6 +48,7 @@ import dataclasses
 import io
 import os
 import shutil
+import socket
 import statistics
 import tempfile
 import time
@@ -59,6 +66,7 @@ from benchmarks.steps import fixed_batches, synthetic_source
 from data.augment import Augment, crop_box, resized_crop_of_file
 from data.images import decode_jpeg_window, decode_pixels
 from data.pretrain import open_source, pretrain_dataset
+from data.service import service_dataset
 from train.config import TrainConfig
 from train.trainer import Trainer
 
@@ -70,6 +78,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds (median reported).", lower_b
 _STEP_BATCH = flags.DEFINE_integer("step_batch", 32, "Batch of the AlexNet training step.",
                                    lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed AlexNet training steps.", lower_bound=1)
+_SERVICE_WORKERS = flags.DEFINE_list("service_workers", ["1", "2"], "tf.data service workers "
+                                     "of the service rows (in-process, loopback); empty: none.")
 
 SIZES = ((375, 500), (333, 500), (500, 375), (375, 500))  # (height, width), cycled
 TARGETS = (3000, 10000)  # images/s of AlexNet on one or a few H100-class GPUs
@@ -245,6 +255,7 @@ def main(argv: list[str]) -> None:
                     _measure(folder, guarded, fused))
         settings.append(guarded)
         parts = _parts(root)
+        service = _service_rates(source)
         step_rate = _alexnet_step(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -253,6 +264,52 @@ def main(argv: list[str]) -> None:
           "passes over 64 files):")
     for name, values in parts.items():
         print(f"  {name:<28} {statistics.median(values):6.2f}")
+    _report_service(service)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _service_rates(source) -> dict[str, list[float]]:
+    """{row: images per wall second over the rounds}: the fused stream locally (tf.data
+    defaults) and through an in-process tf.data service of each `--service_workers` size."""
+    service = tf.data.experimental.service
+    servers, streams = [], {"local (tf.data defaults)": None}
+    for count in map(int, _SERVICE_WORKERS.value):
+        ports = [_free_port() for _ in range(count)]
+        addresses = [f"127.0.0.1:{port}" for port in ports]
+        dispatcher = service.DispatchServer(service.DispatcherConfig(worker_addresses=addresses))
+        host = dispatcher.target[len("grpc://"):]
+        servers += [dispatcher] + [service.WorkerServer(service.WorkerConfig(
+            dispatcher_address=host, worker_address=address, port=port,
+            heartbeat_interval_ms=100)) for address, port in zip(addresses, ports, strict=True)]
+        streams[f"service, {count} worker{'s' * (count > 1)} (in-process)"] = dispatcher.target
+    augment = Augment(crop="resize", flip=True)
+    rates: dict[str, list[float]] = {}
+    for _ in range(_ROUNDS.value):
+        for name, target in streams.items():
+            stream = (pretrain_dataset(source, _BATCH.value, augment, 0, 1000) if target is None
+                      else service_dataset(target, source, _BATCH.value, augment, 0, 1000))
+            iterator = iter(stream)
+            for _ in range(_WARMUP.value + 1):  # + 1: the service's job starts on the first
+                next(iterator)
+            start = time.perf_counter()
+            for _ in range(_BATCHES.value):
+                next(iterator)
+            rates.setdefault(name, []).append(
+                _BATCHES.value * _BATCH.value / (time.perf_counter() - start))
+    del servers  # the servers stop with the process
+    return rates
+
+
+def _report_service(rates: dict[str, list[float]]) -> None:
+    print(f"\nthe fused stream through a tf.data service on loopback (workers in this process, "
+          f"sharing its {os.cpu_count()} cores), img/s, median of {_ROUNDS.value} rounds:")
+    for name, values in rates.items():
+        print(f"  {name:<38} {statistics.median(values):8.0f}")
 
 
 def _median(values: list[tuple[float, float]], i: int) -> float:

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARIES = {
     "train.pretrain": [],
     "train.ablate": [],
+    "train.data_service": ["worker", "--dispatcher=localhost:5050"],
     "evaluation.finetune": ["--init=random", "--model=nin_mnist"],
     "evaluation.linear_probe": ["--model=nin_mnist", "--init=random"],
     "evaluation.visualize": ["retrieval", "--features=f.npy", "--output=o.png"],

@@ -23,6 +23,7 @@ from models import MODEL_NAMES, PRECISIONS, PREPROCESSINGS
 from runtime.cli import UsageError, check_choice, check_range, option
 from runtime.ownership import fingerprint_of
 from runtime.vocabulary import DataLocation, Pretrained, RunFolder
+from train.data_service import check_address
 
 METHODS = ("nat", "sc")
 FINAL_EVALS = ("probe", "finetune", "none")
@@ -127,6 +128,9 @@ class TrainConfig(RunFolder, Pretrained, DataLocation):
                                   "the random crop of --crop=short_side.", lower=1)
     flip: bool = option(False, "Random horizontal flips.")
     strategy: str = option("auto", "tf.distribute strategy.", choices=STRATEGIES)
+    data_service: str = option("", "grpc://HOST:PORT of a tf.data service dispatcher (python "
+                               "-m train.data_service) whose workers decode and augment the "
+                               "images; the batches are the same as without it. '' = here.")
     mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
                                   "bf16 or fp16 (with dynamic loss scaling); variables, BN "
                                   "statistics, the heads and the losses stay float32.",
@@ -183,7 +187,7 @@ class TrainConfig(RunFolder, Pretrained, DataLocation):
     RESUMABLE: ClassVar[tuple[str, ...]] = (
         "model_dir", "epochs", "data_dir", "manual_dir", "strategy", "cpu_replicas",
         "steps_per_loop", "checkpoint_every", "keep_checkpoints", "export_dir",
-        "probe_every_epochs", "inject_nan_at_step")
+        "probe_every_epochs", "inject_nan_at_step", "data_service")
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -208,6 +212,7 @@ class TrainConfig(RunFolder, Pretrained, DataLocation):
         parse_sc_endpoints(self.sc_endpoints)
         parse_sc_patch(self.sc_patch)
         parse_input_shape(self.input_shape)
+        check_address("data_service", self.data_service)
         if not self.model_dir:
             name = self.dataset.replace(":", "_").replace("/", "_")
             object.__setattr__(self, "model_dir",

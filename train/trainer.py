@@ -67,9 +67,9 @@ from data import DataError
 from data.pretrain import (
     PretrainSource,
     open_source,
-    pretrain_dataset,
     steps_per_epoch,
 )
+from data.service import pretrain_stream
 from losses import loss_scale
 from losses.divergence import NonFiniteLoss
 from losses.nat import NoiseAsTargets
@@ -307,8 +307,8 @@ class Trainer:
         cfg = self.config
         augment = cfg.augment
         dataset = self.strategy.distribute_datasets_from_function(
-            lambda ctx: pretrain_dataset(self.source, cfg.batch_size, augment, cfg.seed,
-                                         cfg.epochs, start_step=start_step, input_context=ctx))
+            lambda ctx: pretrain_stream(cfg.data_service, self.source, cfg.batch_size, augment,
+                                        cfg.seed, cfg.epochs, start_step, input_context=ctx))
         return iter(dataset)
 
     def run_steps(self, iterator, num_steps: int, reassign: bool) -> LoopResult:
