@@ -23,22 +23,18 @@ A folder can still change during a run. Its files are read and decoded at traini
 through `PretrainSource.load`, which never raises: a file that is gone or no longer decodes
 is dropped from the stream, recorded with its reason in `PretrainSource.failures`, and the
 batch is REFILLED with the next images of the epoch's order (each epoch's order repeats after
-its end, which always holds enough images). Refilling rather than shortening keeps every
-replica's batch at B / replicas images, so the batch shape is fixed, the cross-replica
-collectives (BN statistics, SC contrasts, NAT's global scope) always match, and the loss keeps
-its normalisation by the global batch; each pipeline refills from its own shard, so replicas
-need no extra communication. Indices in a global batch stay distinct (the refill comes from
-the remainder of the epoch first, then from its first batches). The stream stays a function
-of (seed, epoch, index) and of the set of unreadable files, so a run resumes exactly as long
-as the same files fail, and consistently when more fail.
+its end, which always holds enough images). Every replica's batch keeps B / replicas images,
+so the cross-replica collectives (BN statistics, SC contrasts, NAT's global scope) always
+match and the loss keeps its normalisation; each pipeline refills from its own shard. The
+indices of a global batch stay distinct (the refill comes from the rest of the epoch, then
+from its first batches). The stream stays a function of (seed, epoch, index) and of the set
+of unreadable files: a run resumes exactly as long as the same files fail.
 
-For a resized crop (`Augment(crop="resize")`, the ImageNet setting) of imagenet2012, decoding
-and cropping are one step: the box is drawn from the image size in the JPEG header and only
-that window is decoded (`tf.io.decode_and_crop_jpeg`), with the same pixels as decoding the
-whole file; PNG and other formats are decoded whole. (What it saves is measured, and small, in
-`data.images.decode_jpeg_window`.) A folder's files go through the guarded loader above, a
-Python function per file, which decodes whole files: it streams at about half the rate of
-the graph (benchmarks/input_pipeline.py).
+For a resized crop (`Augment(crop="resize")`, the ImageNet setting) of imagenet2012, only the
+box drawn from the JPEG header's size is decoded (`tf.io.decode_and_crop_jpeg`; the same
+pixels, a small saving: `data.images.decode_jpeg_window`); other formats are decoded whole. A
+folder's files go through the guarded loader above, a Python function per file that decodes
+whole files, at about half the graph's rate (benchmarks/input_pipeline.py).
 
 The stream (`pretrain_dataset`), per input pipeline (one per worker under tf.distribute):
 
@@ -56,7 +52,7 @@ Batching happens inside an epoch and epochs are concatenated after it, so a batc
 an index twice. Every epoch has exactly `steps_per_epoch * replicas_per_pipeline` batches on
 every pipeline, so a global step never straddles two epochs. The order and the augmentation
 are functions of (seed, epoch, index): a resumed run skips the batches already done in its
-epoch and continues with the same stream.
+epoch and continues with the same stream (also on tf.data service workers: data/service.py).
 """
 
 from __future__ import annotations
@@ -323,6 +319,22 @@ def _decoded(raw: tf.Tensor, seed: tf.Tensor, source: PretrainSource, augment: A
     return image, tf.constant(True)
 
 
+def example_seeds(seed: int, epoch: tf.Tensor, num_examples: int, index: tf.Tensor
+                  ) -> tf.Tensor:
+    """int64 [3, 2]: the stateless seeds of example `index` in `epoch` of a run seeded `seed`
+    (the resized crop's box, the other crops, the flip)."""
+    return tf.random.experimental.stateless_split(
+        tf.stack([tf.constant(seed, tf.int64), epoch * num_examples + index]), 3)
+
+
+def augmented_example(raw: tf.Tensor, seeds: tf.Tensor, source: PretrainSource,
+                      augment: Augment) -> tf.Tensor:
+    """One example decoded and augmented with its `example_seeds`, without the drop of a file
+    that failed (what a tf.data service worker computes: data/service.py)."""
+    image, _ = _decoded(raw, seeds[0], source, augment)
+    return _augment(image, seeds, source, augment)
+
+
 def _augment(image: tf.Tensor, seeds: tf.Tensor, source: PretrainSource, augment: Augment
              ) -> tf.Tensor:
     """The rest of one example's augmentation after `_decoded`; `seeds` are int64 [3, 2]
@@ -424,8 +436,7 @@ def pretrain_dataset(source: PretrainSource, global_batch: int, augment: Augment
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         def seeds(index):
-            return tf.random.experimental.stateless_split(
-                tf.stack([tf.constant(seed, tf.int64), epoch * source.num_examples + index]), 3)
+            return example_seeds(seed, epoch, source.num_examples, index)
 
         ds = _prepared(elements(epoch), source, augment, seeds)
         ds = ds.batch(per_replica, drop_remainder=True).take(batches_per_epoch)

@@ -50,7 +50,14 @@ import uuid
 import tensorflow as tf
 
 from data.augment import Augment
-from data.pretrain import PretrainSource, _augment, _decoded, _shuffled, pretrain_dataset
+from data.pretrain import (
+    PretrainSource,
+    augmented_example,
+    epoch_elements,
+    example_seeds,
+    pretrain_dataset,
+    steps_per_epoch,
+)
 
 _ROUND = 1 << 20  # group keys hold (round, W) as round * _ROUND + W; W < _ROUND workers
 _NEVER = (1 << 62)  # the padding's k has no end
@@ -74,7 +81,7 @@ def _plan(source: PretrainSource, global_batch: int, epochs: int, start_step: in
           input_context: tf.distribute.InputContext | None) -> _Plan:
     pipelines = input_context.num_input_pipelines if input_context else 1
     replicas = input_context.num_replicas_in_sync if input_context else 1
-    steps = source.num_examples // global_batch
+    steps = steps_per_epoch(source.num_examples, global_batch)
     per_pipeline = replicas // pipelines
     return _Plan(global_batch // replicas, per_pipeline, steps * per_pipeline,
                  int(start_step) // steps, int(start_step) * per_pipeline,
@@ -98,12 +105,11 @@ def _raw_batches(source: PretrainSource, plan: _Plan, seed: int, epochs: int
                  ) -> tf.data.Dataset:
     """(k int64, index int64 [b], raw [b]): the pipeline's per-replica batches before decoding,
     k counted from the run's first step; the order of `pretrain_dataset`."""
-    elements = source.elements().shard(plan.pipelines, plan.pipeline_id)
-    shard_size = source.num_examples // plan.pipelines
+    elements = epoch_elements(source, seed, plan.pipelines, plan.pipeline_id)
     done = plan.start_k - plan.start_epoch * plan.batches_per_epoch
 
     def one_epoch(epoch):
-        ds = _shuffled(elements, seed, epoch, shard_size)
+        ds = elements(epoch)
         ds = ds.batch(plan.per_replica, drop_remainder=True).take(plan.batches_per_epoch)
         skipped = tf.cast(tf.equal(epoch, plan.start_epoch), tf.int64) * done
         return ds.skip(skipped).enumerate(epoch * plan.batches_per_epoch + skipped)
@@ -126,10 +132,8 @@ def worker_stream(source: PretrainSource, global_batch: int, augment: Augment, s
 
     def decode(k, index, raw):
         epoch = k // plan.batches_per_epoch
-        seeds = tf.random.experimental.stateless_split(
-            tf.stack([tf.constant(seed, tf.int64), epoch * n + index]), 3)
-        image, _ = _decoded(raw, seeds[0], source, augment)
-        return k, tf.cast(index, tf.int32), _augment(image, seeds, source, augment)
+        seeds = example_seeds(seed, epoch, n, index)
+        return k, tf.cast(index, tf.int32), augmented_example(raw, seeds, source, augment)
 
     def stream(first_two):
         w, workers = first_two[0], first_two[1] - first_two[0]
