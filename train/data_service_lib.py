@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-import os
+import signal
 import socket
 import sys
 import time
@@ -14,6 +14,10 @@ from runtime.cli import UsageError
 from train.data_service import ServiceConfig
 
 _SERVING: list = []
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _check_free(port: int) -> None:
@@ -45,6 +49,10 @@ def start(config: ServiceConfig):
 
 
 def run(config: ServiceConfig) -> None:
+    # Explicit handlers: a process started in the background of a script inherits an ignored
+    # SIGINT, and a server must stop on Ctrl-C and on `kill` alike.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, _interrupt)
     _SERVING.append(start(config))  # a server serves while it is referenced
     if config.role == "dispatcher":
         print(f"tf.data service dispatcher on port {config.port} for the workers "
@@ -59,6 +67,4 @@ def run(config: ServiceConfig) -> None:
             time.sleep(1.0)
     except KeyboardInterrupt:
         print("stopped", flush=True)
-    # A server keeps no state worth saving, and its orderly shutdown can wait on the gRPC
-    # calls of its peers (a dispatcher on its workers' heartbeats) for minutes: end at once.
-    os._exit(0)
+    _SERVING.clear()

@@ -144,10 +144,12 @@ def test_bad_service_flags_are_usage_errors(flags, message):
 
 
 def _serve(*args: str) -> subprocess.Popen:
-    """`python -m train.data_service args...`, once it says it serves."""
+    """`python -m train.data_service args...`, once it says it serves; started as a script's
+    background job is, with SIGINT ignored, which the server must override to stop on Ctrl-C."""
     server = subprocess.Popen([sys.executable, "-m", "train.data_service", *args], cwd=ROOT,
                               env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+                              text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert "Ctrl-C stops it" in server.stdout.readline()
     return server
 
