@@ -11,8 +11,8 @@ receives their elements first come, first served. Neither gives an order, and th
 see batch k at step k. So the protocol is:
 
 - Static sharding by hint (ShardingPolicy.HINT; the dispatcher lists its workers, see
-  train/data_service.py). Each of the W workers learns its index w and W from a placeholder
-  `shard(SHARD_HINT, SHARD_HINT)` of a range (its first two elements are w and w + W).
+  train/data_service.py). Each of the W workers learns its index w and W from the range
+  it is given by `shard(SHARD_HINT, SHARD_HINT)` (its first two elements are w and w + W).
 - On every worker, the pipeline's order is computed as locally (`pretrain_dataset`'s
   shuffle, shard over input pipelines, per-replica batches, the epoch's `take`, the resume's
   `skip`) on the raw elements (indices and file bytes or paths, cheap), each per-replica batch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -280,3 +281,14 @@ def jpeg_bytes(height: int, width: int, seed: int = 0, subsampling: int = 2,
     out = io.BytesIO()
     image.save(out, "JPEG", quality=90, **({"subsampling": subsampling} if mode == "RGB" else {}))
     return out.getvalue()
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct loopback ports free now (all bound at once, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

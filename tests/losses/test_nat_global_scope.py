@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 
@@ -21,7 +20,13 @@ import tensorflow as tf
 import losses.nat as nat_module
 from losses import cross_replica
 from losses.nat import NoiseAsTargets, _pairwise_sq_dist, optimal_assignment
-from tests.helpers import ROOT, is_permutation, test_env, two_replica_strategy
+from tests.helpers import (
+    ROOT,
+    free_ports,
+    is_permutation,
+    test_env,
+    two_replica_strategy,
+)
 
 N, DIM, LOCAL_BATCH = 64, 8, 4
 # Tensor, tensor, Python-bool (a constant: no tf.cond) and tensor `reassign` of each step.
@@ -189,19 +194,9 @@ def test_four_replicas_solve_once_per_step_and_match_every_replica_solving():
     assert "four replicas: ok" in out
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_two_workers_solve_once_in_the_cluster_and_agree():
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = [
         _python(f"from {__name__} import worker_main; worker_main()",
                 TF_CONFIG=json.dumps({"cluster": {"worker": workers},

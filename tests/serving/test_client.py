@@ -3,7 +3,6 @@
 import base64
 import json
 import os
-import socket
 import sys
 
 import numpy as np
@@ -23,7 +22,7 @@ from serving.client import (
     predict_url,
     request_body,
 )
-from tests.helpers import SIZE
+from tests.helpers import SIZE, free_ports
 
 # ----------------------------------------------------------------------------- REST format
 
@@ -101,14 +100,8 @@ def test_output_names_from_the_servers_metadata(exported):
         output_names_from_metadata(response, "classify")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_rest_client_reports_an_unreachable_server():
-    client = RestClient(f"127.0.0.1:{_free_port()}", "digits", timeout=5)
+    client = RestClient(f"127.0.0.1:{free_ports()[0]}", "digits", timeout=5)
     with pytest.raises(ServingError, match=r"cannot reach TensorFlow Serving at 127\.0") as err:
         client.predict_bytes([b"x"])
     assert not err.value.bad_input

@@ -4,7 +4,6 @@ outputs, the binary."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 
@@ -21,14 +20,7 @@ from serving.extract_features_lib import (
     tfds_items,
     write_outputs,
 )
-from tests.helpers import TOL, decoded, decoded_blob, features_of, run_module
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from tests.helpers import TOL, decoded, decoded_blob, features_of, free_ports, run_module
 
 # ----------------------------------------------------------------------------- extraction
 
@@ -101,7 +93,7 @@ SERVER = shutil.which("tensorflow_model_server")
                     "end-to-end serving test needs a real TensorFlow Serving binary")
 def test_live_tensorflow_serving(exported, image_folder, tmp_path):
     model, base, _ = exported
-    rest, grpc_port = _free_port(), _free_port()
+    rest, grpc_port = free_ports(2)
     server = subprocess.Popen(
         [SERVER, f"--port={grpc_port}", f"--rest_api_port={rest}", "--model_name=digits",
          f"--model_base_path={os.path.join(base, 'digits')}"],

@@ -3,7 +3,6 @@ and two workers on 127.0.0.1) is the local stream, bit for bit, also after a res
 one input pipeline of several; a bad --data_service value is one line."""
 
 import signal
-import socket
 import subprocess
 import sys
 
@@ -15,23 +14,17 @@ from data.augment import Augment
 from data.pretrain import PretrainSource, open_source, pretrain_dataset
 from data.service import pretrain_stream, service_dataset
 from runtime.cli import UsageError
-from tests.helpers import ROOT, jpeg_bytes, run_module, test_env
+from tests.helpers import ROOT, free_ports, jpeg_bytes, run_module, test_env
 from train.config import TrainConfig
 from train.data_service import ServiceConfig
 
 SERVICE = tf.data.experimental.service
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dispatcher():
     """grpc://... of a dispatcher with two workers, all in this process."""
-    ports = [_free_port(), _free_port()]
+    ports = free_ports(2)
     addresses = [f"127.0.0.1:{p}" for p in ports]
     server = SERVICE.DispatchServer(SERVICE.DispatcherConfig(worker_addresses=addresses))
     host = server.target[len("grpc://"):]
@@ -156,7 +149,7 @@ def _serve(*args: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_a_run_through_the_service_binaries_is_the_local_run(tmp_path):
-    d, w1, w2 = (_free_port() for _ in range(3))
+    d, w1, w2 = free_ports(3)
     servers = [_serve("dispatcher", f"--port={d}", f"--workers=localhost:{w1},localhost:{w2}")]
     servers += [_serve("worker", f"--port={w}", f"--dispatcher=localhost:{d}") for w in (w1, w2)]
     try:

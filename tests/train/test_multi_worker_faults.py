@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from tests.helpers import (
     assignment,
     checkpoint_tensors,
     folder_contents,
+    free_ports,
     is_permutation,
     test_env,
 )
@@ -44,22 +44,12 @@ SURVIVOR_BOUND = 40  # seconds: the coordination service's 10 s heartbeat timeou
 LITTER = re.compile(r".+-\d+_temp|.*\.tempstate\d*|\..+\.tmp\d+(\.\w+)?")
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 class Cluster:
     """The two workers of one run folder, on two loopback ports kept across restarts."""
 
     def __init__(self, model_dir: str, *extra: str):
         self.model_dir, self.extra = model_dir, extra
-        self.addresses = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+        self.addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
 
     def start(self) -> list[subprocess.Popen]:
         """Both workers, started with the same command as every time before."""
