@@ -7,7 +7,6 @@ import os
 import time
 
 import numpy as np
-from absl import flags
 
 from evaluation import finetune, finetune_lib
 from evaluation.compare import compare
@@ -16,11 +15,10 @@ from evaluation.random_init import stronger
 from evaluation.report import format_table, paired_gap, write_json
 from models.checkpoints import resolve_checkpoint
 from models.runs import load_run_model
-from runtime import cli
 from runtime.files import write_text_atomic
 from train.ablate import PROGRAM, VARIANTS, AblateConfig
 from train.cached import cached, checkpoint_identity
-from train.config import TrainConfig
+from train.config import TrainConfig, from_flagfile
 from train.pretrain_lib import calibrated_twin, probe_source, random_twin
 from train.pretrain_lib import run as pretrain
 
@@ -34,10 +32,7 @@ def train_config(cfg: AblateConfig, variant: str, seed: int):
                   **changes)
     if flagfile is None:
         return TrainConfig(epochs=cfg.epochs, **common)
-    fv = flags.FlagValues()
-    cli.define_flags(TrainConfig, fv, PROGRAM)
-    fv([PROGRAM, f"--flagfile={flagfile}"])
-    config = dataclasses.replace(cli.config_from_flags(TrainConfig, fv), **common)
+    config = from_flagfile(flagfile, PROGRAM, **common)
     return dataclasses.replace(config, epochs=cfg.sc_epochs) if cfg.sc_epochs else config
 
 

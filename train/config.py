@@ -17,9 +17,12 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
+from absl import flags
+
 from data import CROPS, PRETRAIN_DATASETS, is_pretrain_dataset
 from losses import NAT_SCOPES, NAT_TARGETS, SC_POOLS
 from models import MODEL_NAMES, PRECISIONS, PREPROCESSINGS
+from runtime import cli
 from runtime.cli import UsageError, check_choice, check_range, option
 from runtime.ownership import fingerprint_of
 from runtime.vocabulary import DataLocation, Pretrained, RunFolder
@@ -270,3 +273,11 @@ class TrainConfig(RunFolder, Pretrained, DataLocation):
     def to_json(self) -> dict:
         """config.json: every setting, plus the model's kwargs."""
         return {**dataclasses.asdict(self), "model_kwargs": self.model_kwargs()}
+
+
+def from_flagfile(path: str, program: str, **changes) -> TrainConfig:
+    """The TrainConfig of `--flagfile=path` (a recipe in train/configs/), with `changes`."""
+    values = flags.FlagValues()
+    cli.define_flags(TrainConfig, values, program)
+    values([program, f"--flagfile={path}"])
+    return dataclasses.replace(cli.config_from_flags(TrainConfig, values), **changes)
