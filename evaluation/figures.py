@@ -7,6 +7,7 @@
     plot_probe_curve  probe accuracy against pretraining epoch, with the random-init and pixel
                       baselines on the same label draws (NAT Figure 2, left)
     plot_ablation     the paired gaps of the ablations, with their spread over seeds
+    plot_table        a dataset's table: pretrained, baseline and pixels per view, over seeds
 
 Accuracies are shown in percent; error bars and bands are ± 1 standard deviation, and every
 figure says over what.
@@ -223,5 +224,52 @@ def plot_ablation(rows: list[dict], path: str) -> None:
                  "(filled: larger than its spread)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_table(rows: list[dict], dataset: str, eval_split: str, path: str) -> None:
+    """Per view, one bar per method's pretrained network, its baseline (the stronger random
+    init, or scratch) and raw pixels, each ± 1 sd over the pretraining seeds; the supervised
+    network (scratch, every label) as a dashed line when it was measured."""
+    plt = _pyplot()
+
+    views = list(dict.fromkeys(r["view"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    bars = [(m, "pretrained") for m in methods] + [(m, "baseline") for m in methods] + [
+        (None, "pixels")]
+    fig, ax = plt.subplots(figsize=(2.0 + 1.5 * len(views), 4.6), dpi=110)
+    width = 0.8 / len(bars)
+    for i, (method, kind) in enumerate(bars):
+        xs, heights, errors = [], [], []
+        for j, view in enumerate(views):
+            row = next((r for r in rows if r["view"] == view and
+                        r["method"] == (method or methods[0])), None)
+            if row is None or (kind == "pixels" and "pixels" not in row):
+                continue
+            xs.append(j + (i - (len(bars) - 1) / 2) * width)
+            heights.append(100 * row[kind][0])
+            errors.append(100 * row[kind][1])
+        label = {"pretrained": f"{method} pretrained", "baseline": f"{method}: its baseline",
+                 "pixels": "pixels"}[kind]
+        color = {"pretrained": f"C{methods.index(method) if method else 0}",
+                 "baseline": "white", "pixels": "lightgrey"}[kind]
+        ax.bar(xs, heights, width, yerr=errors, capsize=2, color=color, label=label,
+               edgecolor=f"C{methods.index(method)}" if method else "grey",
+               hatch="//" if kind == "baseline" else None, linewidth=1.0)
+    sup = next((r["baseline"] for r in rows if r["kind"] == "finetune" and
+                r["labels"] == "all_labels"), None)
+    if sup is not None:
+        ax.axhline(100 * sup[0], color="black", linestyle="--", linewidth=1,
+                   label=f"supervised, all labels ({100 * sup[0]:.1f}%)")
+    low = min(100 * r[k][0] for r in rows for k in ("pretrained", "baseline"))
+    ax.set_ylim(max(0.0, low - 15), 100)
+    ax.set_xticks(range(len(views)), [v.replace(", ", ",\n") for v in views], fontsize=8)
+    split = "test split" if eval_split == "test" else "validation holdout"
+    ax.set(ylabel="accuracy (%)", title=f"{dataset} ({split}): mean ± sd over pretraining "
+           "seeds; baseline = stronger random init (frozen) or scratch (fine-tuned)")
+    ax.title.set_fontsize(9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     _save(fig, path)
