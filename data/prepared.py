@@ -70,7 +70,14 @@ def at_positions(ds: tf.data.Dataset, positions) -> tf.data.Dataset:
     mask = np.zeros(size, dtype=bool)
     mask[keep] = True
     mask = tf.constant(mask)
-    return ds.take(size).enumerate().filter(lambda i, ex: mask[i]).map(lambda i, ex: ex)
+
+    def kept(i, example):  # named functions: AutoGraph warns of two lambdas on one line
+        return mask[i]
+
+    def example_only(i, example):
+        return example
+
+    return ds.take(size).enumerate().filter(kept).map(example_only)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from `serving.extract_features --tfds=<name>:<split>`), read from the split as p
 `--data_dir` (`--manual_dir`: tfds's manual files), once per split and only up to the last
 position drawn, and labelled with the class names of tfds's info (Fashion-MNIST:
 "T-shirt/top", "Trouser", ...; the integer when the dataset names none). A caption longer than
-11 characters is cut to fit its cell. Figure 3 of Fashion-MNIST's test split:
+11 characters is cut to fit its cell. Figure 3 of Fashion-MNIST's test split (OUT gets one .npy
+per output of the export, e.g. embedding.npy or sc.npy):
 
     python -m serving.extract_features --tfds=fashion_mnist:test --saved_model=EXPORT/name/1 \
         --data_dir=DATA --output_dir=OUT
