@@ -223,11 +223,7 @@ def load(dataset: str | LabelledSource, split: str, input_shape: tuple[int, int,
     crop = source.name == "imagenet2012"
     ds = _tfds_dataset(source, split, skip_image=False)
     if keep is not None:
-        size = int(keep[-1]) + 1 if len(keep) else 0
-        mask = np.zeros(size, dtype=bool)
-        mask[keep] = True
-        mask = tf.constant(mask)
-        ds = ds.take(size).enumerate().filter(lambda i, ex: mask[i]).map(lambda i, ex: ex)
+        ds = prepared.at_positions(ds, keep)
 
     def convert(example):
         image = tf.cast(example["image"], tf.float32) / 255.0

@@ -1,4 +1,4 @@
-"""PNG figures of a run: first-layer filters, nearest-neighbour retrieval, training curves.
+r"""PNG figures of a run: first-layer filters, nearest-neighbour retrieval, training curves.
 
     python -m evaluation.visualize filters   --pretrained=RUN --output=filters.png
     python -m evaluation.visualize retrieval --features=OUT/embedding.npy --output=retrieval.png
@@ -19,8 +19,19 @@ grid of `--columns`, each tap drawn as `--scale` x `--scale` pixels, under a tit
 retrieval (NAT Figure 3): for each query (a row), its k nearest neighbours by cosine
 similarity of the features (the query itself excluded, ties broken by the lower index), each
 captioned with its label and similarity; neighbours of another class are framed in red. The
-images come from the extraction's index.txt: embedded digits (with their class) or image
-files (labelled by their folder's name).
+images come from the extraction's index.txt: embedded digits (with their class), image files
+(labelled by their folder's name) or rows of a tfds split (`tfds:<name>/<split>/<position>`,
+from `serving.extract_features --tfds=<name>:<split>`), read from the split as prepared in
+`--data_dir` (`--manual_dir`: tfds's manual files), once per split and only up to the last
+position drawn, and labelled with the class names of tfds's info (Fashion-MNIST:
+"T-shirt/top", "Trouser", ...; the integer when the dataset names none). A caption longer than
+11 characters is cut to fit its cell. Figure 3 of Fashion-MNIST's test split (OUT gets one .npy
+per output of the export, e.g. embedding.npy or sc.npy):
+
+    python -m serving.extract_features --tfds=fashion_mnist:test --saved_model=EXPORT/name/1 \
+        --data_dir=DATA --output_dir=OUT
+    python -m evaluation.visualize retrieval --features=OUT/embedding.npy --data_dir=DATA \
+        --output=retrieval.png
 
 curves: every scalar of the TensorBoard event files under `--pretrained` that changes (one
 panel per tag, tags of subdirectories prefixed by it, e.g. "train/loss"; accuracies in
@@ -36,7 +47,7 @@ from dataclasses import dataclass
 
 from runtime import cli
 from runtime.cli import UsageError, option
-from runtime.vocabulary import PretrainedInput
+from runtime.vocabulary import DataLocation, PretrainedInput
 
 PROGRAM = "evaluation.visualize"
 
@@ -44,10 +55,11 @@ FIGURES = ("filters", "retrieval", "curves")
 
 
 @dataclass(frozen=True)
-class VisualizeConfig(PretrainedInput):
+class VisualizeConfig(PretrainedInput, DataLocation):
     """The flags of `python -m evaluation.visualize <figure>`; --pretrained (filters: the
-    weights; curves: the run folder whose summaries are drawn) and --init (filters) are those
-    of runtime/vocabulary.py."""
+    weights; curves: the run folder whose summaries are drawn), --init (filters) and
+    --data_dir, --manual_dir (retrieval: where tfds finds the split of an index of tfds rows)
+    are those of runtime/vocabulary.py."""
 
     figure: str = option("", "filters, retrieval or curves (the positional argument).",
                          flag=False)
@@ -56,7 +68,8 @@ class VisualizeConfig(PretrainedInput):
     columns: int = option(8, "filters: filters per row.", lower=1)
     scale: int = option(8, "filters: pixels per filter tap.", lower=1)
     features: str = option("", "retrieval: a .npy of features [n, ...].")
-    index: str = option("", "retrieval: the index.txt of paths (default: next to --features).")
+    index: str = option("", "retrieval: the index.txt of the rows: image paths, digits:... or "
+                        "tfds:<name>/<split>/<position> keys (default: next to --features).")
     queries: int = option(8, "retrieval: number of queries.", lower=1)
     query_indices: tuple[int, ...] = option((), "retrieval: explicit query rows (else random).")
     k: int = option(5, "retrieval: neighbours per query.", lower=1)

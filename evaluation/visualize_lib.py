@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 from scipy.signal import convolve2d
 
-from data import digits
+from data import DataError, digits, prepared
 from evaluation import figures
 from evaluation.visualize import VisualizeConfig
 from models.layers import SOBEL_X, SOBEL_Y
@@ -135,20 +135,70 @@ def _filters(f: VisualizeConfig) -> None:
                          filters.shape[1:3], title, f.output)
 
 
-def image_and_label(name: str, cell: int) -> tuple[np.ndarray, str | None]:
-    """uint8 RGB [cell, cell, 3] of an extracted image and its label: digits keys carry their
-    class; a file's label is the name of its folder."""
-    if name.startswith(digits.KEY_PREFIX):
-        pixels, label = digits.from_key(name)
-        image = Image.fromarray(pixels)
-    elif name.startswith("tfds:"):
-        raise UsageError("retrieval draws image files or embedded digits; this index lists "
-                         "tfds examples")
-    else:
-        image, label = Image.open(name), os.path.basename(os.path.dirname(name))
+TFDS_PREFIX = "tfds:"
+
+
+def tfds_key(key: str) -> tuple[str, str, int]:
+    """(dataset, split, position) of an index line `tfds:<name>/<split>/<position>`, as
+    serving.extract_features writes it; the name may hold a config (`name/config`)."""
+    parts = key[len(TFDS_PREFIX):].rsplit("/", 2)
+    if not key.startswith(TFDS_PREFIX) or len(parts) != 3 or not all(parts) or \
+            not parts[2].isdigit():
+        raise InvalidInput(f"{key!r} is not tfds:<name>/<split>/<position>")
+    return parts[0], parts[1], int(parts[2])
+
+
+def _cell(image: Image.Image, cell: int) -> np.ndarray:
     with image:
         rgb = image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
-        return np.asarray(rgb, dtype=np.uint8), (None if label is None else str(label))
+        return np.asarray(rgb, dtype=np.uint8)
+
+
+def image_and_label(name: str, cell: int) -> tuple[np.ndarray, str | None]:
+    """uint8 RGB [cell, cell, 3] of an extracted image and its label: digits keys carry their
+    class; a file's label is the name of its folder. tfds rows: `load_images`."""
+    if name.startswith(TFDS_PREFIX):
+        raise ValueError(f"{name}: tfds rows are read together, by load_images")
+    if name.startswith(digits.KEY_PREFIX):
+        pixels, label = digits.from_key(name)
+        return _cell(Image.fromarray(pixels), cell), str(label)
+    return _cell(Image.open(name), cell), os.path.basename(os.path.dirname(name))
+
+
+def load_images(names: dict[int, str], cell: int, data_dir: str | None = None,
+                manual_dir: str | None = None) -> dict[int, tuple[np.ndarray, str | None]]:
+    """{row: (uint8 RGB [cell, cell, 3], label)} of index lines `names` ({row: line}).
+
+    Digits and files as `image_and_label`. tfds rows (`tfds:<name>/<split>/<position>`) are
+    read from the prepared split in `data_dir` (`data.prepared.examples_at`): one pass per
+    split, up to its last position needed; the label is the class name of tfds's info when
+    it has one (else the integer; None when the dataset has no label). Raises DataError when
+    a split cannot be read.
+    """
+    loaded, splits = {}, {}
+    for row, name in names.items():
+        if name.startswith(TFDS_PREFIX):
+            dataset, split, position = tfds_key(name)
+            splits.setdefault((dataset, split), {})[row] = position
+        else:
+            loaded[row] = image_and_label(name, cell)
+    for (dataset, split), rows in splits.items():
+        read = prepared.examples_at(dataset, split, list(rows.values()), data_dir, manual_dir)
+        for row, position in rows.items():
+            image, label = read.images[position], read.labels.get(position)
+            if label is not None:
+                label = read.names[label] if read.names and 0 <= label < len(read.names) else \
+                    str(label)
+            loaded[row] = (_cell(Image.fromarray(np.squeeze(image, -1) if image.shape[-1] == 1
+                                                 else image), cell), label)
+    return loaded
+
+
+def _tfds_source(names: Sequence[str]) -> str:
+    """" of <name>/<split>" when every line is a row of that one tfds split, else ""."""
+    sources = {name[len(TFDS_PREFIX):].rsplit("/", 1)[0] if name.startswith(TFDS_PREFIX)
+               else None for name in names}
+    return f" of {sources.pop()}" if len(sources) == 1 and None not in sources else ""
 
 
 def _retrieval(f: VisualizeConfig) -> None:
@@ -167,10 +217,15 @@ def _retrieval(f: VisualizeConfig) -> None:
         rng = np.random.default_rng(f.seed)
         queries = sorted(rng.choice(len(names), min(f.queries, len(names)), replace=False))
     neighbours, similarity = nearest_neighbours(features, queries, f.k)
-    loaded = {i: image_and_label(names[i], f.cell)
-              for i in sorted({*queries, *neighbours.ravel().tolist()})}
+    rows = sorted({*queries, *neighbours.ravel().tolist()})
+    try:
+        loaded = load_images({i: names[i] for i in rows}, f.cell, f.data_dir, f.manual_dir)
+    except InvalidInput as err:  # a malformed line, or a tfds split that cannot be read
+        hint = "; or point --data_dir at where it is prepared" if (
+            isinstance(err, DataError) and not f.data_dir) else ""
+        raise InvalidInput(f"{index_path}: {err}{hint}") from None
     title = (f"Nearest neighbours by cosine similarity of {os.path.basename(f.features)} "
-             f"({len(names)} images)")
+             f"({len(names)} images{_tfds_source(names)})")
     figures.plot_retrieval({i: v[0] for i, v in loaded.items()},
                            {i: v[1] for i, v in loaded.items()}, queries, neighbours,
                            similarity, title, f.output)

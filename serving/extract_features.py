@@ -7,8 +7,10 @@ r"""Extract features with an exported feature extractor (`serving.export`).
         --model_name=nin_cifar10 --output_dir=OUT              # TensorFlow Serving, REST
     ... --server=localhost:8500 --grpc                          # TensorFlow Serving, gRPC
 
-Sources: a folder of images (--images_dir), a prepared tfds split (--tfds), or the 599 embedded
-test digits (--digits: grey 8x8 PNGs, listed as digits:test/<position>).
+Sources: a folder of images (--images_dir), a prepared tfds split (--tfds; fashion_mnist
+missing from --data_dir is prepared there from the Debian package dataset-fashion-mnist,
+offline), or the 599 embedded test digits (--digits: grey 8x8 PNGs, listed as
+digits:test/<position>).
 
 Protocol: every image is sent encoded (file contents, or PNG for tfds images) to the export's
 `image_bytes` signature, so decoding, resizing and the model's preprocessing all happen in the

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data import digits
+from data import DataError, digits, prepared
 from data.images import IMAGE_EXTENSIONS, list_images
 from runtime.cli import UsageError
 from runtime.errors import MissingInput
@@ -41,14 +41,14 @@ def folder_items(paths: Iterable[str]) -> Iterator[tuple[str, bytes | Exception]
 
 def tfds_items(name: str, split: str, data_dir: str | None = None
                ) -> tuple[int | None, Iterator[tuple[str, bytes | Exception]]]:
-    """(count or None, (key, PNG bytes)) of a prepared tfds split; nothing is downloaded.
+    """(count or None, (key, PNG bytes)) of a prepared tfds split; nothing is downloaded
+    (`data.prepared.tfds_split`: fashion_mnist is prepared from its Debian package).
 
     Raises FileNotFoundError when the split is not prepared in `data_dir`.
     """
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-        dataset = builder.as_dataset(split=split, shuffle_files=False)
-    except (AssertionError, tfds.core.registered.DatasetNotFoundError) as err:
+    try:  # the zoo's reader: a fashion_mnist missing from data_dir is prepared offline
+        builder, dataset = prepared.tfds_split(name, split, data_dir)
+    except (DataError, tfds.core.registered.DatasetNotFoundError) as err:
         raise MissingInput(f"--tfds {name}:{split} is not available in "
                            f"{data_dir or 'the default data_dir'}: "
                            f"{str(err).splitlines()[0]}") from None
