@@ -2,11 +2,10 @@
 
 Protocol of `run_probe` for a frozen network f and endpoints e_1..e_m:
 
-0. The scored split is the test split (`evaluate_on="test"`), or a validation holdout
-   (`evaluate_on="validation"`): `holdout_per_class` train examples per class drawn with the
-   generator seeded by (seed, *HOLDOUT_STREAM), the same for every network and every draw.
-   The labels below are then drawn from the rest of train only, and the test split is never
-   read (recipes are searched this way; the test split is for the final table).
+0. The scored split is the test split (`evaluate_on="test"`), or (`"validation"`, to search
+   recipes) a holdout of `holdout_per_class` train examples per class drawn with the generator
+   seeded by (seed, *HOLDOUT_STREAM), the same for every network and every draw; the labels
+   below are then drawn from the rest of train only, and the test split is never read.
 1. Labels of the train split are read; for each repetition s = 0..splits-1, k labelled
    examples per class are drawn from train (outside the holdout) with the generator seeded by
    (seed, s) (`labels_per_class=0`: every such example; STL-10 `stl10_folds`: the predefined
@@ -70,8 +69,7 @@ HOLDOUT_STREAM = (0, 0, 0, 1)
 class SplitResult:
     """One repetition: examples used to fit and to validate, the chosen hyperparameters, the
     validation accuracy of the choice (None without validation) and the accuracy on the scored
-    split (`test_accuracy`: the test split, or the validation holdout; ProbeResult says which).
-    """
+    split (`test_accuracy`: of the test split or the holdout; ProbeResult says which)."""
 
     split: int
     fit_examples: int
@@ -103,9 +101,8 @@ class EndpointResult:
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """Every accuracy of a probe. `scored_split` is "test" or "validation" (the holdout of
-    `holdout_per_class` train images per class), `scored_examples` its size; `test_examples`
-    is the number of test images read (0 with the holdout)."""
+    """Every accuracy of a probe; `scored_split` is "test" or "validation" (the holdout), of
+    `scored_examples`; `test_examples` test images were read (0 with the holdout)."""
 
     dataset: str
     head: str
@@ -156,19 +153,23 @@ def draw_splits(labels: np.ndarray, labels_per_class: int, splits: int, seed: in
             for s in range(splits)]
 
 
+class HoldoutError(InvalidInput):
+    """A validation holdout of more examples per class than the train split can give."""
+
+
 def validation_holdout(labels: np.ndarray, holdout_per_class: int, seed: int,
                        num_classes: int, what: str = "train") -> np.ndarray:
     """The validation holdout: `holdout_per_class` positions per class of `labels` (the train
     split), drawn by `data.labelled.per_class_draw` with the generator seeded by
     (seed, *HOLDOUT_STREAM); sorted int64.
 
-    Raises InvalidInput naming the smallest class when none of it would be left to draw."""
+    Raises HoldoutError naming the smallest class when none of it would be left to draw."""
     if holdout_per_class < 1:
-        raise InvalidInput(f"holdout_per_class must be >= 1; got {holdout_per_class}")
+        raise HoldoutError(f"holdout_per_class must be >= 1; got {holdout_per_class}")
     counts = np.bincount(np.asarray(labels), minlength=num_classes)
     smallest = int(np.argmin(counts))
     if counts[smallest] <= holdout_per_class:
-        raise InvalidInput(f"holdout_per_class={holdout_per_class}: class {smallest} of {what} "
+        raise HoldoutError(f"holdout_per_class={holdout_per_class}: class {smallest} of {what} "
                            f"has only {counts[smallest]} examples; the validation holdout must "
                            "leave some to draw labels from")
     return labelled.per_class_draw(labels, holdout_per_class,
@@ -247,8 +248,7 @@ def _pooling(settings: ProbeSettings) -> dict:
 def _prepare(dataset, endpoints: Sequence[str], evaluate_on: str, holdout_per_class: int,
              seed: int, stl10_folds: bool, max_test_examples: int | None,
              settings: ProbeSettings) -> tuple[labelled.LabelledSource, ProbeFeatures]:
-    """(the source to read, a ProbeFeatures without features): the train labels, the holdout
-    and the folds. Reads the train labels only."""
+    """(the source, a ProbeFeatures without features); reads the train labels only."""
     if evaluate_on not in EVALUATE_ON:
         raise ValueError(f"unknown evaluate_on {evaluate_on!r}; choose one of "
                          f"{', '.join(EVALUATE_ON)}")
@@ -446,5 +446,5 @@ def probe(model, endpoint: str, dataset: str | labelled.LabelledSource, labels_p
 
 
 __all__ = ["EVALUATE_ON", "HEADS", "HOLDOUT_PER_CLASS", "PIXELS", "POOLS", "EndpointResult",
-           "ProbeFeatures", "ProbeResult", "ProbeSettings", "SplitResult", "draw_splits",
-           "extract_probe_features", "probe", "run_probe", "validation_holdout"]
+           "HoldoutError", "ProbeFeatures", "ProbeResult", "ProbeSettings", "SplitResult",
+           "draw_splits", "extract_probe_features", "probe", "run_probe", "validation_holdout"]
