@@ -54,7 +54,7 @@ def run(cfg: ProbeConfig):
         start_run(claim, asdict(cfg))  # complete results: config.json, then them
     labels = cfg.labels_per_class or "all"
     headers = ["endpoint", "pooled", "dims", "head", "labels/class", "splits", "val acc %",
-               "test acc %"]
+               "test acc %" if cfg.eval_split == "test" else "holdout acc %"]
     rows = []
     for init, each in results.items():
         for e in each.endpoints:
@@ -63,8 +63,10 @@ def run(cfg: ProbeConfig):
                          str(labels), str(cfg.splits),
                          report.percent(*report.mean_std(val)) if val else "-",
                          report.percent(e.mean, e.std)] + ([init] if init else []))
-    title = (f"{cfg.head} probe of {name} ({weights}) on {cfg.dataset}: "
-             f"{result.train_examples} train images drawn, {result.test_examples} test images")
+    scored = (f"{result.test_examples} test images" if result.scored_split == "test" else
+              f"validation holdout of {result.scored_examples} train images")
+    title = (f"{_head(cfg)} probe of {name} ({weights}) on {cfg.dataset}: "
+             f"{result.train_examples} train images drawn, {scored}")
     payload = {"config": asdict(cfg), "model": name, "weights": weights,
                "checkpoint": checkpoint, "seconds": seconds, **result.to_json()}
     notes = ""
@@ -80,6 +82,14 @@ def run(cfg: ProbeConfig):
     print(text)
     print(f"wrote {cfg.out}/probe.md and probe.json")
     return result, text
+
+
+def _head(cfg: ProbeConfig) -> str:
+    """The head as the title names it: `knn (k=200, T=0.07)`, `knn (k=1, one vote each)`."""
+    if cfg.head != "knn":
+        return cfg.head
+    votes = f"T={cfg.knn_temperature:g}" if cfg.knn_temperature else "one vote each"
+    return f"knn (k={cfg.knn_k}, {votes})"
 
 
 def _stronger_rows(results: dict) -> dict[str, str]:
@@ -126,7 +136,9 @@ def _probe(cfg: ProbeConfig, loaded=None):
 
     source = labelled.LabelledSource(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.stl10_dir)
     if not cfg.stl10_folds:  # (the folds read the STL-10 binary folder, not tfds)
-        labelled.check_available(source)  # both splits, before the model is loaded
+        # the splits it reads (a holdout: train only), before the model is loaded
+        labelled.check_available(source, ("train",) if cfg.eval_split == "validation"
+                                 else labelled.SPLITS)
     model, name, weights, checkpoint = loaded or load_model(cfg)
     endpoints = cfg.endpoints
     if endpoints is None:
@@ -146,7 +158,10 @@ def _probe(cfg: ProbeConfig, loaded=None):
             max_dims=cfg.max_dims, val_fraction=cfg.val_fraction, batch_size=cfg.batch_size,
             mlp=MLPHead(width=cfg.mlp_width, epochs=cfg.mlp_epochs,
                         learning_rate=cfg.mlp_learning_rate),
-            knn=KnnHead(k=cfg.knn_k))
+            knn=KnnHead(k=cfg.knn_k, temperature=cfg.knn_temperature or None),
+            evaluate_on=cfg.eval_split, holdout_per_class=cfg.holdout_per_class)
     except labelled.LabelsPerClassError as error:
         raise UsageError(f"--labels_per_class={cfg.labels_per_class}: {error}") from None
+    except probe.HoldoutError as error:
+        raise UsageError(f"--{error}") from None
     return result, time.time() - tic, name or model.name, weights, checkpoint

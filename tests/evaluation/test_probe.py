@@ -129,8 +129,8 @@ def test_validation_holdout_is_fixed_disjoint_and_never_reads_test(separable, mo
 
 
 def test_holdout_too_large_or_with_test_only_options_is_invalid(separable):
-    with pytest.raises(probe.HoldoutError, match="holdout_per_class=30: class 0 of digits train has "
-                                           "only 30 examples"):
+    with pytest.raises(probe.HoldoutError,
+                       match="holdout_per_class=30: class 0 of digits train has only 30 examples"):
         probe.run_probe(identity_model(), ["feat"], "digits", evaluate_on="validation",
                         holdout_per_class=30)
     with pytest.raises(labelled.LabelsPerClassError, match="train outside the holdout"):
