@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from data import labelled
 from evaluation import probe, report
@@ -20,6 +20,16 @@ from runtime.run_config import read_config, run_folder
 from serving.client import SavedModelClient, ServingError
 
 AT_INIT, CALIBRATED = "random init, BN at init", "random init, BN calibrated"
+# Flags younger than some output folders: left out of the fingerprint at their defaults, so
+# that such a folder still belongs to the configuration that wrote it.
+LATER_FLAGS = ("eval_split", "holdout_per_class", "knn_temperature")
+
+
+def fingerprint(cfg: ProbeConfig) -> dict:
+    """What makes an output folder this configuration's (runtime/ownership.py)."""
+    defaults = {f.name: f.default for f in fields(cfg) if f.name in LATER_FLAGS}
+    return {key: value for key, value in fingerprint_of(cfg, cfg.RESUMABLE).items()
+            if key not in defaults or value != defaults[key]}
 
 
 def load_model(cfg: ProbeConfig):
@@ -46,7 +56,7 @@ def load_model(cfg: ProbeConfig):
 def run(cfg: ProbeConfig):
     """Run the probe of `cfg`; write config.json, probe.json and probe.md; print and return
     (result, console table)."""
-    with claim_run(cfg.out, fingerprint_of(cfg, cfg.RESUMABLE), "--output_dir") as claim:
+    with claim_run(cfg.out, fingerprint(cfg), "--output_dir") as claim:
         result, seconds, name, weights, checkpoint = _probe(cfg)
         # A random init is probed twice: BN at init (above) and BN calibrated.
         results = {"": result} if cfg.init == "pretrained" else {

@@ -1,5 +1,6 @@
 """The linear_probe binary: outputs, loading a run folder, defaults, and one-line errors."""
 
+import dataclasses
 import json
 import os
 
@@ -41,6 +42,17 @@ def test_probe_of_a_run_writes_table_json_and_markdown(tmp_path, capsys):
         f"evaluation.linear_probe: error: {out} holds a run with other settings (splits: 2 -> "
         "1): rerun with the recorded settings, or use another --output_dir\n")
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == written
+
+
+def test_new_flags_at_their_defaults_keep_older_folders_and_otherwise_count():
+    cfg = linear_probe.ProbeConfig(model="nin_mnist", init="random")
+    older = linear_probe_lib.fingerprint_of(cfg, cfg.RESUMABLE)
+    for flag in linear_probe_lib.LATER_FLAGS:
+        del older[flag]
+    assert linear_probe_lib.fingerprint(cfg) == older
+    changed = dataclasses.replace(cfg, eval_split="validation", knn_temperature=0.07)
+    assert linear_probe_lib.fingerprint(changed) == {
+        **older, "eval_split": "validation", "knn_temperature": 0.07}
 
 
 def test_default_output_folders():
