@@ -23,10 +23,14 @@ Protocol (Hoffer, Hubara & Ailon 2017, Sec. 5):
 - --mixed_precision=bf16|fp16 computes the network in bfloat16 / float16 (float32 variables,
   BN statistics, logits and loss; dynamic loss scaling for fp16: losses/loss_scale.py);
 - the test split is read once, at the end; the result is the mean ± std test accuracy
-  over --seeds. Each seed fixes the label draw, the validation carve, the classifier's init,
-  the batch order and the augmentation; with --compare_scratch the same seeds also train
-  the network from scratch, both are reported side by side (SC Tables 1-3), and their
-  difference is tested paired over the seeds (evaluation/report.py).
+  over --seeds. With --eval_split=validation (to search recipes) the runs are scored instead
+  on a holdout of --holdout_per_class train images per class (`evaluation.probe`'s holdout
+  of seed 0: the same for every seed, init and probe of seed 0), the labels are drawn from
+  the rest of train, and the test split is never read. Each seed fixes the label draw, the
+  validation carve, the classifier's init, the batch order and the augmentation; with
+  --compare_scratch the same seeds also train the network from scratch, both are reported
+  side by side (SC Tables 1-3), and their difference is tested paired over the seeds
+  (evaluation/report.py).
 - the output warns when a run stopped at --epochs before converging, or ended near chance.
 
 Writes config.json, finetune.json (every figure) and finetune.md to --output_dir (default
@@ -52,6 +56,9 @@ from runtime.vocabulary import DataLocation, OutputFolder, PretrainedInput
 
 PROGRAM = "evaluation.finetune"
 RESUMABLE = ("output_dir", "data_dir", "manual_dir", "stl10_dir")  # where, not what
+# Flags younger than some output folders: at their defaults they stay out of the fingerprint.
+LATER_FLAGS = ("eval_split", "holdout_per_class")
+EVAL_SPLITS = ("test", "validation")
 # Labels per class of the SC protocol (0: every train label).
 PROTOCOL_LABELS = {"stl10": 0, "cifar10": 400, "mnist": 0, "digits": 10, "imagenet2012": 0,
                    "fashion_mnist": 0}
@@ -90,7 +97,13 @@ class FinetuneConfig(PretrainedInput, DataLocation, OutputFolder):
                                  lower=0.0, upper=0.9)
     min_val_per_class: int = option(5, "Validation images per class needed to choose an epoch "
                                     "on them (else: the training loss, no carve).", lower=1)
-    max_test_examples: int = option(0, "Score on the first n test examples (0: all).", lower=0)
+    max_test_examples: int = option(0, "Score on the first n test examples (0: all; "
+                                    "--eval_split=test only).", lower=0)
+    eval_split: str = option("test", "Score on the test split, or on a validation holdout "
+                             "carved from train (the test split is then never read).",
+                             choices=EVAL_SPLITS)
+    holdout_per_class: int = option(1000, "--eval_split=validation: train images per class "
+                                    "held out and scored (the same for every seed).", lower=1)
     mixed_precision: str = option("none", "Compute precision of the network: none (float32), "
                                   "bf16 or fp16 (with dynamic loss scaling).",
                                   choices=PRECISIONS)
@@ -98,6 +111,10 @@ class FinetuneConfig(PretrainedInput, DataLocation, OutputFolder):
     def __post_init__(self):
         cli.check_choice("dataset", self.dataset, LABELLED_DATASETS)
         cli.check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        cli.check_choice("eval_split", self.eval_split, EVAL_SPLITS)
+        if self.eval_split == "validation" and self.max_test_examples:
+            raise UsageError("--max_test_examples applies to --eval_split=test, not "
+                             "--eval_split=validation")
         if self.init == "pretrained":
             cli.require("pretrained", self.pretrained)
         elif not (self.model or self.pretrained):

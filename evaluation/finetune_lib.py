@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from data import labelled
-from evaluation import report
-from evaluation.finetune import RESUMABLE, FinetuneConfig
+from evaluation import probe, report
+from evaluation.finetune import LATER_FLAGS, RESUMABLE, FinetuneConfig
 from losses import loss_scale
 from losses.divergence import check_finite
 from models import build_model
@@ -25,6 +25,7 @@ from runtime.progress import Progress
 from runtime.run_config import pretraining_config
 
 NEAR_CHANCE = 1.5  # a test accuracy under 1.5 x chance is reported as a failed run
+HOLDOUT_SEED = 0  # the holdout of every seed: a probe's of seed 0 (evaluation/probe.py)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,12 +71,14 @@ def initial_model(name: str, kwargs: dict, init: str | ChosenCheckpoint | None, 
 
 @dataclass(frozen=True)
 class Labelled:
-    """The labelled examples of one seed: fit and validation images [N, H, W, C] and labels."""
+    """The labelled examples of one seed: fit and validation images [N, H, W, C] and labels;
+    with --eval_split=validation, the positions in train of the scored holdout."""
 
     x_fit: np.ndarray
     y_fit: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    holdout: np.ndarray | None = None
 
 
 def validation_fraction(labels: np.ndarray, cfg: FinetuneConfig) -> float:
@@ -88,18 +91,24 @@ def validation_fraction(labels: np.ndarray, cfg: FinetuneConfig) -> float:
 
 def labelled_data(cfg: FinetuneConfig, input_shape: tuple[int, int, int], seed: int
                   ) -> Labelled:
-    """Draw the labelled train examples of `seed` and hold out the validation set."""
+    """Draw the labelled train examples of `seed` (outside the holdout of --eval_split=
+    validation) and hold out the validation set."""
     source = labelled_source(cfg)
     labels = labelled.load_labels(source, "train")
+    among, holdout, what = np.arange(len(labels)), None, f"{cfg.dataset} train"
+    if cfg.eval_split == "validation":
+        holdout = probe.validation_holdout(labels, cfg.holdout_per_class, HOLDOUT_SEED,
+                                           source.num_classes, what)
+        among, what = np.setdiff1d(among, holdout), f"{what} outside the holdout"
+    chosen = among
     if cfg.labels:
-        chosen = labelled.per_class_draw(labels, cfg.labels, np.random.default_rng([seed, 0]),
-                                         source.num_classes, f"{cfg.dataset} train")
-    else:
-        chosen = np.arange(len(labels))
+        chosen = among[labelled.per_class_draw(labels[among], cfg.labels,
+                                               np.random.default_rng([seed, 0]),
+                                               source.num_classes, what)]
     x, y = labelled.load_arrays(source, "train", input_shape, chosen)
     fit, val = labelled.split_validation(y, validation_fraction(y, cfg),
                                          np.random.default_rng([seed, 1]))
-    return Labelled(x[fit], y[fit], x[val], y[val])
+    return Labelled(x[fit], y[fit], x[val], y[val], holdout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,14 +230,15 @@ def _keep(model, best_weights, best_epoch: int, last_epoch: int) -> int:
 def run_seed(cfg: FinetuneConfig, name: str, kwargs: dict,
              init: str | ChosenCheckpoint | None, seed: int, data: Labelled, label: str = ""
              ) -> RunResult:
-    """One fine-tuning run: the initial model of (init, seed), training, then the test split."""
+    """One fine-tuning run: the initial model of (init, seed), training, then the scored
+    split (the test split, or the holdout of `data`)."""
     model, loaded = initial_model(name, kwargs, init, seed, cfg.mixed_precision)
     bar = Progress(cfg.epochs, label or f"seed {seed}", unit=" epochs")
     kept, converged, history = train(model, data, cfg, seed, bar, label)
     bar.close()
-    test_indices = np.arange(cfg.max_test_examples) if cfg.max_test_examples else None
-    test = labelled.load(labelled_source(cfg), "test", model.input_shape[1:],
-                         test_indices).batch(256)
+    split, indices = ("test", np.arange(cfg.max_test_examples) if cfg.max_test_examples
+                      else None) if data.holdout is None else ("train", data.holdout)
+    test = labelled.load(labelled_source(cfg), split, model.input_shape[1:], indices).batch(256)
     test_loss, test_acc = evaluate(model, test)
     chosen = history[kept - 1]
     return RunResult(seed, loaded.checkpoint if loaded else "random",
@@ -237,13 +247,14 @@ def run_seed(cfg: FinetuneConfig, name: str, kwargs: dict,
                      chosen["val_loss"], chosen["val_accuracy"], test_loss, test_acc, history)
 
 
-def warnings(results: dict[str, list[RunResult]], num_classes: int) -> list[str]:
-    """One line per run that stopped at the epoch limit or ended near chance."""
+def warnings(results: dict[str, list[RunResult]], num_classes: int,
+             scored: str = "test") -> list[str]:
+    """One line per run that stopped at the epoch limit or ended near chance (on `scored`)."""
     runs = [(key, r) for key, rs in results.items() for r in rs]
     return ([f"{key} seed {r.seed}: stopped at the {r.epochs}-epoch limit before converging "
              f"(the {r.watched} loss was still improving); raise --epochs"
              for key, r in runs if not r.converged]
-            + [f"{key} seed {r.seed}: test accuracy {100 * r.test_accuracy:.1f}% is near "
+            + [f"{key} seed {r.seed}: {scored} accuracy {100 * r.test_accuracy:.1f}% is near "
                f"chance ({100 / num_classes:.0f}%): this run failed"
                for key, r in runs if r.test_accuracy < NEAR_CHANCE / num_classes])
 
@@ -252,9 +263,13 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
     """Every seed, pretrained (unless --init=random) and, with compare_scratch, from scratch.
 
     Returns ({"pretrained"|"scratch": [RunResult per seed]}, console text)."""
-    fingerprint = fingerprint_of(cfg, RESUMABLE)
+    later = {f.name: f.default for f in fields(cfg) if f.name in LATER_FLAGS}
+    fingerprint = {key: value for key, value in fingerprint_of(cfg, RESUMABLE).items()
+                   if key not in later or value != later[key]}  # older folders stay theirs
     with claim_run(cfg.out, fingerprint, "--output_dir") as claim:
-        labelled.check_available(labelled_source(cfg))  # both splits, before any training
+        # the splits it reads (a holdout: train only), before any training
+        labelled.check_available(labelled_source(cfg), ("train",) if cfg.eval_split ==
+                                 "validation" else labelled.SPLITS)
         name, kwargs = model_spec(cfg)
         try:
             input_shape = tuple(build_model(name, **kwargs).input_shape[1:])
@@ -277,6 +292,8 @@ def run(cfg: FinetuneConfig) -> tuple[dict[str, list[RunResult]], str]:
                 data = labelled_data(cfg, input_shape, seed)
             except labelled.LabelsPerClassError as error:
                 raise UsageError(f"--labels_per_class={cfg.labels}: {error}") from None
+            except probe.HoldoutError as error:
+                raise UsageError(f"--{error}") from None
             for key, init in inits.items():  # same data, seed and schedule: only the init differs
                 results[key].append(run_seed(cfg, name, kwargs, init, seed, data,
                                              f"fine-tuning {key}, seed {seed}"))
@@ -292,8 +309,11 @@ def write_report(cfg: FinetuneConfig, name: str, kwargs: dict,
     """finetune.json and finetune.md (with `checkpoint`, the {"path", "step"} every pretrained
     seed started from); returns the console text."""
     labels = f"{cfg.labels}/class" if cfg.labels else "all"
+    num_classes = labelled.NUM_CLASSES[cfg.dataset]
+    validation = cfg.eval_split == "validation"
+    scored = "holdout" if validation else "test"
     headers = ["init", "model", "dataset", "labels", "seeds", "converged", "epochs",
-               f"test acc % (± sd over {len(cfg.seeds)} seeds)"]
+               f"{scored} acc % (± sd over {len(cfg.seeds)} seeds)"]
     rows = []
     for key, runs in results.items():
         mean, std = report.mean_std([r.test_accuracy for r in runs])
@@ -302,13 +322,17 @@ def write_report(cfg: FinetuneConfig, name: str, kwargs: dict,
                      f"{sum(r.converged for r in runs)}/{len(runs)}",
                      f"{np.mean([r.epochs for r in runs]):.0f}", report.percent(mean, std)])
     title = f"fine-tuning {name} on {cfg.dataset} ({labels} labels, {len(cfg.seeds)} seeds)"
-    notes = warnings(results, labelled.NUM_CLASSES[cfg.dataset])
+    if validation:
+        title += (f", scored on a validation holdout of {cfg.holdout_per_class * num_classes} "
+                  "train images")
+    notes = warnings(results, num_classes, scored)
     gap = None
     if len(results) == 2:
         gap = report.paired_gap([r.test_accuracy for r in results["pretrained"]],
                                 [r.test_accuracy for r in results["scratch"]], "seeds")
     payload = {"config": asdict(cfg), "model": name, "model_kwargs": kwargs, "seconds": seconds,
-               "checkpoint": checkpoint,
+               "checkpoint": checkpoint, "scored_split": cfg.eval_split,
+               "scored_examples": cfg.holdout_per_class * num_classes if validation else None,
                "runs": {key: [asdict(r) for r in runs] for key, runs in results.items()},
                "summary": {key: dict(zip(("mean", "std"),
                                          report.mean_std([r.test_accuracy for r in runs]),

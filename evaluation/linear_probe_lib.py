@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from data import labelled
 from evaluation import probe, report
@@ -20,6 +20,16 @@ from runtime.run_config import read_config, run_folder
 from serving.client import SavedModelClient, ServingError
 
 AT_INIT, CALIBRATED = "random init, BN at init", "random init, BN calibrated"
+# Flags younger than some output folders: left out of the fingerprint at their defaults, so
+# that such a folder still belongs to the configuration that wrote it.
+LATER_FLAGS = ("eval_split", "holdout_per_class", "knn_temperature")
+
+
+def fingerprint(cfg: ProbeConfig) -> dict:
+    """What makes an output folder this configuration's (runtime/ownership.py)."""
+    defaults = {f.name: f.default for f in fields(cfg) if f.name in LATER_FLAGS}
+    return {key: value for key, value in fingerprint_of(cfg, cfg.RESUMABLE).items()
+            if key not in defaults or value != defaults[key]}
 
 
 def load_model(cfg: ProbeConfig):
@@ -46,7 +56,7 @@ def load_model(cfg: ProbeConfig):
 def run(cfg: ProbeConfig):
     """Run the probe of `cfg`; write config.json, probe.json and probe.md; print and return
     (result, console table)."""
-    with claim_run(cfg.out, fingerprint_of(cfg, cfg.RESUMABLE), "--output_dir") as claim:
+    with claim_run(cfg.out, fingerprint(cfg), "--output_dir") as claim:
         result, seconds, name, weights, checkpoint = _probe(cfg)
         # A random init is probed twice: BN at init (above) and BN calibrated.
         results = {"": result} if cfg.init == "pretrained" else {
@@ -54,7 +64,7 @@ def run(cfg: ProbeConfig):
         start_run(claim, asdict(cfg))  # complete results: config.json, then them
     labels = cfg.labels_per_class or "all"
     headers = ["endpoint", "pooled", "dims", "head", "labels/class", "splits", "val acc %",
-               "test acc %"]
+               "test acc %" if cfg.eval_split == "test" else "holdout acc %"]
     rows = []
     for init, each in results.items():
         for e in each.endpoints:
@@ -63,8 +73,10 @@ def run(cfg: ProbeConfig):
                          str(labels), str(cfg.splits),
                          report.percent(*report.mean_std(val)) if val else "-",
                          report.percent(e.mean, e.std)] + ([init] if init else []))
-    title = (f"{cfg.head} probe of {name} ({weights}) on {cfg.dataset}: "
-             f"{result.train_examples} train images drawn, {result.test_examples} test images")
+    scored = (f"{result.test_examples} test images" if result.scored_split == "test" else
+              f"validation holdout of {result.scored_examples} train images")
+    title = (f"{_head(cfg)} probe of {name} ({weights}) on {cfg.dataset}: "
+             f"{result.train_examples} train images drawn, {scored}")
     payload = {"config": asdict(cfg), "model": name, "weights": weights,
                "checkpoint": checkpoint, "seconds": seconds, **result.to_json()}
     notes = ""
@@ -80,6 +92,14 @@ def run(cfg: ProbeConfig):
     print(text)
     print(f"wrote {cfg.out}/probe.md and probe.json")
     return result, text
+
+
+def _head(cfg: ProbeConfig) -> str:
+    """The head as the title names it: `knn (k=200, T=0.07)`, `knn (k=1, one vote each)`."""
+    if cfg.head != "knn":
+        return cfg.head
+    votes = f"T={cfg.knn_temperature:g}" if cfg.knn_temperature else "one vote each"
+    return f"knn (k={cfg.knn_k}, {votes})"
 
 
 def _stronger_rows(results: dict) -> dict[str, str]:
@@ -126,7 +146,9 @@ def _probe(cfg: ProbeConfig, loaded=None):
 
     source = labelled.LabelledSource(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.stl10_dir)
     if not cfg.stl10_folds:  # (the folds read the STL-10 binary folder, not tfds)
-        labelled.check_available(source)  # both splits, before the model is loaded
+        # the splits it reads (a holdout: train only), before the model is loaded
+        labelled.check_available(source, ("train",) if cfg.eval_split == "validation"
+                                 else labelled.SPLITS)
     model, name, weights, checkpoint = loaded or load_model(cfg)
     endpoints = cfg.endpoints
     if endpoints is None:
@@ -146,7 +168,10 @@ def _probe(cfg: ProbeConfig, loaded=None):
             max_dims=cfg.max_dims, val_fraction=cfg.val_fraction, batch_size=cfg.batch_size,
             mlp=MLPHead(width=cfg.mlp_width, epochs=cfg.mlp_epochs,
                         learning_rate=cfg.mlp_learning_rate),
-            knn=KnnHead(k=cfg.knn_k))
+            knn=KnnHead(k=cfg.knn_k, temperature=cfg.knn_temperature or None),
+            evaluate_on=cfg.eval_split, holdout_per_class=cfg.holdout_per_class)
     except labelled.LabelsPerClassError as error:
         raise UsageError(f"--labels_per_class={cfg.labels_per_class}: {error}") from None
+    except probe.HoldoutError as error:
+        raise UsageError(f"--{error}") from None
     return result, time.time() - tic, name or model.name, weights, checkpoint

@@ -74,3 +74,54 @@ def test_both_random_rows_and_the_gap_against_the_stronger(separable,
     assert result.gaps["linear"] == paired_gap(rows["pretrained"], rows[used], "label draws")
     assert f"nat pretrained - {used} (the stronger random-init row) = " in result.table()
     assert result.to_json()["gaps"]["linear"]["against"] == used
+
+
+def test_each_network_is_read_once_and_rows_equal_fresh_probes(separable, monkeypatch):
+    from evaluation import probe
+
+    calls = []
+    extract = compare.extract_probe_features
+    monkeypatch.setattr(compare, "extract_probe_features",
+                        lambda net, endpoints, *a, **k: calls.append(tuple(endpoints)) or
+                        extract(net, endpoints, *a, **k))
+    nets = _net(1.0), _net(3.0)
+    result = compare.compare(*nets, "digits", {"linear": "feat", "knn": "embedding"},
+                             labels_per_class=4, splits=2, seed=2)
+    assert calls == [("feat", "embedding", "pixels"), ("feat", "embedding")]
+    assert separable.count(("images", "train")) == separable.count(("images", "test")) == 2
+    assert result.scored_split == "test" and result.scored_examples == 200
+    for row in result.rows:
+        net = nets[1] if row.init == "random init" else nets[0]
+        fresh = probe.run_probe(net, [row.endpoint], "digits", 4, 2, seed=2,
+                                head="knn" if row.view == "knn" else "linear")
+        assert row.accuracies == tuple(fresh.endpoints[0].accuracies)
+
+
+def test_validation_holdout_knn_settings_and_given_features(separable):
+    from evaluation import probe
+    from evaluation.classifiers import KnnHead
+
+    knn = KnnHead(k=5, temperature=0.1)
+    kwargs = dict(labels_per_class=4, splits=2, seed=2, evaluate_on="validation",
+                  holdout_per_class=10, knn=knn)
+    nets = _net(1.0), _net(3.0)
+    result = compare.compare(*nets, "digits", {"knn": "embedding"}, **kwargs)
+    assert ("images", "test") not in separable and ("labels", "test") not in separable
+    assert (result.scored_split, result.scored_examples) == ("validation", 100)
+    assert result.to_json()["knn"] == {"k": 5, "temperature": 0.1}
+    text = result.table()
+    assert "scored on a validation holdout of 100 train images" in text
+    assert "5-NN (cosine, T=0.1) on embedding" in text
+    fresh = probe.run_probe(nets[0], ["embedding"], "digits", 4, 2, seed=2, head="knn",
+                            knn=knn, evaluate_on="validation", holdout_per_class=10)
+    assert result.rows[0].accuracies == tuple(fresh.endpoints[0].accuracies)
+    features = {init: probe.extract_probe_features(net, endpoints, "digits", seed=2,
+                                                   evaluate_on="validation",
+                                                   holdout_per_class=10)
+                for init, net, endpoints in (("pretrained", nets[0], ["embedding", "pixels"]),
+                                             ("random init", nets[1], ["embedding"]))}
+    reads = len(separable)
+    given = compare.compare(None, None, "digits", {"knn": "embedding"}, features=features,
+                            **kwargs)
+    assert given.rows == result.rows and given.table() == result.table()
+    assert separable[reads:] == [("fit", None)] * 6  # 2 draws x 3 rows, nothing read

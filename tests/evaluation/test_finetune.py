@@ -202,6 +202,13 @@ def test_pretrained_and_scratch_differ_only_in_the_init(tmp_path, monkeypatch):
     ([], "--pretrained is required (see --help)"),
     (["--init=none", "--model=nin_mnist"], "--init=none"),
     (["--init=runs/x"], "--init=runs/x"),
+    (["--init=random", "--model=nin_mnist", "--eval_split=test2"], "--eval_split=test2"),
+    (["--init=random", "--model=nin_mnist", "--eval_split=validation", "--max_test_examples=5"],
+     "--max_test_examples applies to --eval_split=test, not --eval_split=validation"),
+    (["--init=random", "--model=nin_mnist", "--eval_split=validation"],
+     "--holdout_per_class=1000: class 8 of digits train has only 111 examples"),
+    (["--init=random", "--model=nin_mnist", "--holdout_per_class=0"],
+     "--holdout_per_class=0: 0 is not a positive integer"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, expected):
     empty = tmp_path / "empty"  # a run folder with its config.json but no checkpoint
@@ -297,3 +304,37 @@ def test_every_seed_starts_from_one_checkpoint_read_once(tmp_path, monkeypatch):
     assert [r.init for r in results["pretrained"]] == [first, first]
     written = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert written["checkpoint"] == {"path": first, "step": 1}
+
+
+def test_validation_holdout_is_scored_the_same_for_every_seed_and_test_is_never_read(
+        tmp_path, monkeypatch):
+    from evaluation import probe
+
+    reads, load, load_labels = [], labelled.load, labelled.load_labels
+
+    def spy(reader, log):
+        def read(dataset, split, *args, **kwargs):
+            assert split == "train", "the test split was read"
+            if log:
+                reads.append(np.asarray(args[1] if len(args) > 1 else kwargs["indices"]))
+            return reader(dataset, split, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(labelled, "load", spy(load, True))  # every image read
+    monkeypatch.setattr(labelled, "load_labels", spy(load_labels, False))
+    cfg = config(tmp_path, eval_split="validation", holdout_per_class=20, max_test_examples=0,
+                 seeds=(0, 1), labels_per_class=4)
+    results, text = finetune_lib.run(cfg)
+    holdout = probe.validation_holdout(load_labels("digits", "train"), 20, 0, 10)
+    # per seed: its draw (4 per class), then the scored holdout
+    assert [len(positions) for positions in reads] == [40, 200, 40, 200]
+    drawn, scored = reads[0::2], reads[1::2]
+    for positions in scored:
+        np.testing.assert_array_equal(positions, holdout)
+    for positions in drawn:
+        assert not np.isin(positions, holdout).any()
+    assert not np.array_equal(drawn[0], drawn[1])  # each seed its own draw
+    assert "scored on a validation holdout of 200 train images" in text
+    assert "holdout acc %" in text and [r.seed for r in results["scratch"]] == [0, 1]
+    written = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert (written["scored_split"], written["scored_examples"]) == ("validation", 200)

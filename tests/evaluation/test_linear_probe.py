@@ -1,8 +1,10 @@
 """The linear_probe binary: outputs, loading a run folder, defaults, and one-line errors."""
 
+import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 
 from evaluation import linear_probe, linear_probe_lib
@@ -42,6 +44,17 @@ def test_probe_of_a_run_writes_table_json_and_markdown(tmp_path, capsys):
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == written
 
 
+def test_new_flags_at_their_defaults_keep_older_folders_and_otherwise_count():
+    cfg = linear_probe.ProbeConfig(model="nin_mnist", init="random")
+    older = linear_probe_lib.fingerprint_of(cfg, cfg.RESUMABLE)
+    for flag in linear_probe_lib.LATER_FLAGS:
+        del older[flag]
+    assert linear_probe_lib.fingerprint(cfg) == older
+    changed = dataclasses.replace(cfg, eval_split="validation", knn_temperature=0.07)
+    assert linear_probe_lib.fingerprint(changed) == {
+        **older, "eval_split": "validation", "knn_temperature": 0.07}
+
+
 def test_default_output_folders():
     cfg = linear_probe.ProbeConfig
     assert cfg(pretrained="runs/a").out == os.path.join("runs/a", "probe")
@@ -67,6 +80,20 @@ def test_default_output_folders():
     (["--init=checkpoint"], "--init=checkpoint: value should be one of <pretrained|random>"),
     (["--model=resnet", "--init=random"], "--model=resnet: choose one of alexnet, nin_stl10"),
     (["--pretrained={tmp}/missing"], "run folder {tmp}/missing does not exist"),
+    (["--model=nin_mnist", "--init=random", "--eval_split=train"],
+     "--eval_split=train: value should be one of <test|validation>"),
+    (["--model=nin_mnist", "--init=random", "--holdout_per_class=0"],
+     "--holdout_per_class=0: 0 is not a positive integer"),
+    (["--model=nin_mnist", "--init=random", "--knn_temperature=-1"],
+     "--knn_temperature=-1: -1.0 is not a non-negative number"),
+    (["--model=nin_mnist", "--init=random", "--eval_split=validation", "--max_test_examples=5"],
+     "--max_test_examples applies to --eval_split=test, not --eval_split=validation"),
+    (["--model=nin_mnist", "--init=random", "--eval_split=validation"],
+     "--holdout_per_class=1000: class 8 of digits train has only 111 examples; the validation "
+     "holdout must leave some to draw labels from"),
+    (["--model=nin_mnist", "--init=random", "--eval_split=validation", "--holdout_per_class=100",
+      "--labels_per_class=20"], "--labels_per_class=20: 20 labels per class is more than class "
+     "8 of digits train outside the holdout has (11 examples)"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, expected):
     empty = tmp_path / "empty"  # a run folder with its config.json but no checkpoint
@@ -128,3 +155,75 @@ def test_random_init_is_the_runs_seeded_twin_probed_at_init_and_calibrated(tmp_p
     assert result["stronger"] == {"sc": max(means, key=means.get)}
     assert f"sc: the stronger random-init row is {result['stronger']['sc']}" in printed
     assert printed.count("random init, BN ") >= 3  # two rows and the note
+
+
+def _knn_oracle(bank, bank_labels, queries, k, temperature):
+    """Cosine k-NN by brute force: one vote per neighbour, or exp(similarity / T); ties go
+    to the class of the nearest neighbour."""
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    sims = unit(queries.astype(np.float64)) @ unit(bank.astype(np.float64)).T
+    predictions = []
+    for row in sims:
+        top = sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]
+        votes = np.zeros(10)
+        for j in top:
+            votes[bank_labels[j]] += np.exp(row[j] / temperature) if temperature else 1.0
+        tied = [c for c in range(10) if np.isclose(votes[c], votes.max(), rtol=1e-9, atol=0)]
+        predictions.append(next(bank_labels[j] for j in top if bank_labels[j] in tied))
+    return np.asarray(predictions)
+
+
+def test_knn_temperature_on_a_validation_holdout_matches_brute_force(tmp_path, capsys,
+                                                                     monkeypatch):
+    from data import labelled
+    from evaluation import probe
+
+    load, load_labels = labelled.load, labelled.load_labels
+
+    def train_only(reader):
+        def read(dataset, split, *args, **kwargs):
+            assert split == "train", "the test split was read"
+            return reader(dataset, split, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(labelled, "load", train_only(load))
+    monkeypatch.setattr(labelled, "load_labels", train_only(load_labels))
+    images, labels = labelled.load_arrays("digits", "train", (12, 12, 1))
+    holdout = probe.validation_holdout(labels, 20, 5, 10)
+    rest = np.setdiff1d(np.arange(len(labels)), holdout)
+    x = images.reshape(len(images), -1)
+    accuracies = []
+    for temperature in (0.0, 0.07):
+        out = tmp_path / f"t{temperature}"
+        linear_probe.main(["linear_probe", "--model=nin_mnist", "--init=random",
+                           '--model_kwargs={"input_shape": [12, 12, 1]}', "--endpoints=pixels",
+                           "--head=knn", "--knn_k=200", f"--knn_temperature={temperature}",
+                           "--labels_per_class=0", "--splits=1", "--seed=5",
+                           "--eval_split=validation", "--holdout_per_class=20",
+                           f"--output_dir={out}"])
+        printed = capsys.readouterr().out
+        result = json.loads((out / "probe.json").read_text())
+        votes = f"T={temperature:g}" if temperature else "one vote each"
+        assert f"knn (k=200, {votes}) probe of nin_mnist" in printed
+        assert "validation holdout of 200 train images" in printed and "holdout acc %" in printed
+        assert (result["scored_split"], result["scored_examples"], result["test_examples"],
+                result["holdout_per_class"]) == ("validation", 200, 0, 20)
+        assert result["train_examples"] == len(rest)
+        assert result["config"]["knn_temperature"] == temperature
+        (split,) = result["endpoints"][0]["splits"]
+        assert split["hyper"] == ({"k": 200, "temperature": 0.07} if temperature else {"k": 200})
+        expected = _knn_oracle(x[rest], labels[rest], x[holdout], 200, temperature)
+        assert split["test_accuracy"] == pytest.approx(np.mean(expected == labels[holdout]))
+        accuracies.append(split["test_accuracy"])
+    assert accuracies[1] > accuracies[0]  # 200 neighbours: weighting by similarity helps
+    # the flags are configuration: another temperature in the same folder is refused
+    with pytest.raises(SystemExit):
+        linear_probe.main(["linear_probe", "--model=nin_mnist", "--init=random",
+                           '--model_kwargs={"input_shape": [12, 12, 1]}', "--endpoints=pixels",
+                           "--head=knn", "--knn_k=200", "--knn_temperature=0.5",
+                           "--labels_per_class=0", "--splits=1", "--seed=5",
+                           "--eval_split=validation", "--holdout_per_class=20",
+                           f"--output_dir={tmp_path / 't0.07'}"])
+    assert "(knn_temperature: 0.07 -> 0.5)" in capsys.readouterr().err
