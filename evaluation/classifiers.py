@@ -167,21 +167,25 @@ def fit_linear(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: n
                num_classes: int, cfg: LinearHead = LinearHead()) -> Fitted:
     """Choose C on validation along the warm-started path of `cfg.cs` (ascending), then refit
     on fit + validation with that C, warm-started from its fit. `hyper` holds C and the
-    solver's report of the final fit (iterations, gradient ratio, converged)."""
+    solver's report of the final fit (iterations, gradient ratio, converged) and of the path
+    (iterations per C, whether every fit converged)."""
     if len(y_val) == 0:
         predict, _, solution = next(_linear_path(x_fit, y_fit, [cfg.default_c], cfg,
                                                  num_classes))
         return Fitted(predict, {"C": cfg.default_c, **solution.report()}, None)
     cs = sorted(cfg.cs)
-    scores, states = [], []
-    for predict, state, _ in _linear_path(x_fit, y_fit, cs, cfg, num_classes):
+    scores, states, path = [], [], []
+    for predict, state, solution in _linear_path(x_fit, y_fit, cs, cfg, num_classes):
         scores.append(accuracy(predict(x_val), y_val))
         states.append(state)
+        path.append(solution)
     best = int(np.argmax(scores))  # first maximum: the smallest such C
     predict, _, solution = next(_linear_path(
         np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]), [cs[best]], cfg,
         num_classes, init=states[best]))
-    return Fitted(predict, {"C": cs[best], **solution.report()}, scores[best])
+    return Fitted(predict, {"C": cs[best], **solution.report(),
+                            "path_iterations": [s.iterations for s in path],
+                            "path_converged": all(s.converged for s in path)}, scores[best])
 
 
 def _nearest(z: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -201,6 +201,7 @@ def test_fit_linear_ties_go_to_the_smallest_c():
     assert fitted.val_accuracy == 1.0
     assert fitted.hyper["C"] == min(classifiers.LinearHead().cs)
     assert fitted.hyper["solver"] == logistic.SOLVER
+    assert fitted.hyper["path_converged"] and len(fitted.hyper["path_iterations"]) == 6
 
 
 @pytest.mark.slow
