@@ -9,7 +9,7 @@ from data import fashion_mnist
 from evaluation import classifiers, logistic
 from evaluation.classifiers import KnnHead, MLPHead
 from runtime.errors import InvalidInput
-from tests.data.test_fashion_mnist import needs_debian
+from tests.helpers import needs_fashion_mnist
 
 
 def _objective_gradient(x, y, w, b, c):
@@ -205,7 +205,7 @@ def test_fit_linear_ties_go_to_the_smallest_c():
 
 
 @pytest.mark.slow
-@needs_debian
+@needs_fashion_mnist
 def test_linear_probe_on_fashion_mnist_pixels_matches_scikit_learn():
     """Real data (2000 train images, [0, 1] pixels): the probe chooses C on its validation
     split, converges, and at the chosen C its optimum is scikit-learn's (objective to 1e-6,
