@@ -17,8 +17,11 @@ Solver: L-BFGS (scipy's L-BFGS-B without bounds, in float64) in preconditioned c
   ||W|| = ||B||, so the problem in B is the same problem.
 - Preconditioning: B = diag(h)^-1/2 A and b = (N / K)^-1/2 a with h_j = s_j^2 / K + 1 / C,
   the Hessian's diagonal at the start (W = 0, uniform predictions) in that basis. The
-  change of variables leaves the optimum unchanged; it makes the Hessian close to the
-  identity, where L-BFGS converges in tens of iterations instead of hundreds.
+  change of variables leaves the optimum unchanged and makes the Hessian the identity at
+  the start. Away from it (weak regularisation, confident predictions) the Hessian drifts
+  and the iterations grow with C: on 9600 Fashion-MNIST pixel examples, warm-started,
+  34, 85, 192 iterations at C = 1e-4, 1e-3, 1e-2. (Re-preconditioning each warm start with
+  the Hessian there, one weighted Gram matrix, saved under 10% of the iterations: dropped.)
 - Convergence criterion (checked, reported): ||grad_A f|| <= tol * ||grad_A f at W = 0, b = 0||,
   the gradient in the preconditioned coordinates (there f - f* is about ||grad_A f||^2 / 2).
 - Everything is float64: in float32 the line search stalls (noise in f) before the
