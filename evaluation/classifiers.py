@@ -3,9 +3,11 @@
 - linear (`fit_linear`): multinomial logistic regression on standardised features (mean and
   std of the fitting examples), L2 strength 1/C with C chosen from `LinearHead.cs` by
   validation accuracy (ties go to the smaller C), then refitted on fit + validation. The
-  solver (`evaluation.logistic`: preconditioned L-BFGS in float64) runs to a checked
-  tolerance; the path of C is warm-started (largest regularisation first), and so is the
-  refit (from the chosen C's fit).
+  solver (`evaluation.logistic`: preconditioned L-BFGS, float64 loss) runs to a checked
+  tolerance; the path of C is warm-started (largest regularisation first) and stops once
+  the validation accuracy has fallen below the best so far at `LinearHead.patience`
+  successive C (weaker regularisation only costs more iterations); the refit is warm-started
+  from the chosen C's fit, in that fit's eigenbasis.
 - mlp (`fit_mlp`): the classifier of NAT Table 3 (Krizhevsky et al. 2012): fc 4096 - BN - ReLU
   - dropout 0.5 - fc 4096 - BN - ReLU - dropout 0.5 - fc classes, trained by SGD with momentum
   on standardised features; the epoch with the best validation accuracy is kept.
@@ -37,12 +39,15 @@ KNN_CHUNK = 256  # queries compared with every labelled example at once
 @dataclass(frozen=True)
 class LinearHead:
     """Multinomial logistic regression (`evaluation.logistic`); C = inverse L2 strength, chosen
-    on validation; `default_c` when there is no validation example; `max_iter` L-BFGS
-    iterations per fit at most."""
+    on validation along `cs` (ascending), which stops after `patience` successive C below the
+    best; `default_c` when there is no validation example; each fit runs `max_iter` L-BFGS
+    iterations at most, to the relative gradient `tolerance`."""
 
     cs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
     default_c: float = 1.0
     max_iter: int = logistic.MAX_ITER
+    tolerance: float = logistic.PROBE_TOLERANCE
+    patience: int = 2
 
 
 @dataclass(frozen=True)
@@ -90,35 +95,37 @@ def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
 def logistic_regression(x: np.ndarray, y: np.ndarray, c: float, num_classes: int,
                         max_iter: int = logistic.MAX_ITER,
                         init: tuple[np.ndarray, np.ndarray] | None = None,
-                        problem: logistic.Problem | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        problem: logistic.Problem | None = None,
+                        tolerance: float = logistic.TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression: W [D, num_classes], b [num_classes] minimising
 
         sum_i (logsumexp(x_i W + b) - (x_i W + b)[y_i]) + ||W||^2 / (2 C)
 
     (b not penalised) over the classes present in y, solved by `evaluation.logistic` (its
-    docstring: the eigenbasis, which for N < D is X's row space, the preconditioning and the
-    checked convergence criterion), from `init` = (W, b) when given. Classes absent from y get
-    a column of zeros and a bias of -inf (never predicted). `logistic_fit` also returns the
-    solver's report.
+    docstring: the eigenbasis, which for N < D is X's row space, the preconditioning, the
+    arithmetic (products in x's dtype) and the checked convergence criterion) to `tolerance`,
+    from `init` = (W, b) when given. Classes absent from y get a column of zeros and a bias
+    of -inf (never predicted). `logistic_fit` also returns the solver's report.
     """
-    w, b, _ = logistic_fit(x, y, c, num_classes, max_iter, init, problem)
+    w, b, _ = logistic_fit(x, y, c, num_classes, max_iter, init, problem, tolerance)
     return w, b
 
 
 def logistic_fit(x, y, c: float, num_classes: int, max_iter: int = logistic.MAX_ITER,
-                 init=None, problem: logistic.Problem | None = None):
+                 init=None, problem: logistic.Problem | None = None,
+                 tolerance: float = logistic.TOLERANCE):
     """(W, b, the solver's Solution) of `logistic_regression`; `problem` is the prepared
     logistic.Problem of (x, y) when it exists (reused along a path of C)."""
     y = np.asarray(y)
     present = np.unique(y)
     if len(present) < 2:
         raise ValueError(f"logistic regression needs two classes or more; got {present}")
-    n, d = np.shape(x)
-    with _threads(n, d):
+    d = np.shape(x)[1]
+    with _one_thread():
         if problem is None:
             problem = logistic.Problem(x, np.searchsorted(present, y), len(present))
         start = None if init is None else (init[0][:, present], init[1][present])
-        solution = problem.solve(c, start, max_iter=max_iter)
+        solution = problem.solve(c, start, tolerance, max_iter)
     w = np.zeros((d, num_classes))
     b = np.full(num_classes, -np.inf)
     w[:, present] = solution.w
@@ -126,9 +133,11 @@ def logistic_fit(x, y, c: float, num_classes: int, max_iter: int = logistic.MAX_
     return w, b, solution
 
 
-def _threads(n: int, d: int):
-    # Small problems: BLAS threads only contend (with TensorFlow's too) and slow L-BFGS down.
-    return threadpool_limits(limits=1 if n * d < 10_000_000 else None)
+def _one_thread():
+    # Measured on 2 shared cores (48000 x 784 features): one BLAS thread spends about half
+    # the CPU time of two on the solver's thin products, and eigh with two threads ran 5x
+    # slower; TensorFlow's threads contend as well.
+    return threadpool_limits(limits=1)
 
 
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,54 +147,75 @@ def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _linear_path(x, y, cs, cfg: LinearHead, num_classes: int, init=None):
-    """Fits along cs (ascending C: largest regularisation first) on x standardised, each
-    warm-started from the previous one, the first from `init` (a fit's state on another
-    standardisation). Yields (predict, state = (W, b, mean, std), the Solution) per C."""
+    """Fits along cs (ascending C: largest regularisation first) on x standardised (float32),
+    each warm-started from the previous one, the first from `init` = (a fit's state on
+    another standardisation, its logistic.Problem): the same predictor, and that problem's
+    eigenbasis as preconditioner. Yields (predict, state = (W, b, mean, std), the Solution,
+    the Problem) per C."""
     mean, std = _moments(x)
     standardize = standardizer(x)
     z = standardize(x)
     present = np.unique(y)
-    with _threads(*z.shape):
-        problem = logistic.Problem(z, np.searchsorted(present, y), len(present))
-    start = None
-    if init is not None:  # the same predictor, in this standardisation
-        w0, b0, mean0, std0 = init
+    start, basis = None, None
+    if init is not None:
+        (w0, b0, mean0, std0), previous = init
         start = (w0 * (std / std0)[:, None],
                  np.where(np.isfinite(b0), b0, 0.0) + ((mean - mean0) / std0) @ w0)
+        basis = previous.spectrum
+    with _one_thread():
+        problem = logistic.Problem(z, np.searchsorted(present, y), len(present), basis)
     for c in cs:
-        w, b, solution = logistic_fit(z, y, c, num_classes, cfg.max_iter, start, problem)
+        w, b, solution = logistic_fit(z, y, c, num_classes, cfg.max_iter, start, problem,
+                                      cfg.tolerance)
         start = (w, np.where(np.isfinite(b), b, 0.0))
         yield (lambda q, w=w, b=b: np.argmax(standardize(q) @ w + b, axis=1).astype(np.int64),
-               (w, b, mean, std), solution)
+               (w, b, mean, std), solution, problem)
 
 
 def _fit_linear(x, y, c: float, cfg: LinearHead, num_classes: int):
     return next(_linear_path(x, y, [c], cfg, num_classes))[0]
 
 
+def _choose_c(x_fit, y_fit, x_val, y_val, num_classes: int, cfg: LinearHead):
+    """Walks the path of C (ascending) until the validation accuracy has been below the best
+    so far at cfg.patience successive C. Returns (index of the best C, first on ties; the
+    fits: (C, validation accuracy, state, Solution, Problem) per C tried)."""
+    cs = sorted(cfg.cs)
+    fits, best, below = [], 0, 0
+    for c, (predict, state, solution, problem) in zip(
+            cs, _linear_path(x_fit, y_fit, cs, cfg, num_classes), strict=False):
+        fits.append((c, accuracy(predict(x_val), y_val), state, solution, problem))
+        score, top = fits[-1][1], fits[best][1]
+        if score > top:
+            best, below = len(fits) - 1, 0
+        else:
+            below = below + 1 if score < top else 0
+        if below >= cfg.patience:
+            break
+    return best, fits
+
+
 def fit_linear(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                num_classes: int, cfg: LinearHead = LinearHead()) -> Fitted:
-    """Choose C on validation along the warm-started path of `cfg.cs` (ascending), then refit
-    on fit + validation with that C, warm-started from its fit. `hyper` holds C and the
-    solver's report of the final fit (iterations, gradient ratio, converged) and of the path
-    (iterations per C, whether every fit converged)."""
+    """Choose C on validation along the warm-started path of `cfg.cs` (ascending, stopped
+    early: `_choose_c`), then refit on fit + validation with that C, warm-started from its
+    fit. `hyper` holds C, the solver's report of the final fit (iterations, gradient ratio,
+    tolerance, converged) and the path: the C tried, their validation accuracies, iterations
+    and converged flags."""
     if len(y_val) == 0:
-        predict, _, solution = next(_linear_path(x_fit, y_fit, [cfg.default_c], cfg,
-                                                 num_classes))
+        predict, _, solution, _ = next(_linear_path(x_fit, y_fit, [cfg.default_c], cfg,
+                                                    num_classes))
         return Fitted(predict, {"C": cfg.default_c, **solution.report()}, None)
-    cs = sorted(cfg.cs)
-    scores, states, path = [], [], []
-    for predict, state, solution in _linear_path(x_fit, y_fit, cs, cfg, num_classes):
-        scores.append(accuracy(predict(x_val), y_val))
-        states.append(state)
-        path.append(solution)
-    best = int(np.argmax(scores))  # first maximum: the smallest such C
-    predict, _, solution = next(_linear_path(
-        np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]), [cs[best]], cfg,
-        num_classes, init=states[best]))
-    return Fitted(predict, {"C": cs[best], **solution.report(),
-                            "path_iterations": [s.iterations for s in path],
-                            "path_converged": all(s.converged for s in path)}, scores[best])
+    best, fits = _choose_c(x_fit, y_fit, x_val, y_val, num_classes, cfg)
+    c, score, state, _, problem = fits[best]
+    predict, _, solution, _ = next(_linear_path(
+        np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]), [c], cfg,
+        num_classes, init=(state, problem)))
+    return Fitted(predict, {"C": c, **solution.report(),
+                            "path_C": [f[0] for f in fits],
+                            "path_val_accuracy": [f[1] for f in fits],
+                            "path_iterations": [f[3].iterations for f in fits],
+                            "path_converged": [bool(f[3].converged) for f in fits]}, score)
 
 
 def _nearest(z: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
