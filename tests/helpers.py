@@ -13,9 +13,11 @@ from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from PIL import Image
 
+from data import fashion_mnist
 from data import voc as voc_data
 from evaluation.voc.fast_rcnn import boxes as box_ops
 from models import build_model
@@ -292,3 +294,9 @@ def free_ports(count: int = 1) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+NO_FASHION_MNIST = (f"{fashion_mnist.DEBIAN_DIR} is absent: `apt-get install "
+                    "dataset-fashion-mnist` (.ci/run installs it where it can)")
+needs_fashion_mnist = pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEBIAN_DIR),
+                                         reason=NO_FASHION_MNIST)
