@@ -63,13 +63,14 @@ class _Network:
     """One network's probes: the model is made when first needed (a calibration costs a pass
     over the pretraining images) and its features are extracted once per (endpoint, pooling)."""
 
-    def __init__(self, cfg: TableConfig, make: Callable[[], object], source, seed: int):
-        self.cfg, self.make, self.source, self.seed = cfg, make, source, seed
+    def __init__(self, cfg: TableConfig, make: Callable[[], object], source, seed: int,
+                 name: str):
+        self.cfg, self.make, self.source, self.seed, self.name = cfg, make, source, seed, name
         self.model, self.extracted = None, {}
 
-    def accuracies(self, s: dict) -> list[float]:
-        """Test (or holdout) accuracy per label draw of the view with settings `s`."""
-        cfg = self.cfg
+    def accuracies(self, view: str, s: dict) -> list[float]:
+        """Test (or holdout) accuracy per label draw of `view`, with settings `s`; says so."""
+        cfg, tic = self.cfg, time.time()
         if self.model is None:
             self.model = self.make()
         where = (s["endpoint"], s["pool_size"])
@@ -83,7 +84,10 @@ class _Network:
                            seed=self.seed, head=s["head"], knn=knn, pool_size=s["pool_size"],
                            evaluate_on=cfg.eval_split, holdout_per_class=cfg.holdout_per_class,
                            features=self.extracted[where])
-        return [float(a) for a in result.endpoints[0].accuracies]
+        accuracies = [float(a) for a in result.endpoints[0].accuracies]
+        print(f"{self.name}, {view} on {s['endpoint']}: {100 * np.mean(accuracies):.1f}% "
+              f"({time.time() - tic:.0f} s)", flush=True)
+        return accuracies
 
 
 def weights_digest(model, endpoints) -> str:
@@ -115,14 +119,15 @@ def frozen_figures(cfg: TableConfig, config: TrainConfig) -> dict[str, dict[str,
     settings = views(cfg, config.model, "embedding" in model.output)
     source = probe_source(config, cfg.dataset)
     seed = config.seed
-    mine = _Network(cfg, lambda: model, source, seed)
+    mine = _Network(cfg, lambda: model, source, seed, f"{config.method} seed {seed}")
     pretrained = cached(os.path.join(config.model_dir, "table.json"),
                         {**_key(cfg, settings, seed), "checkpoint": checkpoint_identity(prefix)},
-                        lambda: {v: mine.accuracies(s) for v, s in settings.items()})
+                        lambda: {v: mine.accuracies(v, s) for v, s in settings.items()})
     twin = random_twin(config)
-    networks = {AT_INIT: _Network(cfg, lambda: twin, source, seed),
-                CALIBRATED: _Network(cfg, lambda: calibrated_twin(config), source, seed),
-                "pixels": mine}
+    networks = {AT_INIT: _Network(cfg, lambda: twin, source, seed, f"{AT_INIT}, seed {seed}"),
+                CALIBRATED: _Network(cfg, lambda: calibrated_twin(config), source, seed,
+                                     f"{CALIBRATED}, seed {seed}"),
+                "pixels": _Network(cfg, lambda: model, source, seed, f"pixels, seed {seed}")}
     shared = os.path.join(cfg.output_dir, "shared")
     out = {}
     for view, s in settings.items():
@@ -137,7 +142,7 @@ def frozen_figures(cfg: TableConfig, config: TrainConfig) -> dict[str, dict[str,
                        "weights": weights_digest(twin, [s["endpoint"]]),
                        "calibrated_on": config.dataset if row == CALIBRATED else None}
             out[view][row] = cached(os.path.join(shared, f"{_name(key)}.json"), key,
-                                    lambda n=network, a=asked: n.accuracies(a))
+                                    lambda n=network, a=asked, v=view: n.accuracies(v, a))
     return out
 
 
