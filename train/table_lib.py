@@ -123,16 +123,18 @@ def frozen_figures(cfg: TableConfig, config: TrainConfig) -> dict[str, dict[str,
     pretrained = cached(os.path.join(config.model_dir, "table.json"),
                         {**_key(cfg, settings, seed), "checkpoint": checkpoint_identity(prefix)},
                         lambda: {v: mine.accuracies(v, s) for v, s in settings.items()})
+    mine.extracted = {}  # its features are not needed again
     twin = random_twin(config)
     networks = {AT_INIT: _Network(cfg, lambda: twin, source, seed, f"{AT_INIT}, seed {seed}"),
                 CALIBRATED: _Network(cfg, lambda: calibrated_twin(config), source, seed,
                                      f"{CALIBRATED}, seed {seed}"),
                 "pixels": _Network(cfg, lambda: model, source, seed, f"pixels, seed {seed}")}
     shared = os.path.join(cfg.output_dir, "shared")
-    out = {}
-    for view, s in settings.items():
-        out[view] = {"pretrained": pretrained[view]}
-        for row, network in networks.items():
+    out = {view: {"pretrained": pretrained[view]} for view in settings}
+    # One network at a time, every view, then its features go: at most one network's
+    # features in memory (60000 x 3136 floats each on Fashion-MNIST).
+    for row, network in networks.items():
+        for view, s in settings.items():
             if row == "pixels":
                 asked = {**s, "endpoint": PIXELS, "pool_size": None}
                 key = _key(cfg, asked, seed)
@@ -143,6 +145,7 @@ def frozen_figures(cfg: TableConfig, config: TrainConfig) -> dict[str, dict[str,
                        "calibrated_on": config.dataset if row == CALIBRATED else None}
             out[view][row] = cached(os.path.join(shared, f"{_name(key)}.json"), key,
                                     lambda n=network, a=asked, v=view: n.accuracies(v, a))
+        network.model, network.extracted = None, {}
     return out
 
 
