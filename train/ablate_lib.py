@@ -13,6 +13,7 @@ from evaluation.compare import compare
 from evaluation.figures import plot_ablation
 from evaluation.random_init import stronger
 from evaluation.report import format_table, paired_gap, write_json
+from evaluation.seed_table import verdict
 from models.checkpoints import resolve_checkpoint
 from models.runs import load_run_model
 from runtime.files import write_text_atomic
@@ -131,12 +132,6 @@ VIEW_NAMES = {"linear": "linear probe on sc", "knn": "1-NN on embedding",
               "finetune": "fine-tuned (vs scratch)"}
 
 
-def _verdict(gap: dict) -> str:
-    if gap["p"] != gap["p"]:  # NaN: too few seeds for a test
-        return "too few seeds"
-    return "gap > spread" if gap["p"] < 0.05 else "no difference"
-
-
 def _twin_name(row: dict) -> str:
     """Which random-init row the gap was taken against (the stronger; scratch: fine-tuning)."""
     if row["view"] == "finetune":
@@ -157,7 +152,7 @@ def table(rows: list[dict]) -> str:
              _twin_name(r),
              f"{100 * r['gap']['mean']:+.1f} ± {100 * r['gap']['sd']:.1f}",
              "-" if r["gap"]["p"] != r["gap"]["p"] else f"{r['gap']['p']:.3f}",
-             _verdict(r["gap"])] for r in rows]
+             verdict(r["gap"])] for r in rows]
     return format_table(headers, body)
 
 
