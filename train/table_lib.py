@@ -130,6 +130,7 @@ def frozen_figures(cfg: TableConfig, config: TrainConfig) -> dict[str, dict[str,
                                      f"{CALIBRATED}, seed {seed}"),
                 "pixels": _Network(cfg, lambda: model, source, seed, f"pixels, seed {seed}")}
     shared = os.path.join(cfg.output_dir, "shared")
+    digests = {e: weights_digest(twin, [e]) for e in {s["endpoint"] for s in settings.values()}}
     out = {view: {"pretrained": pretrained[view]} for view in settings}
     # One network at a time, every view, then its features go: at most one network's
     # features in memory (60000 x 3136 floats each on Fashion-MNIST).
@@ -141,7 +142,7 @@ def frozen_figures(cfg: TableConfig, config: TrainConfig) -> dict[str, dict[str,
             else:
                 asked = s
                 key = {**_key(cfg, s, seed), "init": row,
-                       "weights": weights_digest(twin, [s["endpoint"]]),
+                       "weights": digests[s["endpoint"]],
                        "calibrated_on": config.dataset if row == CALIBRATED else None}
             out[view][row] = cached(os.path.join(shared, f"{_name(key)}.json"), key,
                                     lambda n=network, a=asked, v=view: n.accuracies(v, a))
