@@ -89,8 +89,10 @@ def supervised(rows: list[dict]) -> list[float] | None:
     return None
 
 
-def table_text(dataset: str, eval_split: str, rows: list[dict], seeds: int) -> str:
-    """The console (and markdown-able) table, with its title and reading notes."""
+def table_text(dataset: str, eval_split: str, rows: list[dict], seeds: int,
+               supervised_epochs: int | None = None) -> str:
+    """The console (and markdown-able) table, with its title and reading notes;
+    `supervised_epochs`: the most epochs of the fine-tuning with every label, when capped."""
     headers = ["view", "method", "pretrained %", "baseline %", "baseline", "gap (points)",
                "p", "verdict", "pixels %", "gap to pixels", "p", "verdict"]
     body = []
@@ -111,6 +113,7 @@ def table_text(dataset: str, eval_split: str, rows: list[dict], seeds: int) -> s
              "(p: paired t-test); a gap inside its spread is no difference"]
     sup = supervised(rows)
     if sup is not None:
-        lines.append(f"supervised (the same network trained from scratch with every label): "
+        cap = f", at most {supervised_epochs} epochs" if supervised_epochs else ""
+        lines.append(f"supervised (the same network trained from scratch with every label{cap}): "
                      f"{_percent(sup)}")
     return "\n".join(lines)

@@ -80,9 +80,10 @@ class TableConfig(DataLocation, OutputFolder):
     knn_temperature: float = option(0.07, "Temperature of the weighted k-NN.", lower=0.0)
     finetune_labels: tuple[int, ...] = option((100, 0), "Labels per class of the fine-tuning "
                                               "rows (0: all labels).")
-    finetune_epochs: int = option(15, "Most epochs of a fine-tuning with every label (batches "
-                                  "of the pretraining's size; with fewer labels, the "
-                                  "fine-tuning binary's schedule).", lower=1)
+    finetune_epochs: int = option(8, "Most epochs of a fine-tuning with every label (batches "
+                                 "of the pretraining's size, about 45 s each on 2 CPU cores; "
+                                 "with fewer labels, the fine-tuning binary's schedule).",
+                                 lower=1)
 
     def __post_init__(self):
         for method in self.methods:

@@ -209,7 +209,7 @@ def run(cfg: TableConfig) -> list[dict]:
     rows += [finetune_row(method, labels, [s["finetune"][labels] for s in runs])
              for method, runs in per_seed.items() for labels in runs[0]["finetune"]]
     seconds = time.time() - tic
-    text = table_text(cfg.dataset, cfg.eval_split, rows, len(cfg.seeds))
+    text = table_text(cfg.dataset, cfg.eval_split, rows, len(cfg.seeds), cfg.finetune_epochs)
     write_json(os.path.join(cfg.output_dir, "table.json"),
                {"config": dataclasses.asdict(cfg), "rows": rows, "per_seed": per_seed,
                 "seconds": seconds})

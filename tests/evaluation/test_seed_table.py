@@ -59,3 +59,5 @@ def test_the_table_says_where_it_was_scored_and_marks_too_few_seeds():
     assert "supervised (the same network trained from scratch with every label): 91.0 ± 0.0" \
         in text
     assert "the test split" in seed_table.table_text("fashion_mnist", "test", rows, 1)
+    capped = seed_table.table_text("fashion_mnist", "test", rows, 1, supervised_epochs=8)
+    assert "from scratch with every label, at most 8 epochs): 91.0 ± 0.0" in capped
