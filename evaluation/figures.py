@@ -239,17 +239,19 @@ def plot_ablation(rows: list[dict], path: str) -> None:
     _save(fig, path)
 
 
-def plot_table(rows: list[dict], dataset: str, eval_split: str, path: str) -> None:
+def plot_table(rows: list[dict], dataset: str, eval_split: str, path: str,
+               supervised_epochs: int | None = None) -> None:
     """Per view, one bar per method's pretrained network, its baseline (the stronger random
     init, or scratch) and raw pixels, each ± 1 sd over the pretraining seeds; the supervised
-    network (scratch, every label) as a dashed line when it was measured."""
+    network (scratch, every label, at most `supervised_epochs`) as a dashed line when it was
+    measured."""
     plt = _pyplot()
 
     views = list(dict.fromkeys(r["view"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     bars = [(m, "pretrained") for m in methods] + [(m, "baseline") for m in methods] + [
         (None, "pixels")]
-    fig, ax = plt.subplots(figsize=(2.0 + 1.5 * len(views), 4.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(2.0 + 1.5 * len(views), 5.0), dpi=110)
     width = 0.8 / len(bars)
     for i, (method, kind) in enumerate(bars):
         xs, heights, errors = [], [], []
@@ -271,8 +273,9 @@ def plot_table(rows: list[dict], dataset: str, eval_split: str, path: str) -> No
     sup = next((r["baseline"] for r in rows if r["kind"] == "finetune" and
                 r["labels"] == "all_labels"), None)
     if sup is not None:
+        cap = f", at most {supervised_epochs} epochs" if supervised_epochs else ""
         ax.axhline(100 * sup[0], color="black", linestyle="--", linewidth=1,
-                   label=f"supervised, all labels ({100 * sup[0]:.1f}%)")
+                   label=f"supervised, all labels{cap} ({100 * sup[0]:.1f}%)")
     low = min(100 * r[k][0] for r in rows for k in ("pretrained", "baseline"))
     ax.set_ylim(max(0.0, low - 15), 100)
     ax.set_xticks(range(len(views)), [v.replace(", ", ",\n") for v in views], fontsize=8)
@@ -281,6 +284,7 @@ def plot_table(rows: list[dict], dataset: str, eval_split: str, path: str) -> No
            "seeds; baseline = stronger random init (frozen) or scratch (fine-tuned)")
     ax.title.set_fontsize(9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, ncol=len(bars) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.13),
+              frameon=False)  # below the axes, where it hides no bar
     fig.tight_layout()
     _save(fig, path)

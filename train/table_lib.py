@@ -214,7 +214,8 @@ def run(cfg: TableConfig) -> list[dict]:
                {"config": dataclasses.asdict(cfg), "rows": rows, "per_seed": per_seed,
                 "seconds": seconds})
     write_text_atomic(os.path.join(cfg.output_dir, "table.md"), text + "\n")
-    plot_table(rows, cfg.dataset, cfg.eval_split, os.path.join(cfg.output_dir, "table.png"))
+    plot_table(rows, cfg.dataset, cfg.eval_split, os.path.join(cfg.output_dir, "table.png"),
+               cfg.finetune_epochs)
     print(f"\n{text}\n\n{seconds:.0f} s. Wrote {cfg.output_dir}/table.md, table.json, "
           "table.png")
     return rows
